@@ -1,0 +1,105 @@
+"""Adapter files: IA^3 vectors, BEST-RQ heads and quantizer state in one safetensors file.
+
+The file's metadata holds a JSON description (configs, base model identity, training summary),
+also written beside it as `<name>.json` for people and for DVC. From an adapter and its base
+checkpoint, `build_model` rebuilds the exact BEST-RQ model and `export_merged` writes a stock
+openai-whisper checkpoint with the IA^3 vectors folded into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor
+from whisper.model import Whisper
+
+from bestrq.ia3 import add_ia3, load_ia3_state_dict, merge_ia3
+from bestrq.masking import MaskingConfig
+from bestrq.model import BestRQModel
+from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
+from bestrq.whisper_model import load_whisper, save_whisper_checkpoint
+
+FORMAT = "bestrq-ia3-adapter/1"
+
+
+def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `model`'s adapter to `path` (.safetensors) and its description to `path.json`.
+
+    base: the base model's identity (`whisper_model.model_identity`); extra: anything worth
+    keeping with the file (training parameters, step, metrics).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"format": FORMAT, "base": base, "quantizer": model.quantizer.config.to_dict(),
+            "masking": model.masking.to_dict(), **(extra or {})}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in
+               model.adapter_state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={"bestrq": json.dumps(info)})
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, description) of an adapter file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "bestrq" not in meta:
+        raise ValueError(f"{path} is not a BEST-RQ adapter (no 'bestrq' metadata)")
+    info = json.loads(meta["bestrq"])
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported adapter format {info.get('format')!r}")
+    return load_file(str(path)), info
+
+
+def _section(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_into(model: BestRQModel, tensors: dict[str, Tensor]) -> None:
+    """Copy an adapter's tensors into a model built with the same configuration."""
+    load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
+    model.heads.load_state_dict(_section(tensors, "heads."))
+    model.quantizer.load_state_dict(_section(tensors, "quantizer."))
+
+
+def build_model(whisper_model: Whisper, info: dict[str, Any],
+                tensors: dict[str, Tensor] | None = None) -> BestRQModel:
+    """The BEST-RQ model an adapter describes, on `whisper_model`'s encoder."""
+    quantizer = RandomProjectionQuantizer(QuantizerConfig(**info["quantizer"]))
+    model = BestRQModel(whisper_model.encoder, quantizer, MaskingConfig(**info["masking"]))
+    if tensors is not None:
+        load_into(model, tensors)
+    return model
+
+
+def check_base(whisper_model: Whisper, info: dict[str, Any], path: str | Path) -> None:
+    """Refuse an adapter made for another architecture."""
+    dims = asdict(whisper_model.dims)
+    expected = info["base"]["dims"]
+    if dims != expected:
+        raise ValueError(f"adapter {path} was trained on a Whisper with dims {expected}, "
+                         f"not {dims}")
+
+
+def export_merged(adapter_path: str | Path, base_model: str, out_path: str | Path) -> Path:
+    """Write a stock openai-whisper checkpoint with the adapter's IA^3 vectors folded in."""
+    tensors, info = read_adapter(adapter_path)
+    model = load_whisper(base_model)
+    check_base(model, info, adapter_path)
+    add_ia3(model.encoder)
+    load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
+    merge_ia3(model)
+    with torch.no_grad():
+        save_whisper_checkpoint(model, out_path, half=False)
+    return Path(out_path)

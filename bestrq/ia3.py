@@ -1,0 +1,107 @@
+"""IA^3 (arXiv 2205.05638 sec. 3.3) for openai-whisper models.
+
+Learned vectors rescale the keys (l_k) and values (l_v) of every attention layer and the FFN's
+hidden activation after GELU (l_ff). They start at one, so an adapted model starts as the stock
+one; nothing else is trained and there are no biases. The functions walk any module that holds
+whisper `ResidualAttentionBlock`s, so the encoder today and the decoder (self- and
+cross-attention) later use the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from whisper.model import MultiHeadAttention, ResidualAttentionBlock
+
+
+class IA3Scale(nn.Module):
+    """Wraps a module and multiplies its output, elementwise on the last axis, by a vector."""
+
+    def __init__(self, inner: nn.Module, size: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scale = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) * self.scale.to(x.dtype)
+
+
+def _attention_layers(block: ResidualAttentionBlock) -> list[tuple[str, MultiHeadAttention]]:
+    layers = [("attn", block.attn)]
+    if block.cross_attn is not None:
+        layers.append(("cross_attn", block.cross_attn))
+    return layers
+
+
+def add_ia3(module: nn.Module) -> list[str]:
+    """Insert IA^3 vectors into every ResidualAttentionBlock under `module`, in place.
+
+    Freezes every pre-existing parameter of `module` and returns the names of the new vectors.
+    Idempotent: a module that already has IA^3 is left as it is.
+    """
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for block in module.modules():
+        if not isinstance(block, ResidualAttentionBlock):
+            continue
+        for _, attn in _attention_layers(block):
+            if not isinstance(attn.key, IA3Scale):
+                attn.key = IA3Scale(attn.key, attn.key.out_features)
+                attn.value = IA3Scale(attn.value, attn.value.out_features)
+        if not isinstance(block.mlp[1], IA3Scale):
+            block.mlp[1] = IA3Scale(block.mlp[1], block.mlp[0].out_features)
+    return list(ia3_state_dict(module))
+
+
+def ia3_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The IA^3 vectors of `module`, named by the stock module they rescale
+    (e.g. `blocks.0.attn.key`, `blocks.0.mlp.1`)."""
+    return {name: m.scale for name, m in module.named_modules() if isinstance(m, IA3Scale)}
+
+
+def load_ia3_state_dict(module: nn.Module, vectors: dict[str, Tensor]) -> None:
+    """Copy IA^3 vectors into `module` (which must already have them); names must match exactly."""
+    own = ia3_state_dict(module)
+    missing, unexpected = sorted(set(own) - set(vectors)), sorted(set(vectors) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"IA^3 vectors do not match the model: missing {missing[:4]}, "
+                       f"unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for name, param in own.items():
+            if vectors[name].shape != param.shape:
+                raise ValueError(f"IA^3 vector {name}: shape {tuple(vectors[name].shape)} != "
+                                 f"{tuple(param.shape)}")
+            param.copy_(vectors[name])
+
+
+def count_ia3_parameters(module: nn.Module) -> int:
+    return sum(v.numel() for v in ia3_state_dict(module).values())
+
+
+@torch.no_grad()
+def merge_ia3(module: nn.Module) -> nn.Module:
+    """Fold every IA^3 vector into the weights it rescales and remove the wrappers, in place.
+
+    k' = l_k * (W_k x)            -> W_k <- diag(l_k) W_k
+    v' = l_v * (W_v x + b_v)      -> W_v <- diag(l_v) W_v,  b_v <- l_v * b_v
+    W_2 (l_ff * h) + b_2          -> W_2 <- W_2 diag(l_ff)
+    The result is a stock whisper module whose output equals the adapted one.
+    """
+    for block in module.modules():
+        if not isinstance(block, ResidualAttentionBlock):
+            continue
+        for _, attn in _attention_layers(block):
+            for name in ("key", "value"):
+                wrapped = getattr(attn, name)
+                if isinstance(wrapped, IA3Scale):
+                    linear = wrapped.inner
+                    scale = wrapped.scale.to(linear.weight.dtype)
+                    linear.weight.mul_(scale[:, None])
+                    if linear.bias is not None:
+                        linear.bias.mul_(scale)
+                    setattr(attn, name, linear)
+        if isinstance(block.mlp[1], IA3Scale):
+            scale = block.mlp[1].scale
+            block.mlp[2].weight.mul_(scale.to(block.mlp[2].weight.dtype)[None, :])
+            block.mlp[1] = block.mlp[1].inner
+    return module

@@ -1,0 +1,112 @@
+"""Span masking with noise, as in BEST-RQ (arXiv 2202.01855 sec. 2.2).
+
+Every valid feature frame starts a masked span with probability `mask_prob`; a span covers
+`span_ms` of audio (400 ms = 40 frames at Whisper's 10 ms hop) and overlapping spans merge.
+Masked frames are replaced by noise drawn from N(0, noise_std) in the normalised feature space.
+Padding frames are never masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from whisper.audio import HOP_LENGTH, SAMPLE_RATE
+
+FRAME_MS = 1000.0 * HOP_LENGTH / SAMPLE_RATE  # 10 ms
+
+
+@dataclass
+class MaskingConfig:
+    mask_prob: float = 0.01
+    span_ms: float = 400.0
+    noise_std: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1], got {self.mask_prob}")
+        if self.span_ms < FRAME_MS:
+            raise ValueError(
+                f"mask_span_ms must be >= one frame ({FRAME_MS} ms), got {self.span_ms}")
+        if self.noise_std < 0:
+            raise ValueError(f"mask_noise_std must be >= 0, got {self.noise_std}")
+
+    @property
+    def span_frames(self) -> int:
+        return int(round(self.span_ms / FRAME_MS))
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def span_mask(num_valid: Tensor, num_frames: int, mask_prob: float, span: int,
+              generator: torch.Generator | None = None) -> Tensor:
+    """Boolean mask (batch, num_frames) of merged spans that start inside the valid frames.
+
+    num_valid: (batch,) count of non-padding frames per clip; spans are clipped at that count.
+    """
+    device = num_valid.device
+    batch = num_valid.shape[0]
+    frame = torch.arange(num_frames, device=device)  # (frames,)
+    valid = frame[None, :] < num_valid[:, None]  # (batch, frames)
+    u = torch.rand(batch, num_frames, generator=generator,
+                   device=generator.device if generator is not None else device).to(device)
+    starts = (u < mask_prob) & valid  # (batch, frames)
+    # A frame is masked when a span started in the `span` frames up to and including it:
+    # a causal running max over a window of `span` starts.
+    covered = F.max_pool1d(F.pad(starts.float()[:, None, :], (span - 1, 0)), span, stride=1)
+    return (covered[:, 0, :] > 0) & valid
+
+
+def target_mask(frame_mask: Tensor, stack: int) -> Tensor:
+    """(batch, frames) frame mask -> (batch, frames // stack): a target is predicted when any of
+    its stacked frames was masked."""
+    batch, frames = frame_mask.shape
+    usable = frames // stack * stack
+    return frame_mask[:, :usable].reshape(batch, usable // stack, stack).any(dim=-1)
+
+
+def target_valid(num_valid: Tensor, num_targets: int, stack: int) -> Tensor:
+    """(batch,) valid frames -> (batch, num_targets): targets made only of real audio."""
+    target = torch.arange(num_targets, device=num_valid.device)
+    return target[None, :] < (num_valid // stack)[:, None]
+
+
+def draw_noise(shape: tuple[int, ...], noise_std: float,
+               generator: torch.Generator | None = None) -> Tensor:
+    """N(0, noise_std) noise of `shape`, on the generator's device (CPU without one)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=device) * noise_std
+
+
+def apply_noise(normalized: Tensor, frame_mask: Tensor, noise: Tensor) -> Tensor:
+    """Replace masked frames of (batch, n_mels, frames) normalised features with `noise` (same
+    shape, drawn by `draw_noise`)."""
+    noise = noise.to(device=normalized.device, dtype=normalized.dtype)
+    return torch.where(frame_mask[:, None, :], noise, normalized)
+
+
+def draw_sample_mask(num_valid: int, num_frames: int, n_mels: int, config: MaskingConfig,
+                     seed: int) -> tuple[Tensor, Tensor]:
+    """Mask (frames,) and noise (n_mels, frames) of one clip, from its own seed.
+
+    Drawing per clip from a seed derived from (run seed, epoch, clip index) makes a run's masks
+    independent of batch size, world size, data-loader workers and where a run was resumed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mask = span_mask(torch.tensor([num_valid]), num_frames, config.mask_prob, config.span_frames,
+                     generator)[0]
+    return mask, draw_noise((n_mels, num_frames), config.noise_std, generator)
+
+
+def expected_mask_fraction(num_frames: int, mask_prob: float, span: int) -> float:
+    """Analytic expected share of masked frames among `num_frames` valid frames (no padding).
+
+    Frame t is unmasked iff none of the min(t + 1, span) frames that could start a span
+    covering it did, so P(masked) = 1 - (1 - p) ** min(t + 1, span).
+    """
+    q = 1.0 - mask_prob
+    total = sum(1.0 - q ** min(t + 1, span) for t in range(num_frames))
+    return total / num_frames
