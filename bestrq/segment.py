@@ -1,0 +1,270 @@
+"""The "segment" stage: decode, cut and pack raw recordings into Whisper-sized windows.
+
+Reads a raw manifest (id, path, transcript, group), writes 16 kHz mono FLAC windows of at most
+`max_seconds`, and splits them into train/eval by speaker/recording group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from whisper.audio import N_SAMPLES, SAMPLE_RATE
+
+from bestrq.audio import AudioDecodeError, load_audio, split_long, write_audio
+
+__all__ = ["SegmentConfig", "Unit", "pack_units", "segment_corpus", "split_train_eval", "validate"]
+
+# Whisper's encoder sees exactly N_SAMPLES (30 s); longer windows would be truncated.
+WHISPER_WINDOW_SECONDS = N_SAMPLES / SAMPLE_RATE
+
+
+@dataclass
+class SegmentConfig:
+    """Parameters of the "segment" stage."""
+
+    max_seconds: float = 30.0  # Whisper's window
+    min_seconds: float = 0.5  # drop shorter pieces
+    pack: bool = True  # pack short utterances of one group into windows <= max_seconds
+    eval_fraction: float = 0.1
+    seed: int = 0
+
+
+def validate(cfg: SegmentConfig) -> None:
+    """Check every parameter before any work; ValueError names the bad one."""
+    if not 0 < cfg.max_seconds <= WHISPER_WINDOW_SECONDS:
+        raise ValueError(
+            f"segment.max_seconds: must be in (0, {WHISPER_WINDOW_SECONDS:g}] (Whisper's window), "
+            f"got {cfg.max_seconds}"
+        )
+    if not 0 <= cfg.min_seconds < cfg.max_seconds:
+        raise ValueError(
+            f"segment.min_seconds: must be >= 0 and < max_seconds ({cfg.max_seconds}), "
+            f"got {cfg.min_seconds}"
+        )
+    if not 0 < cfg.eval_fraction < 1:
+        raise ValueError(f"segment.eval_fraction: must be in (0, 1), got {cfg.eval_fraction}")
+    if not isinstance(cfg.pack, bool):
+        raise ValueError(f"segment.pack: must be true or false, got {cfg.pack!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ValueError(f"segment.seed: must be an integer, got {cfg.seed!r}")
+
+
+@dataclass
+class Unit:
+    """One decodable stretch of audio: a whole utterance or one piece of a long recording."""
+
+    key: str  # unique: the utterance id, with a piece suffix for cut recordings
+    source_id: str
+    audio: np.ndarray  # (samples,) at SAMPLE_RATE
+    transcript: str | None
+
+
+def pack_units(units: list[Unit], max_samples: int, pack: bool = True) -> list[list[Unit]]:
+    """Greedily group consecutive units into windows of at most `max_samples` samples."""
+    if not pack:
+        return [[u] for u in units]
+    windows: list[list[Unit]] = []
+    current: list[Unit] = []
+    length = 0
+    for unit in units:
+        n = len(unit.audio)
+        if current and length + n > max_samples:
+            windows.append(current)
+            current, length = [], 0
+        current.append(unit)
+        length += n
+    if current:
+        windows.append(current)
+    return windows
+
+
+def _stable_hash(*parts: object) -> float:
+    """A float in [0, 1) from sha256: stable across runs and Python processes (unlike hash())."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _greedy_eval_set(
+    keys: list[str], sizes: dict[str, int], fraction: float, seed: int
+) -> set[str]:
+    """Keys (taken in seeded-hash order) whose total size comes closest to `fraction` of all."""
+    target = fraction * sum(sizes[k] for k in keys)
+    chosen: set[str] = set()
+    total = 0
+    for key in sorted(keys, key=lambda k: (_stable_hash(seed, k), k)):
+        if abs(total + sizes[key] - target) < abs(total - target):
+            chosen.add(key)
+            total += sizes[key]
+    return chosen
+
+
+def split_train_eval(
+    windows: list[dict], fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Split window records (with "id" and "group") into (train, eval) by a hash of the group.
+
+    A group never straddles both sets. With >= 2 groups each set gets at least one group; with a
+    single group the windows themselves are split by hash, so both sets exist when >= 2 windows.
+    """
+    groups = sorted({w["group"] for w in windows})
+    if len(groups) >= 2:
+        sizes = dict(Counter(w["group"] for w in windows))
+        eval_keys = _greedy_eval_set(groups, sizes, fraction, seed)
+        order = sorted(groups, key=lambda g: (_stable_hash(seed, g), g))
+        if not eval_keys:
+            eval_keys = {order[0]}
+        if len(eval_keys) == len(groups):
+            eval_keys.discard([g for g in order if g in eval_keys][-1])
+        in_eval = [w["group"] in eval_keys for w in windows]
+    else:
+        ids = [w["id"] for w in windows]
+        eval_ids = _greedy_eval_set(ids, dict.fromkeys(ids, 1), fraction, seed)
+        order = sorted(ids, key=lambda i: (_stable_hash(seed, i), i))
+        if len(ids) >= 2 and not eval_ids:
+            eval_ids = {order[0]}
+        if len(ids) >= 2 and len(eval_ids) == len(ids):
+            eval_ids.discard(order[-1])
+        in_eval = [w["id"] in eval_ids for w in windows]
+    train = [w for w, e in zip(windows, in_eval, strict=True) if not e]
+    evals = [w for w, e in zip(windows, in_eval, strict=True) if e]
+    return train, evals
+
+
+def _read_manifest(raw_manifest: Path) -> list[dict]:
+    if not raw_manifest.is_file():
+        raise FileNotFoundError(f"raw manifest {raw_manifest} does not exist")
+    entries = []
+    seen: set[str] = set()
+    for n, line in enumerate(raw_manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{raw_manifest}:{n}: not valid JSON ({exc})") from exc
+        missing = {"id", "path"} - entry.keys()
+        if missing:
+            raise ValueError(f"{raw_manifest}:{n}: missing field(s) {sorted(missing)}")
+        if entry["id"] in seen:
+            raise ValueError(f"{raw_manifest}:{n}: duplicate id {entry['id']!r}")
+        seen.add(entry["id"])
+        entry.setdefault("transcript", None)
+        entry["group"] = str(entry.get("group") or entry["id"])
+        entries.append(entry)
+    # Sorting by group then id makes packing independent of manifest order.
+    return sorted(entries, key=lambda e: (e["group"], e["id"]))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _units_of(entry: dict, audio: np.ndarray, max_samples: int) -> Iterator[Unit]:
+    """The recording itself when it fits the window, else its split_long pieces (no transcript)."""
+    if len(audio) <= max_samples:
+        yield Unit(entry["id"], entry["id"], audio, entry["transcript"])
+        return
+    # split_long computes lengths from seconds: re-check so a rounding slip never overflows.
+    pieces = split_long(audio, SAMPLE_RATE, max_samples / SAMPLE_RATE)
+    for j, piece in enumerate(pieces):
+        yield Unit(f"{entry['id']}_p{j:03d}", entry["id"], piece[:max_samples], None)
+
+
+def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dict[str, float]:
+    """Decode, cut, pack and split a raw corpus into `out_dir/{audio/,train.jsonl,eval.jsonl}`.
+
+    Undecodable files are skipped and listed in `out_dir/skipped.jsonl`. Returns stats:
+    num_train, num_eval, hours_train, hours_eval, num_skipped, padding_fraction,
+    mean_window_seconds (plus num_dropped_short, num_cut_recordings).
+    """
+    validate(cfg)
+    raw_manifest, out_dir = Path(raw_manifest), Path(out_dir)
+    entries = _read_manifest(raw_manifest)
+    base = raw_manifest.parent
+    max_samples = int(round(cfg.max_seconds * SAMPLE_RATE))
+    min_samples = int(round(cfg.min_seconds * SAMPLE_RATE))
+
+    audio_dir = out_dir / "audio"
+    if audio_dir.exists():
+        shutil.rmtree(audio_dir)  # stale windows of an earlier run would linger otherwise
+    audio_dir.mkdir(parents=True)
+
+    skipped: list[dict] = []
+    windows: list[dict] = []
+    used_ids: set[str] = set()
+    num_short = num_cut = 0
+    bar = tqdm(total=len(entries), desc="segmenting", unit="file")
+    with bar:
+        # Streams one group at a time so a large corpus never sits in memory at once.
+        for group, group_entries in groupby(entries, key=lambda e: e["group"]):
+            units: list[Unit] = []
+            for entry in group_entries:
+                bar.update(1)
+                path = Path(entry["path"])
+                path = path if path.is_absolute() else base / path
+                try:
+                    audio = load_audio(path, SAMPLE_RATE)  # (samples,)
+                except AudioDecodeError as exc:
+                    skipped.append({"path": str(path), "error": str(exc)})
+                    continue
+                num_cut += len(audio) > max_samples
+                for unit in _units_of(entry, audio, max_samples):
+                    if len(unit.audio) < max(min_samples, 1):
+                        num_short += 1
+                        continue
+                    units.append(unit)
+            for window in pack_units(units, max_samples, cfg.pack):
+                window_id = _UNSAFE.sub("_", window[0].key)
+                while window_id in used_ids:
+                    window_id += "_"
+                used_ids.add(window_id)
+                audio = np.concatenate([u.audio for u in window])  # (samples,)
+                write_audio(audio_dir / f"{window_id}.flac", audio, SAMPLE_RATE)
+                transcripts = [u.transcript for u in window]
+                windows.append(
+                    {
+                        "id": window_id,
+                        "path": f"audio/{window_id}.flac",
+                        "duration": len(audio) / SAMPLE_RATE,
+                        "transcript": None
+                        if any(t is None for t in transcripts)
+                        else " ".join(str(t).strip() for t in transcripts),
+                        "sources": list(dict.fromkeys(u.source_id for u in window)),
+                        "group": group,
+                    }
+                )
+
+    train, evals = split_train_eval(windows, cfg.eval_fraction, cfg.seed)
+    for name, records in (("train", train), ("eval", evals)):
+        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for rec in sorted(records, key=lambda r: r["id"]):
+                rec = {k: v for k, v in rec.items() if k != "group"}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    with open(out_dir / "skipped.jsonl", "w", encoding="utf-8") as f:
+        for rec in skipped:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    seconds_train = sum(w["duration"] for w in train)
+    seconds_eval = sum(w["duration"] for w in evals)
+    n_windows = len(windows)
+    total = seconds_train + seconds_eval
+    return {
+        "num_train": len(train),
+        "num_eval": len(evals),
+        "hours_train": seconds_train / 3600,
+        "hours_eval": seconds_eval / 3600,
+        "num_skipped": len(skipped),
+        "num_dropped_short": num_short,
+        "num_cut_recordings": num_cut,
+        "padding_fraction": 1 - total / (n_windows * cfg.max_seconds) if n_windows else 0.0,
+        "mean_window_seconds": total / n_windows if n_windows else 0.0,
+    }
