@@ -1,0 +1,125 @@
+"""Typed, validated views of params.yaml: the one place where parameter names meet configs.
+
+Training hyper-parameters are top-level keys (so `dvc exp run -S num_codebooks=16` and the
+`train --num_codebooks 16` CLI use the same names); each data stage has its own section.
+Unknown keys and bad values fail before any work, with a message naming the parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bestrq import features, segment, sources
+from bestrq.evaluate import EvaluateConfig
+from bestrq.masking import MaskingConfig
+from bestrq.quantizer import QuantizerConfig
+from bestrq.train import TrainConfig
+from bestrq.whisper_model import validate_model_spec
+
+# Top-level keys that are not fields of TrainConfig, with their help text.
+MODEL_HELP: dict[str, str] = {
+    "model": "Whisper model name (tiny, base.en, ..., large-v3, turbo) or checkpoint path",
+    "n_mels": "mel bins of the model's input: 80, or 128 for large-v3 and turbo",
+    "nproc": "training processes on this machine (torchrun); 1 runs without torchrun",
+    "num_codebooks": "codebooks N (1: BEST-RQ; >1: USM multi-softmax)",
+    "codebook_size": "codes per codebook (paper: 8192)",
+    "code_dim": "dimension of the random projection and codes (paper: 16)",
+    "stack_frames": "10 ms log-mel frames stacked per target (2 = Whisper's 20 ms encoder rate)",
+    "mask_prob": "probability that a frame starts a masked span (paper: 0.01)",
+    "mask_span_ms": "masked span length in ms (paper: 400 ms = 40 frames)",
+    "mask_noise_std": "std of the noise replacing masked frames, normalised space (paper: 0.1)",
+}
+QUANTIZER_KEYS = {"num_codebooks": "num_codebooks", "codebook_size": "codebook_size",
+                  "code_dim": "code_dim", "stack_frames": "stack_frames"}
+MASKING_KEYS = {"mask_prob": "mask_prob", "mask_span_ms": "span_ms",
+                "mask_noise_std": "noise_std"}
+SECTIONS = {"download": sources.SourceConfig, "segment": segment.SegmentConfig,
+            "features": features.FeatureConfig, "evaluate": EvaluateConfig}
+
+
+@dataclass
+class Params:
+    model: str
+    n_mels: int
+    nproc: int
+    quantizer: QuantizerConfig
+    masking: MaskingConfig
+    train: TrainConfig
+    download: sources.SourceConfig
+    segment: segment.SegmentConfig
+    features: features.FeatureConfig
+    evaluate: EvaluateConfig
+    raw: dict[str, Any]  # the flat dict it was built from, for records and fingerprints
+
+
+def hyperparameter_names() -> list[str]:
+    """Every top-level key of params.yaml, in a stable order."""
+    return [*MODEL_HELP, *(f.name for f in fields(TrainConfig) if f.name not in MODEL_HELP)]
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        names = ", ".join(where + k for k in unknown)
+        raise ValueError(f"params.yaml: unknown parameter(s) {names}; "
+                         f"known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def from_dict(raw: dict[str, Any]) -> Params:
+    """Build (without validating) the configs from a params.yaml mapping."""
+    raw = dict(raw)
+    top = {k: v for k, v in raw.items() if k not in SECTIONS}
+    names = set(hyperparameter_names())
+    unknown = sorted(set(top) - names)
+    if unknown:
+        raise ValueError(f"params.yaml: unknown top-level parameter(s) {', '.join(unknown)}")
+    train_values = {f.name: top[f.name] for f in fields(TrainConfig) if f.name in top}
+    quantizer = QuantizerConfig(n_mels=int(top.get("n_mels", 80)),
+                                seed=int(top.get("seed", 0)),
+                                **{QUANTIZER_KEYS[k]: top[k] for k in QUANTIZER_KEYS if k in top})
+    masking = MaskingConfig(**{MASKING_KEYS[k]: top[k] for k in MASKING_KEYS if k in top})
+    sections = {name: _build(cls, dict(raw.get(name) or {}), f"{name}.")
+                for name, cls in SECTIONS.items()}
+    return Params(model=str(top.get("model", "tiny.en")), n_mels=int(top.get("n_mels", 80)),
+                  nproc=int(top.get("nproc", 1)), quantizer=quantizer, masking=masking,
+                  train=TrainConfig(**train_values), raw=raw, **sections)
+
+
+def validate(params: Params, stage: str | None = None) -> None:
+    """Check the parameters a stage uses (all when `stage` is None); raises ValueError."""
+    if stage in (None, "download"):
+        sources.validate(params.download)
+    if stage in (None, "segment"):
+        segment.validate(params.segment)
+    if stage in (None, "features"):
+        features.validate(params.features)
+        if params.n_mels not in (80, 128):
+            raise ValueError(f"n_mels must be 80 or 128, got {params.n_mels}")
+    if stage in (None, "pretrain", "evaluate"):
+        validate_model_spec(params.model)
+        params.quantizer.validate()
+        params.masking.validate()
+        params.train.validate()
+        if params.nproc < 1:
+            raise ValueError(f"nproc must be >= 1, got {params.nproc}")
+    if stage in (None, "evaluate"):
+        params.evaluate.validate()
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+                stage: str | None = None) -> Params:
+    """Read, override (top-level keys) and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run from the project root")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    params = from_dict(raw)
+    validate(params, stage)
+    return params

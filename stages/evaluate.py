@@ -1,0 +1,43 @@
+"""Stage 5: the adapter on held-out clips beside the un-adapted encoder."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from bestrq.adapter import build_model, check_base, read_adapter
+from bestrq.dataset import FeatureDataset
+from bestrq.evaluate import evaluate_adapter
+from bestrq.features import resolve_device
+from bestrq.whisper_model import load_whisper
+from stages.common import ADAPTER, FEATURES, friendly_errors, log_summary, open_live, params_or_exit
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
+    """BEST-RQ loss, masked accuracy and codebook utilisation on data/features/eval, for the
+    adapted encoder and for the stock one (IA^3 vectors at one, same heads, same masks)."""
+    p = params_or_exit("evaluate", params)
+    with friendly_errors():
+        tensors, info = read_adapter(ADAPTER)
+        base = load_whisper(p.model)
+        check_base(base, info, ADAPTER)
+        model = build_model(base, info, tensors)
+        dataset = FeatureDataset(FEATURES / "eval")
+        device = resolve_device(p.train.device)
+        metrics = evaluate_adapter(model, dataset, p.evaluate, device)
+    metrics["eval_clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))
+    with open_live("evaluate") as live:
+        log_summary(live, metrics)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

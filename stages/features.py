@@ -1,0 +1,36 @@
+"""Stage 3: Whisper log-mels of every window, memory-mapped shards, train-set statistics."""
+
+from __future__ import annotations
+
+import typer
+
+from bestrq.features import compute_features
+from stages.common import (
+    FEATURES,
+    SEGMENTS,
+    friendly_errors,
+    log_summary,
+    open_live,
+    params_or_exit,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def features(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
+    """Write data/features/{train,eval}/ shards and data/features/stats.json."""
+    p = params_or_exit("features", params)
+    with friendly_errors():
+        stats = compute_features(SEGMENTS, FEATURES, p.n_mels, p.features)
+    with open_live("features") as live:
+        log_summary(live, stats)
+    typer.echo(f"features: {stats}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

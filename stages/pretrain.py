@@ -1,0 +1,137 @@
+"""Stage 4: BEST-RQ pre-training of IA^3 vectors (and heads) on a frozen Whisper encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import typer
+
+from bestrq.adapter import save_adapter
+from bestrq.checkpoint import latest_step
+from bestrq.dataset import FeatureDataset
+from bestrq.distributed import init_distributed, is_main, launch_torchrun
+from bestrq.features import load_stats
+from bestrq.ia3 import count_ia3_parameters
+from bestrq.model import BestRQModel
+from bestrq.params import Params
+from bestrq.quantizer import RandomProjectionQuantizer
+from bestrq.train import train
+from bestrq.whisper_model import load_whisper, model_identity
+from stages.common import (
+    ADAPTER,
+    CHECKPOINTS,
+    FEATURES,
+    LIVE,
+    friendly_errors,
+    log_summary,
+    open_live,
+    params_or_exit,
+    step_logger,
+    truncate_history,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+# Knobs that change how fast a run goes, not what it computes: a checkpoint made under other
+# values of these is still resumed.
+NOT_IN_FINGERPRINT = {"num_workers", "prefetch_factor", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "device"}
+
+
+def fingerprint(p: Params, features_dir: Path) -> str:
+    """What a checkpoint must have been made with to be resumed: parameters and data."""
+    relevant = {k: v for k, v in p.raw.items()
+                if k not in NOT_IN_FINGERPRINT and k not in ("download", "segment", "features",
+                                                             "evaluate")}
+    h = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
+    for name in ("stats.json", "train/index.json"):
+        h.update((features_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+def prepare_checkpoints(checkpoint_dir: Path, key: str) -> int:
+    """Step to resume from (0: fresh). Checkpoints of other parameters or data are removed."""
+    marker = checkpoint_dir / "fingerprint.txt"
+    if checkpoint_dir.exists() and (not marker.is_file() or marker.read_text().strip() != key):
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
+    return latest_step(checkpoint_dir)
+
+
+def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = ADAPTER,
+                 checkpoint_dir: Path = CHECKPOINTS, live_name: str = "pretrain") -> None:
+    """Train and write the adapter; rank 0 alone logs and writes."""
+    dist = init_distributed()
+    if not (features_dir / "train" / "index.json").is_file():
+        raise FileNotFoundError(f"no training features in {features_dir}/train: run "
+                                "`dvc repro features` first")
+    base = load_whisper(p.model)
+    if base.dims.n_mels != p.n_mels:
+        raise ValueError(f"n_mels: model {p.model!r} takes {base.dims.n_mels} mel bins but "
+                         f"n_mels is {p.n_mels}; set n_mels: {base.dims.n_mels}, re-run features")
+    identity = model_identity(p.model, base)
+    mean, std = load_stats(features_dir)
+    quantizer = RandomProjectionQuantizer(p.quantizer, mean, std)
+    model = BestRQModel(base.encoder, quantizer, p.masking)
+    del base  # the decoder is not needed for pre-training
+    dataset = FeatureDataset(features_dir / "train")
+
+    start = 0
+    live = None
+    if is_main():
+        start = prepare_checkpoints(checkpoint_dir, fingerprint(p, features_dir))
+        live = open_live(live_name, resume=start > 0)
+        if start:
+            truncate_history(LIVE / live_name, start)
+            typer.echo(f"pretrain: resuming from the checkpoint of step {start}")
+        typer.echo(f"pretrain: {p.model} on {dist.device} x{dist.world_size}, "
+                   f"{count_ia3_parameters(model.encoder)} IA^3 parameters, "
+                   f"{len(dataset)} training clips")
+    if dist.distributed:
+        import torch.distributed
+
+        torch.distributed.barrier()  # rank 0 may have cleared stale checkpoints
+    result = train(model, dataset, p.train, checkpoint_dir,
+                   log=step_logger(live) if live is not None else None)
+    if live is None:
+        return
+    info = save_adapter(adapter_path, model, identity,
+                        {"step": result.step, "params": p.raw,
+                         "ia3_parameters": count_ia3_parameters(model.encoder)})
+    # The last step's train/* values are already in the summary; add the run's totals.
+    log_summary(live, {"steps": result.step, "nonfinite_skipped_total": result.skipped,
+                       "train_seconds": result.seconds,
+                       "adapter_mb": adapter_path.stat().st_size / 2**20,
+                       "ia3_parameters": info["ia3_parameters"]})
+    live.end()
+    typer.echo(f"pretrain: wrote {adapter_path} after {result.step} steps "
+               f"({result.seconds:.0f} s)")
+
+
+def relaunch_under_torchrun(p: Params, module: str) -> None:
+    """With nproc > 1 and not yet under torchrun, re-run this command on nproc processes."""
+    if p.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:]))
+
+
+@app.command()
+def pretrain(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
+    """Train IA^3 + BEST-RQ on data/features/train; write data/adapters/adapter.safetensors."""
+    p = params_or_exit("pretrain", params)
+    relaunch_under_torchrun(p, "stages.pretrain")
+    with friendly_errors():
+        run_pretrain(p)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

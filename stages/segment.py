@@ -1,0 +1,32 @@
+"""Stage 2: decode, resample to 16 kHz mono, cut and pack into <= 30 s windows, split."""
+
+from __future__ import annotations
+
+import typer
+
+from bestrq.segment import segment_corpus
+from stages.common import RAW, SEGMENTS, friendly_errors, log_summary, open_live, params_or_exit
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def segment(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
+    """Write data/segments/{train,eval}.jsonl, the window audio and skipped.jsonl."""
+    p = params_or_exit("segment", params)
+    with friendly_errors():
+        stats = segment_corpus(RAW / "manifest.jsonl", SEGMENTS, p.segment)
+    with open_live("segment") as live:
+        log_summary(live, stats)
+    typer.echo(f"segment: {stats}")
+    if stats.get("num_skipped"):
+        typer.secho(f"{int(stats['num_skipped'])} undecodable file(s) skipped: see "
+                    f"{SEGMENTS / 'skipped.jsonl'}", fg=typer.colors.YELLOW, err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

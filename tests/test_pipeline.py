@@ -1,0 +1,140 @@
+"""End to end: `dvc repro`, then `dvc exp run -S num_codebooks=16`, then `dvc exp show --json`,
+in a temporary git repository holding a copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper, save_whisper_checkpoint
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROJECT_FILES = ["bestrq", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
+                 ".dvcignore", ".gitignore"]
+ALL_STAGES = ("download", "segment", "features", "pretrain", "evaluate")
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(cwd), "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
+    return output
+
+
+def make_project(tmp_path: Path, model: str, overrides: dict) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        src = REPO / name
+        dst = project / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"] = model
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            params[key].update(value)
+        else:
+            params[key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], project)
+    return project
+
+
+def ran_stages(output: str) -> set[str]:
+    return {s for s in ALL_STAGES if f"Running stage '{s}'" in output}
+
+
+SMALL = {
+    "download": {"num_utterances": 24, "num_speakers": 3},
+    "segment": {"eval_fraction": 0.3},
+    "codebook_size": 256, "max_steps": 2, "warmup_steps": 1, "batch_size": 2,
+    "accumulate_gradients": 1, "checkpoint_every": 1, "num_workers": 0,
+}
+
+
+def test_repro_then_experiment_with_16_codebooks(tmp_path):
+    ckpt = tmp_path / "random-whisper.pt"
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), ckpt)
+    project = make_project(tmp_path, str(ckpt), SMALL)
+
+    first = run(["dvc", "repro"], project)
+    assert ran_stages(first) == set(ALL_STAGES)
+    adapter = project / "data" / "adapters" / "adapter.safetensors"
+    info = json.loads(adapter.with_suffix(".json").read_text())
+    assert info["quantizer"]["num_codebooks"] == 1 and info["step"] == 2
+    evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
+    assert {"adapted", "stock", "delta"} <= set(evaluation)
+    assert 0.0 < evaluation["adapted"]["mask_fraction"] < 1.0
+
+    # Record the baseline as a commit, as a user would, so that it lists its own metrics.
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
+    manifest = project / "data" / "raw" / "manifest.jsonl"
+    before = manifest.stat().st_mtime_ns
+    second = run(["dvc", "exp", "run", "-S", "num_codebooks=16"], project)
+    assert ran_stages(second) == {"pretrain", "evaluate"}, second[-3000:]
+    assert manifest.stat().st_mtime_ns == before
+
+    shown = run(["dvc", "exp", "show", "--json"], project)
+    payload = json.loads(shown[shown.find("["):])
+    codebooks = set()
+    for data in exp_metrics_from(payload):
+        metrics = data["metrics"]
+        if "dvclive/evaluate/metrics.json" not in metrics:
+            continue
+        params = data["params"]["params.yaml"]["data"]
+        ev = metrics["dvclive/evaluate/metrics.json"]["data"]
+        pre = metrics["dvclive/pretrain/metrics.json"]["data"]
+        assert "loss" in ev["adapted"] and "loss" in ev["stock"]
+        assert pre["steps"] == 2 and "train" in pre
+        codebooks.add(params["num_codebooks"])
+    assert {1, 16} <= codebooks
+
+
+def exp_metrics_from(payload) -> list[dict]:
+    found: list[dict] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "metrics" in data and "params" in data:
+                found.append(data)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(payload)
+    return found
+
+
+def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
+    overrides = {**SMALL, "max_steps": 1, "batch_size": 2}
+    project = make_project(tmp_path, str(tiny_en_path), overrides)
+    out = run(["dvc", "repro"], project)
+    assert ran_stages(out) == set(ALL_STAGES)
+    info = json.loads((project / "data" / "adapters" / "adapter.json").read_text())
+    assert info["ia3_parameters"] == 9216
+    assert info["base"]["dims"]["n_audio_state"] == 384
+    evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
+    # one step of lr 3e-3 cannot move a pretrained model far from stock
+    assert abs(evaluation["delta"]["loss"]) < 1.0
