@@ -45,9 +45,10 @@ def test_rate_and_voice_change_the_audio(synth: EspeakSynthesizer) -> None:
     a, _ = synth.synthesize(text, voice="en-us", pitch=50)
     b, _ = synth.synthesize(text, voice="en-gb-scotland+f3", pitch=50)
     assert len(a) != len(b) or not np.array_equal(a, b)
-    # Same settings twice: same timing (samples differ slightly through espeak's internal state).
+    # Same settings twice: the same timing up to a few samples (espeak-ng keeps internal state
+    # between calls, so neither samples nor lengths are bit-exact).
     c, _ = synth.synthesize(text, voice="en-us", pitch=50)
-    assert len(c) == len(a)
+    assert abs(len(c) - len(a)) < 0.01 * len(a)
 
 
 def test_bad_voice_and_parameters(synth: EspeakSynthesizer) -> None:
