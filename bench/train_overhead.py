@@ -1,0 +1,168 @@
+"""Overhead of a full BEST-RQ training step over a bare adapted-encoder forward/backward.
+
+On one batch and device, times (a) a whole training step as `bestrq.train` runs it (labels from
+the quantizer, masking, encoder forward/backward, heads, loss, gradient normalisation, clipping,
+AdamW step) and (b) the adapted encoder alone (forward, sum of outputs as loss, backward), and
+prints both, their ratio (goal <= 1.10), clips/s and, on CUDA, MFU. Then it times the data
+pipeline (FeatureDataset from --features, else synthetic clips; masks drawn in the workers) and
+compares its clips/s with what the training step consumes.
+
+    python bench/train_overhead.py --random --batch-size 4 --steps 5 --device cpu
+    python bench/train_overhead.py --model tiny.en --batch-size 64 --features data/features/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from whisper.audio import N_FRAMES
+
+from bestrq.masking import MaskingConfig
+from bestrq.model import BestRQModel
+from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
+from bestrq.throughput import mfu, model_flops
+from bestrq.train import (
+    DataPosition,
+    GlobalBatchSampler,
+    MaskedClips,
+    TrainConfig,
+    accumulate_gradients,
+    autocast_dtype,
+    finish_gradients,
+    make_optimizer,
+)
+from bestrq.whisper_model import TINY_TEST_DIMS, load_whisper, random_whisper
+
+
+class SyntheticClips(Dataset):
+    """In-memory random log-mels with varied valid lengths, like FeatureDataset's items."""
+
+    def __init__(self, num_clips: int, n_mels: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.mels = torch.randn(num_clips, n_mels, N_FRAMES, generator=g) * 0.5 - 0.2
+        self.frames = torch.randint(N_FRAMES // 2, N_FRAMES + 1, (num_clips,), generator=g)
+        self.n_mels = n_mels
+
+    def __len__(self) -> int:
+        return len(self.mels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mels[i], self.frames[i]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Mean seconds per call of `fn` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Whisper model name or checkpoint path")
+    source.add_argument("--random", action="store_true", help="small random Whisper (d=64)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-codebooks", type=int, default=1)
+    parser.add_argument("--codebook-size", type=int, default=8192)
+    parser.add_argument("--mask-prob", type=float, default=0.01)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--features", type=Path, help="a FeatureDataset split folder")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--loader-batches", type=int, default=20)
+    args = parser.parse_args()
+
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    config = TrainConfig(batch_size=args.batch_size, precision=args.precision,
+                         num_workers=args.num_workers, device=str(device))
+    dtype = autocast_dtype(config, device)
+    whisper = random_whisper(TINY_TEST_DIMS) if args.random else load_whisper(args.model)
+    n_mels = whisper.dims.n_mels
+    quantizer = RandomProjectionQuantizer(QuantizerConfig(
+        n_mels=n_mels, num_codebooks=args.num_codebooks, codebook_size=args.codebook_size))
+    model = BestRQModel(whisper.encoder, quantizer, MaskingConfig(mask_prob=args.mask_prob))
+    del whisper.decoder  # not used; frees its memory
+    model.to(device)
+    if args.features is not None:
+        from bestrq.dataset import FeatureDataset
+        dataset: Dataset = FeatureDataset(args.features)
+    else:
+        dataset = SyntheticClips(max(4 * args.batch_size, 64), n_mels)
+    clips = MaskedClips(dataset, model.masking, seed=0)
+    batch = next(iter(DataLoader(clips, batch_size=args.batch_size,
+                                 sampler=[(0, i) for i in range(args.batch_size)])))
+    mel = batch[0].to(device)  # (batch, n_mels, frames)
+
+    params = list(model.trainable_parameters().values())
+    optimizer = make_optimizer(model, config)
+    masked = []
+
+    def training_step() -> None:
+        stats = accumulate_gradients(model, [batch], device, dtype, with_metrics=False)
+        finish_gradients(params, stats, world_size=1)
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if bool(torch.isfinite(norm)):  # the loop's one host sync per update
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        masked.append(int(stats.masked))
+
+    def bare_step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            h = model.encoder(mel)  # (batch, frames / 2, d_model)
+        h.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    full = timed(training_step, args.steps, args.warmup, device)
+    bare = timed(bare_step, args.steps, args.warmup, device)
+    clips_per_s = args.batch_size / full
+    print(f"device {device}, precision {dtype or torch.float32}, batch {args.batch_size}, "
+          f"codebooks {args.num_codebooks} x {args.codebook_size}")
+    print(f"full training step   {full * 1e3:9.1f} ms  ({clips_per_s:.1f} clips/s)")
+    print(f"bare encoder fwd+bwd {bare * 1e3:9.1f} ms")
+    print(f"ratio                {full / bare:9.3f}  (goal <= 1.10)")
+    flops = model_flops(model, args.batch_size, masked[-1])["total"]
+    print(f"model FLOPs per step {flops / 1e12:9.3f} TFLOP, achieved "
+          f"{flops / full / 1e12:.2f} TFLOP/s")
+    value = mfu(flops, full, device, dtype or torch.float32)
+    if value is not None:
+        print(f"MFU                  {100 * value:9.1f} %")
+    if device.type == "cuda":
+        print(f"peak memory          {torch.cuda.max_memory_allocated(device) / 1e9:9.2f} GB")
+
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, 1, 1, 0, 0, DataPosition())
+    loader = DataLoader(clips, batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=2 if args.num_workers else None)
+    batches = iter(loader)
+    next(batches)  # worker start-up is not throughput
+    start = time.perf_counter()
+    for _ in range(args.loader_batches):
+        next(batches)
+    loader_rate = args.loader_batches * args.batch_size / (time.perf_counter() - start)
+    del batches
+    print(f"data loader          {loader_rate:9.1f} clips/s with {args.num_workers} workers "
+          f"({loader_rate / clips_per_s:.2f}x what training consumes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""The BEST-RQ training loop: AdamW on the IA^3 vectors and heads, resumable and distributed.
+
+Determinism is by construction: the clip order of an epoch is a permutation seeded by
+(seed, epoch); the mask and noise of a clip are drawn from a seed of (seed, epoch, clip) inside
+the data-loader workers; each optimiser update consumes one global batch of
+batch_size * accumulate_gradients * world_size clips, and gradients are the exact mean over all
+masked targets of that global batch however it is split into micro-batches and processes. A
+checkpoint holds everything that changes during training, so a killed and resumed run ends where
+an uninterrupted one does (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bestrq.checkpoint import load_latest, save_checkpoint
+from bestrq.distributed import current
+from bestrq.masking import MaskingConfig, draw_sample_mask
+from bestrq.model import BestRQModel
+from bestrq.schedule import SCHEDULES, lr_lambda
+from bestrq.throughput import mfu, model_flops
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4  # clips per micro-batch per process
+    accumulate_gradients: int = 1  # micro-batches per optimiser update
+    learning_rate: float = 3e-3  # IA^3 paper's rate
+    lr_schedule: str = "inverse_sqrt"
+    warmup_steps: int = 10
+    max_steps: int = 50  # optimiser updates
+    min_lr_ratio: float = 0.0
+    # Applied to the heads only: decaying IA^3 scales pulls them to 0, away from identity.
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    checkpoint_every: int = 25  # optimiser updates between checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    seed: int = 0
+    device: str = "auto"
+    max_nonfinite: int = 5  # this many non-finite updates in a row stop the run
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid parameter."""
+        positive = ("batch_size", "accumulate_gradients", "max_steps", "checkpoint_every",
+                    "keep_checkpoints", "log_every", "prefetch_factor", "max_nonfinite")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        lr_lambda(self.lr_schedule, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"device: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimiser updates done
+    metrics: dict[str, float] = field(default_factory=dict)  # last logged
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient
+    seconds: float = 0.0  # wall time of this call
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _derived_seed(*keys: int) -> int:
+    # SeedSequence mixes the keys so that nearby (seed, epoch, clip) give unrelated streams.
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+               .astype(np.uint64).view(np.uint64)[0] >> np.uint64(1))
+
+
+def clip_seed(seed: int, epoch: int, clip: int) -> int:
+    """Seed of the mask and noise of `clip` in `epoch`."""
+    return _derived_seed(seed, epoch, clip, 0x6D61736B)
+
+
+def epoch_order(num_clips: int, seed: int, epoch: int) -> Tensor:
+    """The global clip order of `epoch`: a permutation (num_clips,) seeded by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(_derived_seed(seed, epoch, 0x6F72646572))
+    return torch.randperm(num_clips, generator=generator)
+
+
+class MaskedClips(Dataset):
+    """Items keyed by (epoch, clip): (mel, num_frames, frame mask, noise) of that clip.
+
+    The mask and noise are drawn here, i.e. in the data-loader workers, from the clip's own seed.
+    """
+
+    def __init__(self, dataset: Dataset, masking: MaskingConfig, seed: int) -> None:
+        self.dataset, self.masking, self.seed = dataset, masking, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        epoch, clip = key
+        mel, num_frames = self.dataset[clip]  # (n_mels, frames), ()
+        n_mels, frames = mel.shape
+        mask, noise = draw_sample_mask(int(num_frames), frames, n_mels, self.masking,
+                                       clip_seed(self.seed, epoch, clip))
+        return mel, torch.as_tensor(num_frames, dtype=torch.int64), mask, noise
+
+
+@dataclass
+class DataPosition:
+    """Where the next global batch starts: epoch and clips of that epoch already consumed."""
+    epoch: int = 0
+    position: int = 0
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless micro-batches of (epoch, clip) keys for one rank, from a data position on.
+
+    Global batch g of an epoch covers order[g * G:(g + 1) * G] with G = batch * accumulate *
+    world; its micro-batch m of rank r is the slice starting at (m * world + r) * batch. An
+    epoch's tail shorter than G is dropped so that every update sees a full global batch.
+    """
+
+    def __init__(self, num_clips: int, batch_size: int, accumulate: int, world_size: int,
+                 rank: int, seed: int, start: DataPosition) -> None:
+        self.num_clips, self.batch_size, self.accumulate = num_clips, batch_size, accumulate
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.global_batch = batch_size * accumulate * world_size
+        if num_clips < self.global_batch:
+            raise ValueError(f"the dataset has {num_clips} clips, fewer than one global batch "
+                             f"of {self.global_batch} (batch_size * accumulate_gradients * "
+                             f"world size)")
+        self.start = self.normalise(start)
+
+    def normalise(self, pos: DataPosition) -> DataPosition:
+        if pos.position + self.global_batch > self.num_clips:
+            return DataPosition(pos.epoch + 1, 0)
+        return pos
+
+    def advance(self, pos: DataPosition) -> DataPosition:
+        """The position after one global batch."""
+        return self.normalise(DataPosition(pos.epoch, pos.position + self.global_batch))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        pos = self.start
+        order, order_epoch = epoch_order(self.num_clips, self.seed, pos.epoch), pos.epoch
+        while True:
+            if order_epoch != pos.epoch:
+                order, order_epoch = epoch_order(self.num_clips, self.seed, pos.epoch), pos.epoch
+            for m in range(self.accumulate):
+                first = pos.position + (m * self.world_size + self.rank) * self.batch_size
+                yield [(pos.epoch, int(c)) for c in order[first:first + self.batch_size]]
+            pos = self.advance(pos)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _rng_state() -> dict[str, Any]:
+    # numpy's key array goes in a tensor so that the checkpoint loads with weights_only=True.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(), "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(gauss))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(model: BestRQModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: IA^3 vectors without decay, heads with it."""
+    params = model.trainable_parameters()
+    heads = [p for n, p in params.items() if n.startswith("heads.")]
+    others = [p for n, p in params.items() if not n.startswith("heads.")]
+    return torch.optim.AdamW(
+        [{"params": others, "weight_decay": 0.0},
+         {"params": heads, "weight_decay": config.weight_decay}],
+        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps)
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    return current().device if config.device == "auto" else torch.device(config.device)
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 for autocast, or None for plain fp32."""
+    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+# ----------------------------------------------------------------------------- one update
+
+
+@dataclass
+class UpdateStats:
+    """Sums over the micro-batches of an update (global after `finish_gradients`)."""
+    loss_sum: Tensor  # sum over micro-batches of loss * masked targets
+    masked: Tensor  # masked targets
+    frames: Tensor  # valid encoder-input frames
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[Tensor, ...]],
+                         device: torch.device, dtype: torch.dtype | None,
+                         with_metrics: bool) -> UpdateStats:
+    """Forward/backward each micro-batch with its loss weighted by its masked-target count.
+
+    Gradients end up as sum_b(loss_b * masked_b)'s; `finish_gradients` divides by the total count
+    so that the update equals one batch holding all the micro-batches. Under DDP, gradients are
+    all-reduced only on the last micro-batch.
+    """
+    stats = UpdateStats(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)))
+    for i, (mel, num_frames, mask, noise) in enumerate(micro_batches):
+        mel = mel.to(device, non_blocking=True)  # (batch, n_mels, frames)
+        num_frames = num_frames.to(device, non_blocking=True)  # (batch,)
+        mask = mask.to(device, non_blocking=True)  # (batch, frames)
+        noise = noise.to(device, non_blocking=True)  # (batch, n_mels, frames)
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not isinstance(
+            model, DistributedDataParallel) else model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
+                out = model(mel, num_frames, frame_mask=mask, noise=noise,
+                            with_metrics=with_metrics)
+            (out.loss * out.num_masked).backward()
+        stats.loss_sum += out.loss.detach().double() * out.num_masked
+        stats.masked += out.num_masked
+        stats.frames += num_frames.sum()
+        if with_metrics:
+            stats.metrics.append(out.metrics)
+    return stats
+
+
+def finish_gradients(params: list[torch.nn.Parameter], stats: UpdateStats,
+                     world_size: int) -> None:
+    """Make the accumulated gradients the mean over all masked targets of the global batch.
+
+    DDP has already averaged the gradients over ranks (divided by world_size), hence the factor.
+    """
+    totals = torch.stack([stats.loss_sum, stats.masked, stats.frames])  # (3,)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    stats.loss_sum, stats.masked, stats.frames = totals.unbind()
+    scale = (world_size / stats.masked.clamp_min(1.0)).float()
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.device))
+
+
+def _mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for m in metrics for k in m}
+    return {k: sum(m[k] for m in metrics if k in m) / sum(k in m for m in metrics)
+            for k in sorted(keys)}
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_dir: Path,
+          log: LogFn | None = None) -> TrainResult:
+    """Train `model`'s IA^3 vectors and heads on `dataset`, resuming from `checkpoint_dir`.
+
+    `dataset[i]` is (mel (n_mels, frames) float32, valid frames int64). Runs under an initialised
+    process group when there is one (one DDP replica per process). `log(step, metrics)` is
+    called on rank 0 every `log_every` updates.
+    """
+    config.validate()
+    began = time.perf_counter()
+    info = current()
+    device = resolve_device(config)
+    dtype = autocast_dtype(config, device)
+    model.to(device)
+    params_by_name = model.trainable_parameters()
+    params = list(params_by_name.values())
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, config.max_steps,
+                             config.min_lr_ratio))
+
+    step, skipped, in_a_row, pos = 0, 0, 0, DataPosition()
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.manual_seed(config.seed)
+    resumed = load_latest(checkpoint_dir)
+    if resumed is not None:
+        step, state = resumed
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params_by_name[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        pos = DataPosition(**state["data"])
+        skipped, in_a_row = state["skipped"], state["nonfinite_in_a_row"]
+    if info.distributed:
+        dist.barrier()  # no rank may start writing checkpoints before every rank has read them
+
+    def checkpoint() -> None:
+        if info.rank != 0:
+            return
+        state = {"trainable": {n: p.detach().cpu().clone() for n, p in params_by_name.items()},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": _rng_state(), "data": asdict(pos), "skipped": skipped,
+                 "nonfinite_in_a_row": in_a_row, "config": config.to_dict()}
+        save_checkpoint(checkpoint_dir, step, state, keep=config.keep_checkpoints)
+
+    result = TrainResult(step=step, skipped=skipped)
+    if step >= config.max_steps:
+        result.seconds = time.perf_counter() - began
+        return result
+
+    wrapped: torch.nn.Module = model
+    if info.distributed:
+        # Only IA^3 vectors and heads require grad, so DDP buckets and reduces just those.
+        wrapped = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=False)
+    sampler = GlobalBatchSampler(len(dataset), config.batch_size, config.accumulate_gradients,
+                                 info.world_size, info.rank, config.seed, pos)
+    pos = sampler.start
+    loader = DataLoader(
+        MaskedClips(dataset, model.masking, config.seed), batch_sampler=sampler,
+        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=config.prefetch_factor if config.num_workers else None,
+        persistent_workers=config.num_workers > 0,
+        # Its own generator: creating the iterator must not consume the global torch RNG.
+        generator=torch.Generator().manual_seed(config.seed))
+    batches = iter(loader)
+    clips_per_update = sampler.global_batch
+    last_time = time.perf_counter()
+    try:
+        while step < config.max_steps:
+            do_log = log is not None and info.rank == 0 and (step + 1) % config.log_every == 0
+            with_metrics = (step + 1) % config.log_every == 0  # every rank: same code path
+            wait_start = time.perf_counter()
+            micro = [next(batches) for _ in range(config.accumulate_gradients)]
+            data_wait = time.perf_counter() - wait_start
+            stats = accumulate_gradients(wrapped, micro, device, dtype, with_metrics)
+            finish_gradients(params, stats, info.world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.grad_clip if config.grad_clip > 0 else math.inf)
+            loss = stats.loss_sum / stats.masked.clamp_min(1.0)
+            finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one host sync
+            pos = sampler.advance(pos)
+            lr = optimizer.param_groups[0]["lr"]  # the rate of this update
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                in_a_row = 0
+            else:
+                skipped += 1
+                in_a_row += 1
+                warnings.warn(f"non-finite loss or gradient before update {step + 1}: update "
+                              f"skipped ({in_a_row} in a row)", stacklevel=2)
+            optimizer.zero_grad(set_to_none=True)
+            if in_a_row >= config.max_nonfinite:
+                raise RuntimeError(
+                    f"{in_a_row} updates in a row had a non-finite loss or gradient "
+                    f"(max_nonfinite={config.max_nonfinite}); stopping at update {step}. Lower "
+                    f"learning_rate, enable grad_clip or check the features for NaN/inf.")
+            if not finite:
+                continue
+            now = time.perf_counter()
+            step_time, last_time = now - last_time, now
+            if do_log:
+                metrics = _mean_metrics(stats.metrics)
+                metrics.update(
+                    loss=float(loss), grad_norm=float(grad_norm),
+                    learning_rate=lr,
+                    nonfinite_skipped=float(skipped), step_time=step_time,
+                    clips_per_second=clips_per_update / step_time,
+                    frames_per_second=float(stats.frames) / step_time,
+                    data_wait_fraction=min(1.0, data_wait / step_time),
+                    peak_memory_gb=_peak_memory_gb(device))
+                if device.type == "cuda":
+                    flops = model_flops(model, clips_per_update, int(stats.masked))["total"]
+                    value = mfu(flops, step_time, device, dtype or torch.float32)
+                    if value is not None:
+                        metrics["mfu"] = value
+                log(step, metrics)
+                result.metrics = metrics
+            if step % config.checkpoint_every == 0 or step == config.max_steps:
+                checkpoint()
+    finally:
+        del batches  # shuts the loader's workers down
+    result.step, result.skipped = step, skipped
+    result.seconds = time.perf_counter() - began
+    return result
