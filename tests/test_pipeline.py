@@ -138,3 +138,37 @@ def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
     evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
     # one step of lr 3e-3 cannot move a pretrained model far from stock
     assert abs(evaluation["delta"]["loss"]) < 1.0
+
+
+def read_steps(tsv: Path) -> list[int]:
+    rows = tsv.read_text().splitlines()[1:]
+    return [int(r.split("\t")[0]) for r in rows if r]
+
+
+def test_killed_pretrain_resumes_and_history_continues(tmp_path):
+    ckpt = tmp_path / "random-whisper.pt"
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), ckpt)
+    overrides = {**SMALL, "max_steps": 4, "checkpoint_every": 2, "batch_size": 1}
+    project = make_project(tmp_path, str(ckpt), overrides)
+    env_kill = {"BESTRQ_CHECKPOINT_KILL": "4:written"}  # SIGKILL inside the last checkpoint
+    proc = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, **env_kill, "PYTHONPATH": str(project),
+                               "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+                                       f"{os.environ['PATH']}"}, timeout=900)
+    assert proc.returncode != 0
+    assert not (project / "data" / "adapters" / "adapter.safetensors").exists()
+    loss = project / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert read_steps(loss) == [1, 2, 3, 4]  # logged before the kill
+
+    out = run(["dvc", "repro"], project)
+    assert ran_stages(out) == {"pretrain", "evaluate"}
+    assert "resuming from the checkpoint of step 2" in out
+    assert read_steps(loss) == [1, 2, 3, 4]  # steps 3 and 4 trained again, logged once
+    info = json.loads((project / "data" / "adapters" / "adapter.json").read_text())
+    assert info["step"] == 4
+
+    # Two processes under torchrun (gloo on CPU) from the same dvc.yaml command.
+    out = run(["dvc", "exp", "run", "-S", "nproc=2"], project)
+    assert ran_stages(out) == {"pretrain", "evaluate"}
+    pre = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
+    assert pre["steps"] == 4
