@@ -29,6 +29,8 @@ from whisper.audio import (
     pad_or_trim,
 )
 
+from bestrq.jsonl import read_jsonl
+
 SPLITS: tuple[str, ...] = ("train", "eval")
 SUPPORTED_N_MELS: frozenset[int] = frozenset({80, 128})
 SUPPORTED_DTYPES: frozenset[str] = frozenset({"float16", "float32"})
@@ -130,20 +132,13 @@ def log_mel_batch(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
 def read_manifest(path: Path) -> list[Clip]:
     """Parse a segment manifest (JSON lines); audio paths are resolved against its folder."""
     clips: list[Clip] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                clip = Clip(
-                    id=str(row["id"]),
-                    path=path.parent / row["path"],
-                    transcript=row.get("transcript"),
-                )
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_no}: bad manifest row ({e!r})") from e
-            clips.append(clip)
+    for line_no, row in read_jsonl(path):
+        try:
+            clip = Clip(id=str(row["id"]), path=path.parent / row["path"],
+                        transcript=row.get("transcript"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{line_no}: bad manifest row ({e!r})") from e
+        clips.append(clip)
     return clips
 
 

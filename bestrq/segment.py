@@ -7,7 +7,6 @@ Reads a raw manifest (id, path, transcript, group), writes 16 kHz mono FLAC wind
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from collections import Counter
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
 from bestrq.audio import AudioDecodeError, load_audio, split_long, write_audio
+from bestrq.jsonl import read_jsonl, write_jsonl
 
 __all__ = ["SegmentConfig", "Unit", "pack_units", "segment_corpus", "split_train_eval", "validate"]
 
@@ -145,13 +145,7 @@ def _read_manifest(raw_manifest: Path) -> list[dict]:
         raise FileNotFoundError(f"raw manifest {raw_manifest} does not exist")
     entries = []
     seen: set[str] = set()
-    for n, line in enumerate(raw_manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{raw_manifest}:{n}: not valid JSON ({exc})") from exc
+    for n, entry in read_jsonl(raw_manifest):
         missing = {"id", "path"} - entry.keys()
         if missing:
             raise ValueError(f"{raw_manifest}:{n}: missing field(s) {sorted(missing)}")
@@ -245,13 +239,10 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
 
     train, evals = split_train_eval(windows, cfg.eval_fraction, cfg.seed)
     for name, records in (("train", train), ("eval", evals)):
-        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for rec in sorted(records, key=lambda r: r["id"]):
-                rec = {k: v for k, v in rec.items() if k != "group"}
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    with open(out_dir / "skipped.jsonl", "w", encoding="utf-8") as f:
-        for rec in skipped:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        write_jsonl(out_dir / f"{name}.jsonl",
+                    ({k: v for k, v in rec.items() if k != "group"}
+                     for rec in sorted(records, key=lambda r: r["id"])))
+    write_jsonl(out_dir / "skipped.jsonl", skipped)
 
     seconds_train = sum(w["duration"] for w in train)
     seconds_eval = sum(w["duration"] for w in evals)

@@ -25,6 +25,7 @@ from typing import IO
 from tqdm import tqdm
 
 from bestrq.audio import is_audio_file, write_audio
+from bestrq.jsonl import read_jsonl, write_jsonl
 
 __all__ = [
     "LIBRISPEECH_SUBSETS",
@@ -179,9 +180,7 @@ def validate(cfg: SourceConfig) -> None:
 
 def _write_manifest(raw_dir: Path, entries: list[dict]) -> dict[str, float]:
     entries = sorted(entries, key=lambda e: e["id"])
-    with open(raw_dir / MANIFEST_NAME, "w", encoding="utf-8") as f:
-        for entry in entries:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    write_jsonl(raw_dir / MANIFEST_NAME, entries)
     return {
         "num_files": len(entries),
         "num_with_transcript": sum(e["transcript"] is not None for e in entries),
@@ -248,13 +247,7 @@ def _read_transcripts(root: Path) -> dict[str, str]:
                 texts[key.strip()] = text.strip()
     manifest = root / MANIFEST_NAME
     if manifest.is_file():
-        for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{manifest}:{n}: not valid JSON ({exc})") from exc
+        for _, obj in read_jsonl(manifest):
             text = obj.get("transcript", obj.get("text"))
             if text is None:
                 continue
