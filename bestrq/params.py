@@ -33,6 +33,30 @@ MODEL_HELP: dict[str, str] = {
     "mask_span_ms": "masked span length in ms (paper: 400 ms = 40 frames)",
     "mask_noise_std": "std of the noise replacing masked frames, normalised space (paper: 0.1)",
 }
+# Help text of TrainConfig's fields, for `train --help`.
+TRAIN_HELP: dict[str, str] = {
+    "batch_size": "clips per micro-batch per process",
+    "accumulate_gradients": "micro-batches per optimiser update",
+    "learning_rate": "peak learning rate of AdamW",
+    "lr_schedule": "inverse_sqrt (BEST-RQ's Transformer schedule) | cosine | constant",
+    "warmup_steps": "optimiser updates of linear warm-up",
+    "max_steps": "optimiser updates in the run",
+    "min_lr_ratio": "floor of the schedule, as a fraction of learning_rate",
+    "weight_decay": "AdamW decay of the heads (never of the IA^3 vectors)",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_eps": "AdamW epsilon",
+    "grad_clip": "max global gradient norm; 0 disables clipping",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32",
+    "checkpoint_every": "optimiser updates between checkpoints",
+    "keep_checkpoints": "checkpoints kept on disk",
+    "log_every": "optimiser updates between logged steps",
+    "num_workers": "data-loader worker processes",
+    "prefetch_factor": "batches each worker prepares ahead",
+    "seed": "seed of the quantizer, data order and masks",
+    "device": "auto | cpu | cuda | cuda:N",
+    "max_nonfinite": "non-finite updates in a row that stop the run",
+}
 QUANTIZER_KEYS = {"num_codebooks": "num_codebooks", "codebook_size": "codebook_size",
                   "code_dim": "code_dim", "stack_frames": "stack_frames"}
 MASKING_KEYS = {"mask_prob": "mask_prob", "mask_span_ms": "span_ms",

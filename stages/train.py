@@ -16,7 +16,7 @@ from typing import Any
 import typer
 import yaml
 
-from bestrq.params import MODEL_HELP, hyperparameter_names
+from bestrq.params import MODEL_HELP, TRAIN_HELP, hyperparameter_names
 from bestrq.train import TrainConfig
 from stages.common import FEATURES, friendly_errors, params_or_exit
 from stages.pretrain import relaunch_under_torchrun, run_pretrain
@@ -31,12 +31,13 @@ def _defaults(params_file: Path) -> dict[str, Any]:
 
 
 def _option(name: str, default: Any) -> inspect.Parameter:
-    help_text = MODEL_HELP.get(name, f"training: {name.replace('_', ' ')}")
+    help_text = MODEL_HELP.get(name) or TRAIN_HELP.get(name, name.replace("_", " "))
     kind = type(default) if default is not None else str
+    # The original CLI spells options with underscores; dashes work too.
+    flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-        default=typer.Option(default, f"--{name}", f"--{name.replace('_', '-')}",
-                             help=help_text, show_default=True))
+        default=typer.Option(default, *flags, help=help_text, show_default=True))
 
 
 def build_command(params_file: Path = Path("params.yaml")) -> typer.Typer:

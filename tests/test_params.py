@@ -65,3 +65,9 @@ def test_bad_parameter_fails_naming_it(change, message):
     raw["model"] = change.get("model", str(REPO / "params.yaml"))
     with pytest.raises(ValueError, match=message):
         validate(from_dict(raw))
+
+
+def test_every_hyperparameter_has_help():
+    from bestrq.params import MODEL_HELP, TRAIN_HELP
+
+    assert set(hyperparameter_names()) <= set(MODEL_HELP) | set(TRAIN_HELP)
