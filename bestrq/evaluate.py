@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from bestrq.ia3 import ia3_state_dict
-from bestrq.masking import draw_sample_mask
 from bestrq.model import BestRQModel
+from bestrq.train import MaskedClips
 
 
 @dataclass
@@ -36,23 +36,6 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.num_workers must be >= 0, got {self.num_workers}")
 
 
-class _MaskedClips(Dataset):
-    """Clips with the mask and noise drawn from (seed, clip index)."""
-
-    def __init__(self, base: Dataset, model: BestRQModel, seed: int) -> None:
-        self.base, self.masking, self.seed = base, model.masking, seed
-        self.n_mels = model.quantizer.config.n_mels
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int):
-        mel, frames = self.base[i]
-        mask, noise = draw_sample_mask(int(frames), mel.shape[-1], self.n_mels, self.masking,
-                                       self.seed * 1_000_003 + i)
-        return mel, frames, mask, noise
-
-
 @torch.no_grad()
 def bestrq_metrics(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
                    device: torch.device, progress: bool = True) -> dict[str, float]:
@@ -60,7 +43,10 @@ def bestrq_metrics(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
     config.validate()
     if config.max_clips:
         dataset = Subset(dataset, range(min(config.max_clips, len(dataset))))  # type: ignore[arg-type]
-    loader = DataLoader(_MaskedClips(dataset, model, config.seed), batch_size=config.batch_size,
+    # The training loader's per-clip masks, all from "epoch 0" of the evaluation seed.
+    keys = [(0, i) for i in range(len(dataset))]  # type: ignore[arg-type]
+    batches = [keys[i:i + config.batch_size] for i in range(0, len(keys), config.batch_size)]
+    loader = DataLoader(MaskedClips(dataset, model.masking, config.seed), batch_sampler=batches,
                         num_workers=config.num_workers)
     qcfg = model.quantizer.config
     n, k = qcfg.num_codebooks, qcfg.codebook_size
