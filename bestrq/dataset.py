@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 from whisper.audio import N_FRAMES
 
-INDEX_FILE = "index.json"
+from bestrq.features import INDEX_FILE
 
 
 class FeatureDataset(Dataset):

@@ -43,6 +43,12 @@ def current() -> DistInfo:
     return DistInfo(0, 1, 0, _default_device(0))
 
 
+def resolve_device(name: str) -> torch.device:
+    """A config device string ("auto", "cpu", "cuda:1", ...) as a torch.device; "auto" is this
+    process's GPU under torchrun, else the first GPU, else the CPU."""
+    return current().device if name == "auto" else torch.device(name)
+
+
 def init_distributed() -> DistInfo:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU), or describe one process."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -29,6 +29,7 @@ from whisper.audio import (
     pad_or_trim,
 )
 
+from bestrq.distributed import resolve_device
 from bestrq.jsonl import read_jsonl
 
 SPLITS: tuple[str, ...] = ("train", "eval")
@@ -85,13 +86,6 @@ def validate(cfg: FeatureConfig) -> None:
 def _validate_n_mels(n_mels: int) -> None:
     if n_mels not in SUPPORTED_N_MELS:
         raise ValueError(f"n_mels must be one of {sorted(SUPPORTED_N_MELS)}, got {n_mels!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """Map a config device string ("auto", "cpu", "cuda:1", ...) to a torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def num_valid_frames(num_samples: int) -> int:

@@ -123,8 +123,9 @@ def validate(params: Params, stage: str | None = None) -> None:
         segment.validate(params.segment)
     if stage in (None, "features"):
         features.validate(params.features)
-        if params.n_mels not in (80, 128):
-            raise ValueError(f"n_mels must be 80 or 128, got {params.n_mels}")
+        if params.n_mels not in features.SUPPORTED_N_MELS:
+            raise ValueError(f"n_mels must be one of {sorted(features.SUPPORTED_N_MELS)}, "
+                             f"got {params.n_mels}")
     if stage in (None, "pretrain", "evaluate"):
         validate_model_spec(params.model)
         params.quantizer.validate()

@@ -116,25 +116,17 @@ def split_train_eval(
     A group never straddles both sets. With >= 2 groups each set gets at least one group; with a
     single group the windows themselves are split by hash, so both sets exist when >= 2 windows.
     """
-    groups = sorted({w["group"] for w in windows})
-    if len(groups) >= 2:
-        sizes = dict(Counter(w["group"] for w in windows))
-        eval_keys = _greedy_eval_set(groups, sizes, fraction, seed)
-        order = sorted(groups, key=lambda g: (_stable_hash(seed, g), g))
+    field = "group" if len({w["group"] for w in windows}) >= 2 else "id"
+    sizes = dict(Counter(w[field] for w in windows))  # windows per key
+    keys = sorted(sizes)
+    eval_keys = _greedy_eval_set(keys, sizes, fraction, seed)
+    if len(keys) >= 2:
+        order = sorted(keys, key=lambda k: (_stable_hash(seed, k), k))
         if not eval_keys:
             eval_keys = {order[0]}
-        if len(eval_keys) == len(groups):
-            eval_keys.discard([g for g in order if g in eval_keys][-1])
-        in_eval = [w["group"] in eval_keys for w in windows]
-    else:
-        ids = [w["id"] for w in windows]
-        eval_ids = _greedy_eval_set(ids, dict.fromkeys(ids, 1), fraction, seed)
-        order = sorted(ids, key=lambda i: (_stable_hash(seed, i), i))
-        if len(ids) >= 2 and not eval_ids:
-            eval_ids = {order[0]}
-        if len(ids) >= 2 and len(eval_ids) == len(ids):
-            eval_ids.discard(order[-1])
-        in_eval = [w["id"] in eval_ids for w in windows]
+        if len(eval_keys) == len(keys):
+            eval_keys.discard(order[-1])
+    in_eval = [w[field] in eval_keys for w in windows]
     train = [w for w, e in zip(windows, in_eval, strict=True) if not e]
     evals = [w for w, e in zip(windows, in_eval, strict=True) if e]
     return train, evals

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bestrq.checkpoint import load_latest, save_checkpoint
-from bestrq.distributed import current
+from bestrq.distributed import current, resolve_device
 from bestrq.masking import MaskingConfig, draw_sample_mask
 from bestrq.model import BestRQModel
 from bestrq.schedule import SCHEDULES, lr_lambda
@@ -229,10 +229,6 @@ def make_optimizer(model: BestRQModel, config: TrainConfig) -> torch.optim.AdamW
         eps=config.adam_eps)
 
 
-def resolve_device(config: TrainConfig) -> torch.device:
-    return current().device if config.device == "auto" else torch.device(config.device)
-
-
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 for autocast, or None for plain fp32."""
     if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
@@ -326,7 +322,7 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
     config.validate()
     began = time.perf_counter()
     info = current()
-    device = resolve_device(config)
+    device = resolve_device(config.device)
     dtype = autocast_dtype(config, device)
     model.to(device)
     params_by_name = model.trainable_parameters()

@@ -47,6 +47,13 @@ def log_summary(live: Live, metrics: dict[str, float]) -> None:
     live.make_summary()
 
 
+def finish_stage(name: str, stats: dict[str, float]) -> None:
+    """Log a data stage's numbers to dvclive/<name>/metrics.json and print them."""
+    with open_live(name) as live:
+        log_summary(live, stats)
+    typer.echo(f"{name}: {stats}")
+
+
 def step_logger(live: Live) -> Callable[[int, dict[str, float]], None]:
     """A `log(step, metrics)` callback for the library that writes one DVCLive step."""
     def log(step: int, metrics: dict[str, float]) -> None:

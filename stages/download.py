@@ -7,7 +7,7 @@ import shutil
 import typer
 
 from bestrq.sources import acquire
-from stages.common import RAW, friendly_errors, log_summary, open_live, params_or_exit
+from stages.common import RAW, finish_stage, friendly_errors, params_or_exit
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -25,9 +25,7 @@ def download(params: str = typer.Option("params.yaml", help="parameters file")) 
             elif target.exists():
                 target.unlink()
         stats = acquire(p.download, RAW)
-    with open_live("download") as live:
-        log_summary(live, stats)
-    typer.echo(f"download: {stats}")
+    finish_stage("download", stats)
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import typer
 
 from bestrq.adapter import build_model, check_base, read_adapter
 from bestrq.dataset import FeatureDataset
+from bestrq.distributed import resolve_device
 from bestrq.evaluate import evaluate_adapter
-from bestrq.features import resolve_device
 from bestrq.whisper_model import load_whisper
 from stages.common import ADAPTER, FEATURES, friendly_errors, log_summary, open_live, params_or_exit
 

@@ -8,9 +8,8 @@ from bestrq.features import compute_features
 from stages.common import (
     FEATURES,
     SEGMENTS,
+    finish_stage,
     friendly_errors,
-    log_summary,
-    open_live,
     params_or_exit,
 )
 
@@ -23,9 +22,7 @@ def features(params: str = typer.Option("params.yaml", help="parameters file")) 
     p = params_or_exit("features", params)
     with friendly_errors():
         stats = compute_features(SEGMENTS, FEATURES, p.n_mels, p.features)
-    with open_live("features") as live:
-        log_summary(live, stats)
-    typer.echo(f"features: {stats}")
+    finish_stage("features", stats)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from bestrq.segment import segment_corpus
-from stages.common import RAW, SEGMENTS, friendly_errors, log_summary, open_live, params_or_exit
+from stages.common import RAW, SEGMENTS, finish_stage, friendly_errors, params_or_exit
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -16,9 +16,7 @@ def segment(params: str = typer.Option("params.yaml", help="parameters file")) -
     p = params_or_exit("segment", params)
     with friendly_errors():
         stats = segment_corpus(RAW / "manifest.jsonl", SEGMENTS, p.segment)
-    with open_live("segment") as live:
-        log_summary(live, stats)
-    typer.echo(f"segment: {stats}")
+    finish_stage("segment", stats)
     if stats.get("num_skipped"):
         typer.secho(f"{int(stats['num_skipped'])} undecodable file(s) skipped: see "
                     f"{SEGMENTS / 'skipped.jsonl'}", fg=typer.colors.YELLOW, err=True)
