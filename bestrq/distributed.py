@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +78,20 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session() -> Iterator[DistInfo]:
+    """`init_distributed` for the duration of a block. On a clean exit every rank waits for the
+    others (rank 0 may still be writing), then the group is destroyed: a process that exits with a
+    live gloo group can abort in its C++ destructors ("terminate called without an active
+    exception"), which torchrun reports as a failed run."""
+    info = init_distributed()
+    try:
+        yield info
+        barrier()
+    finally:
+        cleanup()
 
 
 def launch_torchrun(nproc: int, module: str, args: list[str]) -> int:

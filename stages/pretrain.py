@@ -14,7 +14,13 @@ import typer
 from bestrq.adapter import save_adapter
 from bestrq.checkpoint import latest_step
 from bestrq.dataset import FeatureDataset
-from bestrq.distributed import init_distributed, is_main, launch_torchrun
+from bestrq.distributed import (
+    DistInfo,
+    barrier,
+    distributed_session,
+    is_main,
+    launch_torchrun,
+)
 from bestrq.features import load_stats
 from bestrq.ia3 import count_ia3_parameters
 from bestrq.model import BestRQModel
@@ -67,7 +73,12 @@ def prepare_checkpoints(checkpoint_dir: Path, key: str) -> int:
 def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = ADAPTER,
                  checkpoint_dir: Path = CHECKPOINTS, live_name: str = "pretrain") -> None:
     """Train and write the adapter; rank 0 alone logs and writes."""
-    dist = init_distributed()
+    with distributed_session() as dist:
+        _train_and_save(p, dist, features_dir, adapter_path, checkpoint_dir, live_name)
+
+
+def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path: Path,
+                    checkpoint_dir: Path, live_name: str) -> None:
     if not (features_dir / "train" / "index.json").is_file():
         raise FileNotFoundError(f"no training features in {features_dir}/train: run "
                                 "`dvc repro features` first")
@@ -93,10 +104,7 @@ def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = 
         typer.echo(f"pretrain: {p.model} on {dist.device} x{dist.world_size}, "
                    f"{count_ia3_parameters(model.encoder)} IA^3 parameters, "
                    f"{len(dataset)} training clips")
-    if dist.distributed:
-        import torch.distributed
-
-        torch.distributed.barrier()  # rank 0 may have cleared stale checkpoints
+    barrier()  # rank 0 may have cleared stale checkpoints
     result = train(model, dataset, p.train, checkpoint_dir,
                    log=step_logger(live) if live is not None else None)
     if live is None:

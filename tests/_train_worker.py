@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from whisper.model import ModelDimensions
 
-from bestrq.distributed import cleanup, init_distributed
+from bestrq.distributed import distributed_session
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="SIGKILL this process right after logging this update")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # same reduction order in every run: bitwise comparisons
-    info = init_distributed()
+    with distributed_session() as info:
+        run(args, info.rank)
+
+
+def run(args: argparse.Namespace, rank: int) -> None:
     config = TrainConfig(batch_size=args.batch_size, accumulate_gradients=args.accumulate,
                          max_steps=args.steps, warmup_steps=2,
                          checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
@@ -91,9 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     result = train(model, RandomClips(args.clips), config, args.ckpt, log)
     args.out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
-    save_file(tensors, str(args.out / f"rank{info.rank}.safetensors"))
+    save_file(tensors, str(args.out / f"rank{rank}.safetensors"))
     print(f"done {result.step} skipped {result.skipped}", flush=True)
-    cleanup()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
-from bestrq.distributed import DistInfo, init_distributed, is_main, launch_torchrun
+from bestrq.distributed import (
+    DistInfo,
+    distributed_session,
+    init_distributed,
+    is_main,
+    launch_torchrun,
+)
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 
@@ -16,6 +25,28 @@ def test_single_process_without_torchrun(monkeypatch):
     info = init_distributed()
     assert info == DistInfo(0, 1, 0, info.device) and not info.distributed
     assert is_main()
+
+
+def _one_rank_group_env(monkeypatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_session_destroys_the_group_on_success_and_on_error(monkeypatch):
+    # A rank that exits with a live gloo group can abort in C++ destructors (seen in CI as
+    # "terminate called without an active exception"), so the group must never outlive the block.
+    _one_rank_group_env(monkeypatch)
+    with distributed_session() as info:
+        assert dist.is_initialized() and info.rank == 0 and info.world_size == 1
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="boom"), distributed_session():
+        assert dist.is_initialized()
+        raise RuntimeError("boom")
+    assert not dist.is_initialized()
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
