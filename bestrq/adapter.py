@@ -4,6 +4,11 @@ The file's metadata holds a JSON description (configs, base model identity, trai
 also written beside it as `<name>.json` for people and for DVC. From an adapter and its base
 checkpoint, `build_model` rebuilds the exact BEST-RQ model and `export_merged` writes a stock
 openai-whisper checkpoint with the IA^3 vectors folded into the weights.
+
+The heads (d_model x num_codebooks x codebook_size) dwarf the IA^3 vectors (6 x d_model x
+layers): 12.6 MB against 36 KB for tiny at 8192 codes. They are needed to continue or evaluate
+BEST-RQ training, not to use the adapted encoder, so `parts=("ia3",)` writes a vectors-only file
+in the same format, which `export_merged` accepts as well.
 """
 
 from __future__ import annotations
@@ -22,24 +27,30 @@ from bestrq.ia3 import add_ia3, load_ia3_state_dict, merge_ia3
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
-from bestrq.whisper_model import load_whisper, save_whisper_checkpoint
+from bestrq.whisper_model import load_whisper, model_identity, save_whisper_checkpoint
 
 FORMAT = "bestrq-ia3-adapter/1"
+PARTS = ("ia3", "heads", "quantizer")
 
 
 def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None,
+                 parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     """Write `model`'s adapter to `path` (.safetensors) and its description to `path.json`.
 
     base: the base model's identity (`whisper_model.model_identity`); extra: anything worth
-    keeping with the file (training parameters, step, metrics).
+    keeping with the file (training parameters, step, metrics); parts: which of PARTS to store.
     """
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or "ia3" not in parts:
+        raise ValueError(f"adapter parts must include 'ia3' and be among {PARTS}, got {parts}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"format": FORMAT, "base": base, "quantizer": model.quantizer.config.to_dict(),
-            "masking": model.masking.to_dict(), **(extra or {})}
+    info = {"format": FORMAT, "parts": [p for p in PARTS if p in parts], "base": base,
+            "quantizer": model.quantizer.config.to_dict(), "masking": model.masking.to_dict(),
+            **(extra or {})}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in
-               model.adapter_state_dict().items()}
+               model.adapter_state_dict().items() if k.split(".", 1)[0] in parts}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"bestrq": json.dumps(info)})
     tmp.replace(path)
@@ -68,6 +79,11 @@ def _section(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def load_into(model: BestRQModel, tensors: dict[str, Tensor]) -> None:
     """Copy an adapter's tensors into a model built with the same configuration."""
+    missing = [p for p in PARTS if not any(k.startswith(f"{p}.") for k in tensors)]
+    if missing:
+        raise ValueError(f"the adapter has no {' or '.join(missing)} tensors: a vectors-only "
+                         "file can be merged into Whisper (export_merged), but BEST-RQ "
+                         "evaluation or training needs the full adapter")
     load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
     model.heads.load_state_dict(_section(tensors, "heads."))
     model.quantizer.load_state_dict(_section(tensors, "quantizer."))
@@ -83,20 +99,36 @@ def build_model(whisper_model: Whisper, info: dict[str, Any],
     return model
 
 
-def check_base(whisper_model: Whisper, info: dict[str, Any], path: str | Path) -> None:
-    """Refuse an adapter made for another architecture."""
+def check_base(whisper_model: Whisper, info: dict[str, Any], path: str | Path,
+               spec: str | None = None) -> None:
+    """Refuse an adapter made for another base model: other dimensions, or (when `spec`, the
+    name or path `whisper_model` was loaded from, is given and both checkpoints are files) other
+    weights. tiny and tiny.en share dimensions, so only the checksum tells them apart."""
     dims = asdict(whisper_model.dims)
     expected = info["base"]["dims"]
     if dims != expected:
         raise ValueError(f"adapter {path} was trained on a Whisper with dims {expected}, "
                          f"not {dims}")
+    trained_on = info["base"].get("sha256")
+    if spec is None or trained_on is None:
+        return
+    digest = model_identity(spec, whisper_model)["sha256"]
+    if digest is not None and digest != trained_on:
+        raise ValueError(f"adapter {path} was trained on {info['base']['model']!r} "
+                         f"(sha256 {trained_on[:12]}...), not on {spec!r} "
+                         f"(sha256 {digest[:12]}...)")
 
 
-def export_merged(adapter_path: str | Path, base_model: str, out_path: str | Path) -> Path:
-    """Write a stock openai-whisper checkpoint with the adapter's IA^3 vectors folded in."""
+def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path
+                  ) -> Path:
+    """Write a stock openai-whisper checkpoint with the adapter's IA^3 vectors folded in.
+
+    base_model: a Whisper name or checkpoint path; None takes the one the adapter records.
+    """
     tensors, info = read_adapter(adapter_path)
-    model = load_whisper(base_model)
-    check_base(model, info, adapter_path)
+    spec = base_model or info["base"]["model"]
+    model = load_whisper(spec)
+    check_base(model, info, adapter_path, spec)
     add_ia3(model.encoder)
     load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
     merge_ia3(model)

@@ -20,6 +20,7 @@ RAW = DATA / "raw"
 SEGMENTS = DATA / "segments"
 FEATURES = DATA / "features"
 ADAPTER = DATA / "adapters" / "adapter.safetensors"
+IA3_ONLY_NAME = "ia3.safetensors"  # beside ADAPTER: the IA^3 vectors alone
 CHECKPOINTS = DATA / "checkpoints"
 LIVE = Path("dvclive")
 

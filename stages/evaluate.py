@@ -24,7 +24,7 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
     with friendly_errors():
         tensors, info = read_adapter(ADAPTER)
         base = load_whisper(p.model)
-        check_base(base, info, ADAPTER)
+        check_base(base, info, ADAPTER, p.model)
         model = build_model(base, info, tensors)
         dataset = FeatureDataset(FEATURES / "eval")
         device = resolve_device(p.train.device)

@@ -32,6 +32,7 @@ from stages.common import (
     ADAPTER,
     CHECKPOINTS,
     FEATURES,
+    IA3_ONLY_NAME,
     LIVE,
     friendly_errors,
     log_summary,
@@ -109,17 +110,21 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
                    log=step_logger(live) if live is not None else None)
     if live is None:
         return
-    info = save_adapter(adapter_path, model, identity,
-                        {"step": result.step, "params": p.raw,
-                         "ia3_parameters": count_ia3_parameters(model.encoder)})
+    extra = {"step": result.step, "params": p.raw,
+             "ia3_parameters": count_ia3_parameters(model.encoder)}
+    save_adapter(adapter_path, model, identity, extra)
+    # What using the adapted encoder needs (merge, ASR) without the large BEST-RQ heads.
+    vectors_path = adapter_path.with_name(IA3_ONLY_NAME)
+    save_adapter(vectors_path, model, identity, extra, parts=("ia3",))
     # The last step's train/* values are already in the summary; add the run's totals.
     log_summary(live, {"steps": result.step, "nonfinite_skipped_total": result.skipped,
                        "train_seconds": result.seconds,
                        "adapter_mb": adapter_path.stat().st_size / 2**20,
-                       "ia3_parameters": info["ia3_parameters"]})
+                       "ia3_file_kb": vectors_path.stat().st_size / 2**10,
+                       "ia3_parameters": extra["ia3_parameters"]})
     live.end()
-    typer.echo(f"pretrain: wrote {adapter_path} after {result.step} steps "
-               f"({result.seconds:.0f} s)")
+    typer.echo(f"pretrain: wrote {adapter_path} and {vectors_path} (IA^3 vectors only) after "
+               f"{result.step} steps ({result.seconds:.0f} s)")
 
 
 def relaunch_under_torchrun(p: Params, module: str) -> None:

@@ -98,3 +98,62 @@ def test_adapter_for_other_architecture_is_refused(trained, tmp_path):
     save_whisper_checkpoint(random_whisper(dims), other)
     with pytest.raises(ValueError, match="dims"):
         export_merged(path, str(other), tmp_path / "m.pt")
+
+
+def test_adapter_for_other_weights_of_the_same_architecture_is_refused(trained, tmp_path):
+    # tiny and tiny.en share dimensions: only the checkpoint's checksum tells them apart.
+    base_path, base, model = trained
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, model, model_identity(str(base_path), base))
+    other = tmp_path / "same-dims-other-weights.pt"
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS, seed=1), other, half=False)
+    with pytest.raises(ValueError, match="was trained on .*base.pt.* not on .*same-dims"):
+        export_merged(path, str(other), tmp_path / "m.pt")
+
+
+def test_vectors_only_file_is_tiny_and_merges_like_the_full_adapter(trained, tmp_path):
+    base_path, base, model = trained
+    identity = model_identity(str(base_path), base)
+    full, vectors = tmp_path / "adapter.safetensors", tmp_path / "ia3.safetensors"
+    save_adapter(full, model, identity)
+    info = save_adapter(vectors, model, identity, parts=("ia3",))
+    tensors, read_info = read_adapter(vectors)
+    assert info["parts"] == read_info["parts"] == ["ia3"]
+    ia3 = ia3_state_dict(model.encoder)
+    assert set(tensors) == {f"ia3.encoder.{k}" for k in ia3}
+    ia3_bytes = 4 * sum(v.numel() for v in ia3.values())
+    assert vectors.stat().st_size < ia3_bytes + 16_384 < full.stat().st_size
+
+    # Merging needs only the vectors; the base is the one the adapter records.
+    merged_full = export_merged(full, str(base_path), tmp_path / "full.pt")
+    merged_vectors = export_merged(vectors, None, tmp_path / "vectors.pt")
+    a = torch.load(merged_full, weights_only=True)["model_state_dict"]
+    b = torch.load(merged_vectors, weights_only=True)["model_state_dict"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    # BEST-RQ evaluation needs the heads: a clear error, not a KeyError deep in load_state_dict.
+    with pytest.raises(ValueError, match="no heads or quantizer tensors"):
+        build_model(load_whisper(str(base_path)), read_info, tensors)
+    with pytest.raises(ValueError, match="must include 'ia3'"):
+        save_adapter(tmp_path / "x.safetensors", model, identity, parts=("heads",))
+
+
+def test_export_command_writes_a_checkpoint_whisper_loads(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.export import app
+
+    base_path, base, model = trained
+    path = tmp_path / "ia3.safetensors"
+    save_adapter(path, model, model_identity(str(base_path), base), parts=("ia3",))
+    out = tmp_path / "merged.pt"
+    result = CliRunner().invoke(app, [str(out), "--adapter", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "export: wrote" in result.output
+    mel = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        expected = model.encoder(mel)
+        got = whisper.load_model(str(out), device="cpu").encoder(mel)
+    assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+    missing = CliRunner().invoke(app, [str(out), "--adapter", str(tmp_path / "nope.safetensors")])
+    assert missing.exit_code == 1 and "nope.safetensors" in missing.output

@@ -135,6 +135,11 @@ def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
     info = json.loads((project / "data" / "adapters" / "adapter.json").read_text())
     assert info["ia3_parameters"] == 9216
     assert info["base"]["dims"]["n_audio_state"] == 384
+    # The vectors-only adapter is 9,216 fp32 numbers plus its JSON description.
+    vectors = project / "data" / "adapters" / "ia3.safetensors"
+    assert 9216 * 4 < vectors.stat().st_size < 9216 * 4 + 16_384
+    pretrain = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
+    assert pretrain["ia3_file_kb"] == pytest.approx(vectors.stat().st_size / 1024)
     evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
     # one step of lr 3e-3 cannot move a pretrained model far from stock
     assert abs(evaluation["delta"]["loss"]) < 1.0
