@@ -1,7 +1,14 @@
-"""Audio I/O (soundfile), resampling (torchaudio) and silence-aware cutting of long recordings."""
+"""Audio I/O (soundfile), resampling (torchaudio) and silence-aware cutting of long recordings.
+
+Long recordings are decoded, resampled and cut block by block (`stream_audio`, `split_stream`),
+so memory stays bounded by a block and a window whatever the file's length: a 10-hour 44.1 kHz
+stereo recording would take 12.7 GB as one float32 array.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +20,14 @@ from whisper.audio import SAMPLE_RATE
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDecodeError",
+    "effective_rate",
     "frame_energies",
     "is_audio_file",
     "load_audio",
     "resample",
     "split_long",
+    "split_stream",
+    "stream_audio",
     "write_audio",
 ]
 
@@ -26,6 +36,13 @@ AUDIO_EXTENSIONS: frozenset[str] = frozenset({".wav", ".flac", ".ogg", ".mp3", "
 
 # Cut-point search works on 100 ms frames so a cut lands in a pause, not inside a phone.
 _FRAME_SECONDS = 0.1
+
+# Decoding block: files up to this long are resampled in one piece.
+BLOCK_SECONDS = 60.0
+
+# torchaudio's resample defaults: the sinc kernel reaches this many zero crossings either side.
+_LOWPASS_FILTER_WIDTH = 6
+_ROLLOFF = 0.99
 
 
 class AudioDecodeError(Exception):
@@ -37,10 +54,26 @@ def is_audio_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in AUDIO_EXTENSIONS
 
 
+# torchaudio's sinc kernel holds step_out x step_in taps (rates reduced by their gcd): 16000 x
+# 44101 for an odd rate of 44101 Hz, 2.8 GB and minutes per second of audio.
+_MAX_KERNEL_TAPS = 1 << 20
+
+
+def effective_rate(orig_rate: int, new_rate: int) -> int:
+    """The rate a signal is resampled from: `orig_rate`, or, when that makes torchaudio's kernel
+    huge, the nearest multiple of 100 Hz (44101 -> 44100: a 23 ppm change of speed, below the
+    clock drift of recording devices)."""
+    g = math.gcd(orig_rate, new_rate)
+    if (orig_rate // g) * (new_rate // g) <= _MAX_KERNEL_TAPS:
+        return orig_rate
+    return max(100, 100 * round(orig_rate / 100))
+
+
 def resample(audio: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     """Resample a mono float signal with torchaudio's band-limited sinc interpolation."""
     if orig_rate <= 0 or new_rate <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_rate} -> {new_rate}")
+    orig_rate = effective_rate(orig_rate, new_rate)
     if orig_rate == new_rate:
         return np.asarray(audio, dtype=np.float32)
     wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))  # (samples,)
@@ -48,22 +81,107 @@ def resample(audio: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     return out.numpy().astype(np.float32, copy=False)
 
 
+def _resample_context(orig_rate: int, new_rate: int) -> tuple[int, int, int]:
+    """(step_in, step_out, margin) for resampling a signal block by block.
+
+    A block starting at a multiple of step_in input samples starts exactly on output sample
+    (start / step_in) * step_out. `margin` (a multiple of step_in) is more than the sinc kernel's
+    reach in input samples, so a block resampled with `margin` samples of real context on each
+    side gives the samples the whole signal would.
+    """
+    g = math.gcd(orig_rate, new_rate)
+    step_in, step_out = orig_rate // g, new_rate // g
+    reach = math.ceil(_LOWPASS_FILTER_WIDTH * step_in / (min(step_in, step_out) * _ROLLOFF)) + 1
+    return step_in, step_out, step_in * math.ceil(reach / step_in)
+
+
+def _read_mono(f: sf.SoundFile, frames: int, path: Path, done: int
+               ) -> tuple[np.ndarray, AudioDecodeError | None]:
+    """Up to `frames` mono float32 samples (fewer only at the end of the file), and the error
+    that stopped the reading early, if any, with the samples decoded before it."""
+    parts: list[np.ndarray] = []
+    wanted = frames
+    error = None
+    # A read that hits a broken frame returns nothing: one second at a time loses at most that.
+    chunk = max(1, int(f.samplerate))
+    while wanted > 0:
+        try:
+            data = f.read(min(wanted, chunk), dtype="float32", always_2d=True)  # (n, channels)
+        except Exception as exc:  # LibsndfileError on lost sync, truncation, ...
+            at = (done + frames - wanted) / f.samplerate
+            error = AudioDecodeError(f"cannot decode audio file {path} after {at:.1f} s: {exc}")
+            break
+        if len(data) == 0:
+            break
+        mono = data.mean(axis=1)  # (samples,)
+        if not np.all(np.isfinite(mono)):
+            error = AudioDecodeError(f"cannot decode audio file {path}: non-finite samples")
+            break
+        parts.append(mono)
+        wanted -= len(data)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), error
+
+
+def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
+                 block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """Decode `path` to float32 mono at `sample_rate`, block by block ((samples,) arrays).
+
+    Channels are averaged. Each block is resampled with real context on both sides, so the
+    concatenated blocks equal resampling the whole file (within float rounding) while memory
+    holds about one block. Raises AudioDecodeError naming the file for anything soundfile
+    cannot read; a file that breaks part-way first gives what decoded before the break (to
+    within a second), then raises an error that says how far it got.
+    """
+    path = Path(path)
+    if block_seconds <= 0:
+        raise ValueError(f"block_seconds must be > 0, got {block_seconds}")
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioDecodeError(f"cannot decode audio file {path}: {exc}") from exc
+    with f:
+        if f.samplerate <= 0 or f.channels == 0:
+            raise AudioDecodeError(f"cannot decode audio file {path}: it holds no samples")
+        rate = effective_rate(int(f.samplerate), sample_rate)
+        step_in, step_out, margin = _resample_context(rate, sample_rate)
+        if rate == sample_rate:
+            margin = 0
+        block = max(step_in * round(block_seconds * rate / step_in), margin, step_in)
+        done = 0
+        before = np.zeros(0, np.float32)  # up to `margin` samples preceding `current`
+        current, error = _read_mono(f, block, path, done)
+        if len(current) == 0:
+            raise error or AudioDecodeError(f"cannot decode audio file {path}: it holds no "
+                                            "samples")
+        while len(current):
+            following = np.zeros(0, np.float32)
+            if error is None:  # after an error, what was read is the end of the file
+                following, error = _read_mono(f, block, path, done + len(current))
+            if margin == 0:
+                yield current
+            else:
+                context = np.concatenate([before, current, following[:margin]])
+                out = resample(context, rate, sample_rate)  # (len(context) * step_out/step_in,)
+                skip = len(before) // step_in * step_out
+                if len(following):  # a whole block: a whole number of output steps
+                    keep = len(current) // step_in * step_out
+                else:  # the last block: torchaudio's length for the whole file, minus the rest
+                    keep = (math.ceil((done + len(current)) * step_out / step_in)
+                            - done // step_in * step_out)
+                yield out[skip:skip + keep]
+                before = current[len(current) - margin:]
+            done += len(current)
+            current = following
+        if error is not None:
+            raise error
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode `path` to float32 mono at `sample_rate` (channels averaged, resampled if needed).
 
     Raises AudioDecodeError naming the file for anything soundfile cannot read.
     """
-    path = Path(path)
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
-    except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise AudioDecodeError(f"cannot decode audio file {path}: {exc}") from exc
-    if data.shape[0] == 0 or data.shape[1] == 0:
-        raise AudioDecodeError(f"cannot decode audio file {path}: it holds no samples")
-    mono = data.mean(axis=1)  # (samples,)
-    if not np.all(np.isfinite(mono)):
-        raise AudioDecodeError(f"cannot decode audio file {path}: non-finite samples")
-    return resample(mono, int(rate), sample_rate)
+    return np.concatenate(list(stream_audio(path, sample_rate)))
 
 
 def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
@@ -96,11 +214,13 @@ def _cut_point(window: np.ndarray, frame_length: int) -> int:
     return start + best * frame_length + frame_length // 2
 
 
-def split_long(audio: np.ndarray, sample_rate: int, max_seconds: float) -> list[np.ndarray]:
-    """Cut `audio` into pieces of at most `max_seconds`, each cut at a low-energy 100 ms frame.
+def split_stream(blocks: Iterable[np.ndarray], sample_rate: int, max_seconds: float
+                 ) -> Iterator[np.ndarray]:
+    """Cut a stream of audio blocks into pieces of at most `max_seconds`, each cut at a
+    low-energy 100 ms frame in the last third of its window, so pieces stay long.
 
-    The cut is searched in the last third of each window so pieces stay long; concatenating
-    the pieces gives back `audio` exactly.
+    Concatenating the pieces gives back the stream exactly; a piece is yielded as soon as the
+    next cut is known, so memory holds about one window plus one block.
     """
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
@@ -110,13 +230,18 @@ def split_long(audio: np.ndarray, sample_rate: int, max_seconds: float) -> list[
     if max_len < 1:
         raise ValueError(f"max_seconds={max_seconds} is under one sample at {sample_rate} Hz")
     frame_length = max(1, int(round(_FRAME_SECONDS * sample_rate)))
-    pieces: list[np.ndarray] = []
-    pos = 0
-    total = len(audio)
-    while total - pos > max_len:
-        cut = _cut_point(audio[pos : pos + max_len], frame_length)
-        cut = min(max(cut, 1), max_len)
-        pieces.append(audio[pos : pos + cut])
-        pos += cut
-    pieces.append(audio[pos:])
-    return pieces
+    buffer = np.zeros(0, np.float32)
+    for block in blocks:
+        buffer = np.concatenate([buffer, block]) if len(buffer) else block
+        # Cut only once more than a window is buffered: the cut then depends on the window
+        # alone, never on where the blocks happen to end.
+        while len(buffer) > max_len:
+            cut = min(max(_cut_point(buffer[:max_len], frame_length), 1), max_len)
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    yield buffer
+
+
+def split_long(audio: np.ndarray, sample_rate: int, max_seconds: float) -> list[np.ndarray]:
+    """`split_stream` of one array: pieces of at most `max_seconds` that concatenate to `audio`."""
+    return list(split_stream([audio], sample_rate, max_seconds))

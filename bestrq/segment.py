@@ -10,16 +10,16 @@ import hashlib
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
-from itertools import groupby
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain, groupby
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
-from bestrq.audio import AudioDecodeError, load_audio, split_long, write_audio
+from bestrq.audio import AudioDecodeError, split_stream, stream_audio, write_audio
 from bestrq.jsonl import read_jsonl, write_jsonl
 
 __all__ = ["SegmentConfig", "Unit", "pack_units", "segment_corpus", "split_train_eval", "validate"]
@@ -69,23 +69,21 @@ class Unit:
     transcript: str | None
 
 
-def pack_units(units: list[Unit], max_samples: int, pack: bool = True) -> list[list[Unit]]:
-    """Greedily group consecutive units into windows of at most `max_samples` samples."""
-    if not pack:
-        return [[u] for u in units]
-    windows: list[list[Unit]] = []
+def pack_units(units: Iterable[Unit], max_samples: int, pack: bool = True
+               ) -> Iterator[list[Unit]]:
+    """Greedily group consecutive units into windows of at most `max_samples` samples; a window
+    is yielded as soon as it is closed, so a long stream of units is never held at once."""
     current: list[Unit] = []
     length = 0
     for unit in units:
         n = len(unit.audio)
-        if current and length + n > max_samples:
-            windows.append(current)
+        if current and (not pack or length + n > max_samples):
+            yield current
             current, length = [], 0
         current.append(unit)
         length += n
     if current:
-        windows.append(current)
-    return windows
+        yield current
 
 
 def _stable_hash(*parts: object) -> float:
@@ -154,15 +152,67 @@ def _read_manifest(raw_manifest: Path) -> list[dict]:
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def _units_of(entry: dict, audio: np.ndarray, max_samples: int) -> Iterator[Unit]:
-    """The recording itself when it fits the window, else its split_long pieces (no transcript)."""
-    if len(audio) <= max_samples:
-        yield Unit(entry["id"], entry["id"], audio, entry["transcript"])
+def _until_error(blocks: Iterator[np.ndarray], errors: list[AudioDecodeError]
+                 ) -> Iterator[np.ndarray]:
+    """The blocks a file gives before it breaks; the error is kept for the caller."""
+    try:
+        yield from blocks
+    except AudioDecodeError as exc:
+        errors.append(exc)
+
+
+def _units_of(entry: dict, blocks: Iterator[np.ndarray], max_samples: int) -> Iterator[Unit]:
+    """The recording itself when it fits the window, else its pieces (no transcript), cut while
+    it is decoded. A recording that breaks part-way raises AudioDecodeError: one that fits the
+    window gives nothing (its transcript would not match), a long one gives every piece it
+    decoded first, the last of them included."""
+    errors: list[AudioDecodeError] = []
+    pieces = split_stream(_until_error(blocks, errors), SAMPLE_RATE, max_samples / SAMPLE_RATE)
+    first = next(pieces)
+    second = next(pieces, None)
+    if second is None:
+        if errors:
+            raise errors[0]
+        yield Unit(entry["id"], entry["id"], first[:max_samples], entry["transcript"])
         return
-    # split_long computes lengths from seconds: re-check so a rounding slip never overflows.
-    pieces = split_long(audio, SAMPLE_RATE, max_samples / SAMPLE_RATE)
-    for j, piece in enumerate(pieces):
-        yield Unit(f"{entry['id']}_p{j:03d}", entry["id"], piece[:max_samples], None)
+    # split_stream computes lengths from seconds: re-check so a rounding slip never overflows.
+    for j, piece in enumerate(chain([first, second], pieces)):
+        if len(piece):
+            yield Unit(f"{entry['id']}_p{j:03d}", entry["id"], piece[:max_samples], None)
+    if errors:
+        raise errors[0]
+
+
+@dataclass
+class _Tally:
+    """What decoding a corpus left aside."""
+
+    skipped: list[dict] = field(default_factory=list)
+    short: int = 0
+    cut: int = 0
+
+
+def _decoded_units(entries: Iterable[dict], base: Path, max_samples: int, min_samples: int,
+                   tally: _Tally, progress: tqdm) -> Iterator[Unit]:
+    """Units of every decodable entry, in order; broken files are listed in `tally.skipped`,
+    with the seconds of a long recording that were kept before it broke."""
+    for entry in entries:
+        progress.update(1)
+        path = Path(entry["path"])
+        path = path if path.is_absolute() else base / path
+        kept = 0
+        try:
+            for j, unit in enumerate(_units_of(entry, stream_audio(path, SAMPLE_RATE),
+                                               max_samples)):
+                tally.cut += j == 1
+                kept += len(unit.audio)
+                if len(unit.audio) < max(min_samples, 1):
+                    tally.short += 1
+                    continue
+                yield unit
+        except AudioDecodeError as exc:
+            tally.skipped.append({"path": str(path), "error": str(exc),
+                                  "kept_seconds": kept / SAMPLE_RATE})
 
 
 def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dict[str, float]:
@@ -184,30 +234,15 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
         shutil.rmtree(audio_dir)  # stale windows of an earlier run would linger otherwise
     audio_dir.mkdir(parents=True)
 
-    skipped: list[dict] = []
+    tally = _Tally()
     windows: list[dict] = []
     used_ids: set[str] = set()
-    num_short = num_cut = 0
     bar = tqdm(total=len(entries), desc="segmenting", unit="file")
     with bar:
-        # Streams one group at a time so a large corpus never sits in memory at once.
+        # One group at a time, one window at a time: memory holds a window and a decoding
+        # block, whatever the length of a recording or a speaker's total audio.
         for group, group_entries in groupby(entries, key=lambda e: e["group"]):
-            units: list[Unit] = []
-            for entry in group_entries:
-                bar.update(1)
-                path = Path(entry["path"])
-                path = path if path.is_absolute() else base / path
-                try:
-                    audio = load_audio(path, SAMPLE_RATE)  # (samples,)
-                except AudioDecodeError as exc:
-                    skipped.append({"path": str(path), "error": str(exc)})
-                    continue
-                num_cut += len(audio) > max_samples
-                for unit in _units_of(entry, audio, max_samples):
-                    if len(unit.audio) < max(min_samples, 1):
-                        num_short += 1
-                        continue
-                    units.append(unit)
+            units = _decoded_units(group_entries, base, max_samples, min_samples, tally, bar)
             for window in pack_units(units, max_samples, cfg.pack):
                 window_id = _UNSAFE.sub("_", window[0].key)
                 while window_id in used_ids:
@@ -234,7 +269,7 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
         write_jsonl(out_dir / f"{name}.jsonl",
                     ({k: v for k, v in rec.items() if k != "group"}
                      for rec in sorted(records, key=lambda r: r["id"])))
-    write_jsonl(out_dir / "skipped.jsonl", skipped)
+    write_jsonl(out_dir / "skipped.jsonl", tally.skipped)
 
     seconds_train = sum(w["duration"] for w in train)
     seconds_eval = sum(w["duration"] for w in evals)
@@ -245,9 +280,9 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
         "num_eval": len(evals),
         "hours_train": seconds_train / 3600,
         "hours_eval": seconds_eval / 3600,
-        "num_skipped": len(skipped),
-        "num_dropped_short": num_short,
-        "num_cut_recordings": num_cut,
+        "num_skipped": len(tally.skipped),
+        "num_dropped_short": tally.short,
+        "num_cut_recordings": tally.cut,
         "padding_fraction": 1 - total / (n_windows * cfg.max_seconds) if n_windows else 0.0,
         "mean_window_seconds": total / n_windows if n_windows else 0.0,
     }

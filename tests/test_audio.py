@@ -9,7 +9,17 @@ import pytest
 import soundfile as sf
 from whisper.audio import SAMPLE_RATE
 
-from bestrq.audio import AudioDecodeError, is_audio_file, load_audio, split_long, write_audio
+from bestrq.audio import (
+    AudioDecodeError,
+    effective_rate,
+    is_audio_file,
+    load_audio,
+    resample,
+    split_long,
+    split_stream,
+    stream_audio,
+    write_audio,
+)
 
 
 def _noise(seconds: float, rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
@@ -109,3 +119,59 @@ def test_split_long_cuts_in_silence_and_is_lossless() -> None:
 def test_split_long_validates_max_seconds() -> None:
     with pytest.raises(ValueError, match="max_seconds"):
         split_long(_noise(1), SAMPLE_RATE, 0)
+
+
+@pytest.mark.parametrize("rate", [44100, 22050, 48000, 8000, 44101, 16000])
+def test_stream_audio_equals_resampling_the_whole_file(tmp_path: Path, rate: int) -> None:
+    # 44101 Hz shares no factor with 16 kHz: the block grid is then one second.
+    stereo = np.stack([_noise(23.3, rate, seed=1), _noise(23.3, rate, seed=2)], axis=1)
+    path = tmp_path / f"x{rate}.wav"
+    sf.write(path, stereo, rate, subtype="FLOAT")
+    whole = resample(stereo.astype(np.float32).mean(axis=1), rate, SAMPLE_RATE)
+    blocks = list(stream_audio(path, SAMPLE_RATE, block_seconds=2.5))
+    assert len(blocks) >= 9  # really block by block
+    streamed = np.concatenate(blocks)
+    assert streamed.shape == whole.shape
+    np.testing.assert_allclose(streamed, whole, rtol=0, atol=2e-6)
+    used = effective_rate(rate, SAMPLE_RATE)
+    assert len(streamed) == -(-len(stereo) * SAMPLE_RATE // used)  # ceil, as torchaudio
+
+
+def test_odd_rates_are_snapped_to_a_tractable_kernel() -> None:
+    assert effective_rate(44100, SAMPLE_RATE) == 44100
+    assert effective_rate(11025, SAMPLE_RATE) == 11025
+    assert effective_rate(44101, SAMPLE_RATE) == 44100  # kernel 16000 x 44101 taps otherwise
+    assert effective_rate(47999, SAMPLE_RATE) == 48000
+    tone = np.sin(2 * np.pi * 1000 * np.arange(44101) / 44101).astype(np.float32)  # 1 s
+    out = resample(tone, 44101, SAMPLE_RATE)
+    peak = np.argmax(np.abs(np.fft.rfft(out))) * SAMPLE_RATE / len(out)
+    # Read as 44100 Hz: ceil(44101 * 160 / 441) samples, the tone 23 ppm off 1 kHz.
+    assert len(out) == 16001 and abs(peak - 1000) < 2
+
+
+def test_split_stream_gives_split_long_pieces_whatever_the_blocks() -> None:
+    audio = _noise(95, seed=3)
+    audio[int(52.0 * SAMPLE_RATE):int(52.3 * SAMPLE_RATE)] *= 0.01  # one quiet stretch
+    expected = split_long(audio, SAMPLE_RATE, 30.0)
+    assert len(expected) == 4
+    for block_seconds in (0.7, 7.0, 31.0, 200.0):
+        n = int(block_seconds * SAMPLE_RATE)
+        blocks = (audio[i:i + n] for i in range(0, len(audio), n))
+        pieces = list(split_stream(blocks, SAMPLE_RATE, 30.0))
+        assert [len(p) for p in pieces] == [len(p) for p in expected], block_seconds
+        np.testing.assert_array_equal(np.concatenate(pieces), audio)
+
+
+def test_stream_audio_reports_how_far_a_broken_file_decoded(tmp_path: Path) -> None:
+    path = tmp_path / "long.flac"
+    sf.write(path, _noise(40, 44100, seed=4), 44100)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the second half of the frames is gone
+    decoded = []
+    with pytest.raises(AudioDecodeError, match=r"long\.flac after \d+\.\d s") as err:
+        for block in stream_audio(path, SAMPLE_RATE, block_seconds=5.0):
+            decoded.append(block)
+    seconds = sum(len(b) for b in decoded) / SAMPLE_RATE
+    assert 10.0 <= seconds <= 25.0  # the intact first half came out before the error
+    reported = float(str(err.value).split(" after ")[1].split(" s")[0])
+    assert seconds <= reported <= seconds + 10.0

@@ -173,3 +173,48 @@ def test_split_guarantees_both_sides() -> None:
     many = [{"id": f"w{i}", "group": "only"} for i in range(100)]
     train, evals = split_train_eval(many, fraction=0.1, seed=3)
     assert len(evals) == 10 and len(train) == 90
+
+
+def test_broken_long_recording_keeps_what_decoded_and_is_listed(tmp_path: Path) -> None:
+    items = [("long", "a", 100.0, None), ("short", "b", 8.0, "words"), ("fine", "c", 3.0, "ok")]
+    manifest = _corpus(tmp_path, items, rate=44100)
+    raw = manifest.parent
+    for name in ("a/long.flac", "b/short.flac"):  # lose the second half of the frames
+        data = (raw / name).read_bytes()
+        (raw / name).write_bytes(data[: len(data) // 2])
+    out = tmp_path / "seg"
+    stats = segment_corpus(manifest, out, SegmentConfig(min_seconds=0.0))
+    skipped = {Path(s["path"]).name: s for s in
+               (json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines())}
+    assert stats["num_skipped"] == 2 and set(skipped) == {"long.flac", "short.flac"}
+    # The short one is dropped whole: a transcript must not label half its audio.
+    assert skipped["short.flac"]["kept_seconds"] == 0.0
+    wins = {w["id"]: w for w in _windows(out)}
+    assert "short" not in wins and wins["fine"]["transcript"] == "ok"
+    # The long one keeps every piece decoded before the break, in windows of at most 30 s.
+    kept = [w for w in wins.values() if w["sources"] == ["long"]]
+    assert len(kept) >= 2 and all(w["duration"] <= 30.0 for w in kept)
+    total = sum(w["duration"] for w in kept)
+    assert total == pytest.approx(skipped["long.flac"]["kept_seconds"], abs=1e-3)
+    assert 40.0 <= total <= 50.0  # about half of 100 s
+    assert "after" in skipped["long.flac"]["error"]
+
+
+def test_segmenting_in_blocks_gives_the_windows_of_whole_files(tmp_path: Path, monkeypatch
+                                                                ) -> None:
+    import bestrq.audio
+
+    items = [("talk", "r", 95.0, None), ("u1", "s", 12.0, "one"), ("u2", "s", 11.0, "two"),
+             ("u3", "s", 13.0, "three")]
+    manifest = _corpus(tmp_path, items, rate=48000)
+    segment_corpus(manifest, tmp_path / "whole", SegmentConfig(min_seconds=0.0))
+    monkeypatch.setattr(bestrq.audio.stream_audio, "__defaults__", (SAMPLE_RATE, 3.7))
+    segment_corpus(manifest, tmp_path / "blocks", SegmentConfig(min_seconds=0.0))
+    whole, blocks = _windows(tmp_path / "whole"), _windows(tmp_path / "blocks")
+    assert [(w["id"], w["duration"], w["transcript"]) for w in whole] == \
+        [(w["id"], w["duration"], w["transcript"]) for w in blocks]
+    assert sum(w["sources"] == ["talk"] for w in whole) >= 4  # cut pieces, 3.7 s blocks
+    for w in whole:
+        a = sf.read(tmp_path / "whole" / w["path"])[0]
+        b = sf.read(tmp_path / "blocks" / w["path"])[0]
+        np.testing.assert_allclose(a, b, atol=2 / 32768)  # FLAC's 16-bit steps
