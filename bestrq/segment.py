@@ -7,15 +7,19 @@ Reads a raw manifest (id, path, transcript, group), writes 16 kHz mono FLAC wind
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import re
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, groupby
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
@@ -37,6 +41,7 @@ class SegmentConfig:
     pack: bool = True  # pack short utterances of one group into windows <= max_seconds
     eval_fraction: float = 0.1
     seed: int = 0
+    num_workers: int = 1  # decoding processes; 0: one per CPU core
 
 
 def validate(cfg: SegmentConfig) -> None:
@@ -57,6 +62,10 @@ def validate(cfg: SegmentConfig) -> None:
         raise ValueError(f"segment.pack: must be true or false, got {cfg.pack!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ValueError(f"segment.seed: must be an integer, got {cfg.seed!r}")
+    if not isinstance(cfg.num_workers, int) or isinstance(cfg.num_workers, bool) \
+            or cfg.num_workers < 0:
+        raise ValueError(f"segment.num_workers: must be an integer >= 0 (0: one per CPU core), "
+                         f"got {cfg.num_workers!r}")
 
 
 @dataclass
@@ -193,11 +202,10 @@ class _Tally:
 
 
 def _decoded_units(entries: Iterable[dict], base: Path, max_samples: int, min_samples: int,
-                   tally: _Tally, progress: tqdm) -> Iterator[Unit]:
+                   tally: _Tally) -> Iterator[Unit]:
     """Units of every decodable entry, in order; broken files are listed in `tally.skipped`,
     with the seconds of a long recording that were kept before it broke."""
     for entry in entries:
-        progress.update(1)
         path = Path(entry["path"])
         path = path if path.is_absolute() else base / path
         kept = 0
@@ -215,54 +223,102 @@ def _decoded_units(entries: Iterable[dict], base: Path, max_samples: int, min_sa
                                   "kept_seconds": kept / SAMPLE_RATE})
 
 
+@dataclass
+class _GroupJob:
+    """One speaker's or recording's files, segmented on its own (possibly in a worker)."""
+
+    group: str
+    entries: list[dict]
+    base: Path
+    work_dir: Path  # windows go here under provisional names; the caller gives the final ones
+    max_samples: int
+    min_samples: int
+    pack: bool
+
+
+def _segment_group(job: _GroupJob) -> tuple[list[dict], _Tally]:
+    """Write the group's windows to job.work_dir; their records (with "key", the first unit's
+    key, to name them by) and what was left aside."""
+    torch.set_num_threads(1)  # one process per core does the parallel work
+    tally = _Tally()
+    records = []
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    units = _decoded_units(job.entries, job.base, job.max_samples, job.min_samples, tally)
+    # One window at a time: memory holds a window and a decoding block, whatever the length
+    # of a recording or of a speaker's total audio.
+    for k, window in enumerate(pack_units(units, job.max_samples, job.pack)):
+        audio = np.concatenate([u.audio for u in window])  # (samples,)
+        provisional = job.work_dir / f"{k:06d}.flac"
+        write_audio(provisional, audio, SAMPLE_RATE)
+        transcripts = [u.transcript for u in window]
+        records.append({
+            "key": window[0].key,
+            "file": str(provisional),
+            "duration": len(audio) / SAMPLE_RATE,
+            "transcript": None if any(t is None for t in transcripts)
+            else " ".join(str(t).strip() for t in transcripts),
+            "sources": list(dict.fromkeys(u.source_id for u in window)),
+            "group": job.group,
+        })
+    return records, tally
+
+
+def _run_jobs(jobs: list[_GroupJob], num_workers: int) -> Iterator[tuple[list[dict], _Tally]]:
+    """Results of `_segment_group` in job order, from `num_workers` processes (0: one per core)."""
+    workers = min(num_workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1:
+        yield from map(_segment_group, jobs)
+        return
+    # spawn, not fork: a forked child of a process that ran torch's thread pools can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield from pool.map(_segment_group, jobs, chunksize=1)
+
+
 def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dict[str, float]:
     """Decode, cut, pack and split a raw corpus into `out_dir/{audio/,train.jsonl,eval.jsonl}`.
 
-    Undecodable files are skipped and listed in `out_dir/skipped.jsonl`. Returns stats:
-    num_train, num_eval, hours_train, hours_eval, num_skipped, padding_fraction,
-    mean_window_seconds (plus num_dropped_short, num_cut_recordings).
+    Groups (speakers or recordings) are segmented in parallel by `cfg.num_workers` processes;
+    the output does not depend on their number. Undecodable files are skipped and listed in
+    `out_dir/skipped.jsonl`. Returns stats: num_train, num_eval, hours_train, hours_eval,
+    num_skipped, padding_fraction, mean_window_seconds (plus num_dropped_short,
+    num_cut_recordings).
     """
     validate(cfg)
     raw_manifest, out_dir = Path(raw_manifest), Path(out_dir)
     entries = _read_manifest(raw_manifest)
-    base = raw_manifest.parent
     max_samples = int(round(cfg.max_seconds * SAMPLE_RATE))
     min_samples = int(round(cfg.min_seconds * SAMPLE_RATE))
 
     audio_dir = out_dir / "audio"
-    if audio_dir.exists():
-        shutil.rmtree(audio_dir)  # stale windows of an earlier run would linger otherwise
+    work_dir = out_dir / ".work"
+    for stale in (audio_dir, work_dir):  # windows of an earlier run would linger otherwise
+        if stale.exists():
+            shutil.rmtree(stale)
     audio_dir.mkdir(parents=True)
 
+    jobs = [_GroupJob(group, list(members), raw_manifest.parent, work_dir / f"{i:06d}",
+                      max_samples, min_samples, cfg.pack)
+            for i, (group, members) in enumerate(groupby(entries, key=lambda e: e["group"]))]
     tally = _Tally()
     windows: list[dict] = []
     used_ids: set[str] = set()
-    bar = tqdm(total=len(entries), desc="segmenting", unit="file")
-    with bar:
-        # One group at a time, one window at a time: memory holds a window and a decoding
-        # block, whatever the length of a recording or a speaker's total audio.
-        for group, group_entries in groupby(entries, key=lambda e: e["group"]):
-            units = _decoded_units(group_entries, base, max_samples, min_samples, tally, bar)
-            for window in pack_units(units, max_samples, cfg.pack):
-                window_id = _UNSAFE.sub("_", window[0].key)
+    with tqdm(total=len(entries), desc="segmenting", unit="file") as bar:
+        for job, (records, group_tally) in zip(jobs, _run_jobs(jobs, cfg.num_workers),
+                                               strict=True):
+            bar.update(len(job.entries))
+            tally.skipped += group_tally.skipped
+            tally.short += group_tally.short
+            tally.cut += group_tally.cut
+            # Final names are given here, in group order, so they never depend on the workers.
+            for record in records:
+                window_id = _UNSAFE.sub("_", record.pop("key"))
                 while window_id in used_ids:
                     window_id += "_"
                 used_ids.add(window_id)
-                audio = np.concatenate([u.audio for u in window])  # (samples,)
-                write_audio(audio_dir / f"{window_id}.flac", audio, SAMPLE_RATE)
-                transcripts = [u.transcript for u in window]
-                windows.append(
-                    {
-                        "id": window_id,
-                        "path": f"audio/{window_id}.flac",
-                        "duration": len(audio) / SAMPLE_RATE,
-                        "transcript": None
-                        if any(t is None for t in transcripts)
-                        else " ".join(str(t).strip() for t in transcripts),
-                        "sources": list(dict.fromkeys(u.source_id for u in window)),
-                        "group": group,
-                    }
-                )
+                Path(record.pop("file")).replace(audio_dir / f"{window_id}.flac")
+                windows.append({"id": window_id, "path": f"audio/{window_id}.flac", **record})
+    shutil.rmtree(work_dir, ignore_errors=True)
 
     train, evals = split_train_eval(windows, cfg.eval_fraction, cfg.seed)
     for name, records in (("train", train), ("eval", evals)):

@@ -218,3 +218,29 @@ def test_segmenting_in_blocks_gives_the_windows_of_whole_files(tmp_path: Path, m
         a = sf.read(tmp_path / "whole" / w["path"])[0]
         b = sf.read(tmp_path / "blocks" / w["path"])[0]
         np.testing.assert_allclose(a, b, atol=2 / 32768)  # FLAC's 16-bit steps
+
+
+def test_parallel_workers_give_the_same_corpus_as_one_process(tmp_path: Path) -> None:
+    # "a b" and "a_b" sanitise to the same window id in different groups: the names must still
+    # be given in group order, not in the order workers finish.
+    items = [("a b", "g1", 2.0, "x"), ("a_b", "g2", 2.5, "y"), ("talk", "g3", 65.0, None),
+             ("c", "g4", 1.0, "z"), ("d", "g4", 1.5, "w")]
+    manifest = _corpus(tmp_path, items)
+    (manifest.parent / "g2" / "bad.flac").write_bytes(b"not audio")
+    with open(manifest, "a") as f:
+        f.write(json.dumps({"id": "bad", "path": "g2/bad.flac", "group": "g2"}) + "\n")
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"seg{workers}"
+        stats = segment_corpus(manifest, out, SegmentConfig(min_seconds=0.0, num_workers=workers))
+        runs[workers] = (stats, _windows(out), (out / "skipped.jsonl").read_text())
+        assert not (out / ".work").exists()
+    assert runs[1] == runs[2]
+    stats, windows, skipped = runs[2]
+    ids = sorted(w["id"] for w in windows)
+    assert "a_b" in ids and "a_b_" in ids and stats["num_skipped"] == 1 and "bad.flac" in skipped
+    for w in windows:
+        assert (tmp_path / "seg1" / w["path"]).read_bytes() == \
+            (tmp_path / "seg2" / w["path"]).read_bytes()
+    with pytest.raises(ValueError, match="segment.num_workers"):
+        validate(SegmentConfig(num_workers=-1))
