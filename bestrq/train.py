@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from bestrq.checkpoint import load_latest, save_checkpoint
 from bestrq.distributed import current, resolve_device
@@ -383,6 +384,8 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
     batches = iter(loader)
     clips_per_update = sampler.global_batch
     last_time = time.perf_counter()
+    bar = tqdm(total=config.max_steps, initial=step, desc="pretrain", unit="update",
+               disable=info.rank != 0)
     try:
         while step < config.max_steps:
             do_log = log is not None and info.rank == 0 and (step + 1) % config.log_every == 0
@@ -418,6 +421,7 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
                 continue
             now = time.perf_counter()
             step_time, last_time = now - last_time, now
+            bar.update(1)
             if do_log:
                 metrics = _mean_metrics(stats.metrics)
                 metrics.update(
@@ -435,9 +439,13 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
                         metrics["mfu"] = value
                 log(step, metrics)
                 result.metrics = metrics
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                acc=f"{metrics.get('accuracy', 0.0):.3f}",
+                                clips_s=f"{metrics['clips_per_second']:.1f}", refresh=False)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 checkpoint()
     finally:
+        bar.close()
         del batches  # shuts the loader's workers down
     result.step, result.skipped = step, skipped
     result.seconds = time.perf_counter() - began

@@ -134,7 +134,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 # ----------------------------------------------------------------------------- the loop
 
 
-def test_train_updates_only_the_adapter_and_logs(tmp_path):
+def test_train_updates_only_the_adapter_and_logs(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     model = small_model(num_codebooks=2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     start = {n: p.detach().clone() for n, p in model.trainable_parameters().items()}
@@ -158,6 +159,8 @@ def test_train_updates_only_the_adapter_and_logs(tmp_path):
     assert metrics["frames_per_second"] > metrics["clips_per_second"] * 100  # >= 100 frames/clip
     assert result.metrics is metrics
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    bar = capsys.readouterr().err.split("\r")[-1]  # the progress bar's last state
+    assert "pretrain" in bar and "3/3" in bar and f"loss={metrics['loss']:.3f}" in bar
 
 
 def test_gradient_clipping_bounds_the_update_norm(tmp_path):
