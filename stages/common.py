@@ -27,11 +27,16 @@ LIVE = Path("dvclive")
 
 def params_or_exit(stage: str, path: str = "params.yaml",
                    overrides: dict[str, Any] | None = None) -> Params:
-    """Validated params for `stage`; a bad parameter ends the command before any work."""
+    """Validated params; a bad parameter ends the command before any work.
+
+    Every stage checks every parameter, not only its own: a typo in `model` or
+    `num_codebooks` must stop a fresh `dvc repro` at its first stage, not after the corpus has
+    been downloaded, segmented and featurised.
+    """
     try:
-        return load_params(path, overrides, stage=stage)
+        return load_params(path, overrides, stage=None)
     except (ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error ({stage}): {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from err
 
 

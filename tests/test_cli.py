@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -41,13 +42,22 @@ def test_train_rejects_bad_value_before_work(tmp_path):
     assert "num_codebooks must be >= 1" in result.output
 
 
-def test_stage_with_bad_params_exits_before_work(tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("download.source", "missing", "download.source"),
+    # A training parameter stops the first stage of a fresh `dvc repro`, before any download.
+    ("num_codebooks", 0, "num_codebooks must be >= 1"),
+    ("model", "tinyy", "model: 'tinyy'"),
+])
+def test_stage_with_bad_params_exits_before_work(tmp_path, key, value, message):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["download"]["source"] = str(tmp_path / "missing")
+    if key == "download.source":
+        params["download"]["source"] = str(tmp_path / value)
+    else:
+        params[key] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run([sys.executable, "-m", "stages.download", "--params",
                            str(tmp_path / "params.yaml")], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
-    assert "download.source" in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "data").exists()  # nothing was written
