@@ -18,7 +18,7 @@ from bestrq.evaluate import EvaluateConfig
 from bestrq.masking import MaskingConfig
 from bestrq.quantizer import QuantizerConfig
 from bestrq.train import TrainConfig
-from bestrq.whisper_model import validate_model_spec
+from bestrq.whisper_model import expected_n_mels, validate_model_spec
 
 # Top-level keys that are not fields of TrainConfig, with their help text.
 MODEL_HELP: dict[str, str] = {
@@ -128,6 +128,10 @@ def validate(params: Params, stage: str | None = None) -> None:
                              f"got {params.n_mels}")
     if stage in (None, "pretrain", "evaluate"):
         validate_model_spec(params.model)
+        model_mels = expected_n_mels(params.model)
+        if model_mels is not None and model_mels != params.n_mels:
+            raise ValueError(f"n_mels: model {params.model!r} takes {model_mels} mel bins but "
+                             f"n_mels is {params.n_mels}; set n_mels: {model_mels}")
         params.quantizer.validate()
         params.masking.validate()
         params.train.validate()

@@ -31,6 +31,25 @@ def validate_model_spec(spec: str) -> None:
                      f"({', '.join(whisper.available_models())}) nor an existing checkpoint file")
 
 
+# Whisper's names whose models take 128 mel bins; every other name takes 80.
+_128_MEL_NAMES = frozenset({"large-v3", "large-v3-turbo", "turbo"})
+
+
+def expected_n_mels(spec: str) -> int | None:
+    """The mel bins `spec`'s model takes, known without loading its weights (a name, or a
+    checkpoint whose dims a memory-mapped load reads); None when that cannot be told cheaply."""
+    path = Path(spec)
+    if path.is_file():
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return int(checkpoint["dims"]["n_mels"])
+        except Exception:  # an old-format or foreign file: load_whisper will say what is wrong
+            return None
+    if spec in whisper.available_models():
+        return 128 if spec in _128_MEL_NAMES else 80
+    return None
+
+
 def checkpoint_path(spec: str) -> Path | None:
     """Where the checkpoint for `spec` lies on disk, or None for a name not yet downloaded."""
     if Path(spec).is_file():

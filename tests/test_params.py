@@ -71,3 +71,13 @@ def test_every_hyperparameter_has_help():
     from bestrq.params import MODEL_HELP, TRAIN_HELP
 
     assert set(hyperparameter_names()) <= set(MODEL_HELP) | set(TRAIN_HELP)
+
+
+def test_n_mels_must_match_the_model_before_any_work():
+    raw = repo_params()
+    raw["model"] = "large-v3"
+    with pytest.raises(ValueError, match="n_mels: model 'large-v3' takes 128 mel bins but "
+                                         "n_mels is 80; set n_mels: 128"):
+        validate(from_dict(raw))
+    raw["n_mels"] = 128
+    validate(from_dict(raw))

@@ -8,6 +8,7 @@ from bestrq.whisper_model import (
     TINY_TEST_DIMS,
     ModelUnavailableError,
     checkpoint_path,
+    expected_n_mels,
     load_whisper,
     model_identity,
     random_whisper,
@@ -50,3 +51,18 @@ def test_random_whisper_encoder_depends_on_input():
         a = model.encoder(torch.randn(1, 80, 3000))
         b = model.encoder(torch.randn(1, 80, 3000))
     assert (a - b).abs().mean() > 0.1 * a.abs().mean()
+
+
+def test_expected_n_mels_without_loading_weights(tmp_path):
+    assert expected_n_mels("tiny.en") == 80 and expected_n_mels("base") == 80
+    assert expected_n_mels("large-v3") == 128 and expected_n_mels("turbo") == 128
+    dims = TINY_TEST_DIMS.__class__(**{**TINY_TEST_DIMS.__dict__, "n_mels": 128})
+    save_whisper_checkpoint(random_whisper(dims), tmp_path / "m128.pt")
+    assert expected_n_mels(str(tmp_path / "m128.pt")) == 128
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert expected_n_mels(str(tmp_path / "junk.pt")) is None
+    assert expected_n_mels("tinyy") is None
+
+
+def test_expected_n_mels_of_the_real_checkpoint_file(tiny_en_path):
+    assert expected_n_mels(str(tiny_en_path)) == 80
