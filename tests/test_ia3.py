@@ -1,3 +1,4 @@
+import pytest
 import torch
 import whisper
 
@@ -125,3 +126,27 @@ def test_decoder_blocks_get_self_and_cross_attention_vectors(tiny_whisper):
     names = add_ia3(tiny_whisper.decoder)
     assert {"blocks.0.attn.key", "blocks.0.cross_attn.value", "blocks.0.mlp.1"} <= set(names)
     assert count_ia3_parameters(tiny_whisper.decoder) == (2 + 2 + 4) * 64
+
+
+# The published audio-encoder shapes (n_mels, d_model, heads, layers) of every openai-whisper
+# size; large-v3 and turbo take 128 mel bins.
+WHISPER_ENCODERS = {
+    "tiny": (80, 384, 6, 4), "base": (80, 512, 8, 6), "small": (80, 768, 12, 12),
+    "medium": (80, 1024, 16, 24), "large-v2": (80, 1280, 20, 32),
+    "large-v3": (128, 1280, 20, 32), "turbo": (128, 1280, 20, 32),
+}
+
+
+@pytest.mark.parametrize("name", list(WHISPER_ENCODERS))
+def test_every_whisper_size_gets_6_d_layers_vectors_and_keeps_its_shapes(name):
+    from whisper.model import AudioEncoder
+
+    n_mels, d, heads, layers = WHISPER_ENCODERS[name]
+    with torch.device("meta"):  # shapes only: large-v3's encoder would take 2.5 GB
+        encoder = AudioEncoder(n_mels, 1500, d, heads, layers)
+        add_ia3(encoder)
+        out = encoder(torch.empty(2, n_mels, 3000))
+    assert count_ia3_parameters(encoder) == 6 * d * layers  # 9,216 for tiny
+    assert out.shape == (2, 1500, d)
+    trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    assert trainable == 6 * d * layers
