@@ -119,6 +119,15 @@ def check_base(whisper_model: Whisper, info: dict[str, Any], path: str | Path,
                          f"(sha256 {digest[:12]}...)")
 
 
+def merge_vectors(model: Whisper, tensors: dict[str, Tensor]) -> Whisper:
+    """Fold an adapter's IA^3 vectors into a stock `model`'s weights, in place: the result is
+    a plain Whisper (no extra modules) that computes what the adapted one does."""
+    add_ia3(model.encoder)
+    load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
+    merge_ia3(model)
+    return model
+
+
 def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path
                   ) -> Path:
     """Write a stock openai-whisper checkpoint with the adapter's IA^3 vectors folded in.
@@ -129,9 +138,7 @@ def export_merged(adapter_path: str | Path, base_model: str | None, out_path: st
     spec = base_model or info["base"]["model"]
     model = load_whisper(spec)
     check_base(model, info, adapter_path, spec)
-    add_ia3(model.encoder)
-    load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
-    merge_ia3(model)
+    merge_vectors(model, tensors)
     with torch.no_grad():
         save_whisper_checkpoint(model, out_path, half=False)
     return Path(out_path)

@@ -1,8 +1,10 @@
-"""Held-out evaluation of an adapter: BEST-RQ loss, masked accuracy and codebook utilisation.
+"""Held-out evaluation of an adapter: BEST-RQ loss, masked accuracy and codebook utilisation,
+and the word error rate of Whisper with and without it.
 
 Every clip gets the same seeded mask and noise whatever model is evaluated, so the adapted
 encoder and the stock encoder (the same model with its IA^3 vectors reset to one, keeping the
-adapter's heads) are compared on identical inputs and targets.
+adapter's heads) are compared on identical inputs and targets. The ASR comparison decodes the
+same transcribed clips with stock Whisper and with Whisper whose encoder has the vectors merged.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from bestrq.adapter import merge_vectors
+from bestrq.asr import AsrConfig, normalizer_for, transcribe, transcribed_clips, word_errors
 from bestrq.ia3 import ia3_state_dict
 from bestrq.model import BestRQModel
 from bestrq.train import MaskedClips
+from bestrq.whisper_model import load_whisper
 
 
 @dataclass
@@ -26,6 +31,14 @@ class EvaluateConfig:
     max_clips: int = 0  # 0: the whole eval split
     seed: int = 1234  # masks of held-out clips; fixed so every experiment sees the same ones
     num_workers: int = 0
+    asr: bool = True  # also the WER of stock vs adapted Whisper on transcribed eval clips
+    asr_max_clips: int = 0  # 0: every transcribed eval clip
+    asr_batch_size: int = 8
+    language: str = "en"
+
+    def asr_config(self) -> AsrConfig:
+        return AsrConfig(max_clips=self.asr_max_clips, batch_size=self.asr_batch_size,
+                         language=self.language)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -34,6 +47,9 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.max_clips must be >= 0, got {self.max_clips}")
         if self.num_workers < 0:
             raise ValueError(f"evaluate.num_workers must be >= 0, got {self.num_workers}")
+        if not isinstance(self.asr, bool):
+            raise ValueError(f"evaluate.asr must be true or false, got {self.asr!r}")
+        self.asr_config().validate()
 
 
 @torch.no_grad()
@@ -113,4 +129,26 @@ def evaluate_adapter(model: BestRQModel, dataset: Dataset, config: EvaluateConfi
     out.update({f"stock/{k}": v for k, v in stock.items()})
     out["delta/loss"] = adapted["loss"] - stock["loss"]
     out["delta/accuracy"] = adapted["accuracy"] - stock["accuracy"]
+    return out
+
+
+def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Dataset,
+                config: AsrConfig, device: torch.device) -> dict[str, float]:
+    """WER of stock Whisper (`base_model`) and of Whisper with the adapter's IA^3 vectors merged
+    into its encoder, on the transcribed clips of `dataset`: `stock/wer`, `adapted/wer`,
+    `delta/wer` and their error counts. Empty when no clip has a transcript."""
+    indices = transcribed_clips(dataset, config)
+    if not indices:
+        return {}
+    references = [dataset.transcripts[i] for i in indices]  # type: ignore[attr-defined]
+    model = load_whisper(base_model)
+    normalize = normalizer_for(model, config.language)
+    out: dict[str, float] = {"asr_clips": float(len(indices))}
+    for name in ("stock", "adapted"):
+        if name == "adapted":
+            merge_vectors(model.cpu(), tensors)  # one copy of the model at a time
+        hypotheses = transcribe(model, dataset, indices, config, device, desc=f"asr {name}")
+        out.update({f"{name}/{k}": v for k, v in
+                    word_errors(references, hypotheses, normalize).items()})
+    out["delta/wer"] = out["adapted/wer"] - out["stock/wer"]
     return out

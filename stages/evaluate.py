@@ -9,7 +9,7 @@ import typer
 from bestrq.adapter import build_model, check_base, read_adapter
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import resolve_device
-from bestrq.evaluate import evaluate_adapter
+from bestrq.evaluate import compare_asr, evaluate_adapter
 from bestrq.whisper_model import load_whisper
 from stages.common import ADAPTER, FEATURES, friendly_errors, log_summary, open_live, params_or_exit
 
@@ -19,7 +19,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
     """BEST-RQ loss, masked accuracy and codebook utilisation on data/features/eval, for the
-    adapted encoder and for the stock one (IA^3 vectors at one, same heads, same masks)."""
+    adapted encoder and for the stock one (IA^3 vectors at one, same heads, same masks); with
+    evaluate.asr, the WER of stock and adapted Whisper on the transcribed eval clips."""
     p = params_or_exit("evaluate", params)
     with friendly_errors():
         tensors, info = read_adapter(ADAPTER)
@@ -29,6 +30,10 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
         dataset = FeatureDataset(FEATURES / "eval")
         device = resolve_device(p.train.device)
         metrics = evaluate_adapter(model, dataset, p.evaluate, device)
+        if p.evaluate.asr:
+            del model, base  # compare_asr loads its own Whisper, one copy at a time
+            metrics.update(compare_asr(p.model, tensors, dataset, p.evaluate.asr_config(),
+                                       device))
     metrics["eval_clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))
     with open_live("evaluate") as live:
         log_summary(live, metrics)

@@ -83,6 +83,7 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
     assert {"adapted", "stock", "delta"} <= set(evaluation)
     assert 0.0 < evaluation["adapted"]["mask_fraction"] < 1.0
+    assert "wer" in evaluation["adapted"] and "wer" in evaluation["stock"]
 
     # Record the baseline as a commit, as a user would, so that it lists its own metrics.
     run(["git", "add", "-A"], project)
@@ -143,6 +144,11 @@ def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
     evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
     # one step of lr 3e-3 cannot move a pretrained model far from stock
     assert abs(evaluation["delta"]["loss"]) < 1.0
+    # tiny.en reads the synthetic speech; its WER is reported beside the adapted model's
+    assert evaluation["asr_clips"] >= 1 and evaluation["stock"]["reference_words"] > 20
+    assert evaluation["stock"]["wer"] < 0.5
+    assert evaluation["delta"]["wer"] == pytest.approx(
+        evaluation["adapted"]["wer"] - evaluation["stock"]["wer"])
 
 
 def read_steps(tsv: Path) -> list[int]:
