@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import random
 import threading
@@ -48,7 +49,14 @@ _CALLBACK_TYPE = ctypes.CFUNCTYPE(
 
 
 class _Engine:
-    """The process-wide espeak-ng instance: the C library keeps global state, so one only."""
+    """The process-wide espeak-ng library: its C state is global, so one instance only.
+
+    espeak-ng carries state from one utterance to the next (the wave generator's gain control,
+    cycle counters, resonator memories), so the same call gave other samples, even another
+    length, depending on what was spoken before. The library is therefore unloaded and loaded
+    again before every utterance: each one is then a function of its own text and voice alone,
+    whatever the order, the process or the utterances around it (about 3 ms each).
+    """
 
     _instance: _Engine | None = None
     _lock = threading.Lock()
@@ -58,12 +66,19 @@ class _Engine:
             import espeakng_loader
         except ImportError as exc:  # pragma: no cover - declared dependency
             raise EspeakError("the espeakng-loader package is required for synthesis") from exc
-        lib_path = espeakng_loader.get_library_path()
+        self.lib_path = espeakng_loader.get_library_path()
         self.data_path = espeakng_loader.get_data_path()
+        self._chunks: list[np.ndarray] = []
+        # Keep a reference: ctypes callbacks are freed when garbage-collected.
+        self._callback = _CALLBACK_TYPE(self._on_audio)
+        self.lib: ctypes.CDLL | None = None
+        self._load()
+
+    def _load(self) -> None:
         try:
-            lib = ctypes.CDLL(lib_path)
+            lib = ctypes.CDLL(self.lib_path)
         except OSError as exc:
-            raise EspeakError(f"cannot load espeak-ng library {lib_path}: {exc}") from exc
+            raise EspeakError(f"cannot load espeak-ng library {self.lib_path}: {exc}") from exc
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_SetSynthCallback.argtypes = [_CALLBACK_TYPE]
@@ -85,17 +100,24 @@ class _Engine:
         lib.espeak_Synth.restype = ctypes.c_int
         lib.espeak_Synchronize.argtypes = []
         lib.espeak_Synchronize.restype = ctypes.c_int
+        lib.espeak_Terminate.argtypes = []
+        lib.espeak_Terminate.restype = ctypes.c_int
         rate = lib.espeak_Initialize(
             _AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode("utf-8"), 0
         )
         if rate <= 0:
             raise EspeakError(f"espeak_Initialize failed (data path {self.data_path})")
+        lib.espeak_SetSynthCallback(self._callback)
         self.lib = lib
         self.sample_rate = int(rate)
-        self._chunks: list[np.ndarray] = []
-        # Keep a reference: ctypes callbacks are freed when garbage-collected.
-        self._callback = _CALLBACK_TYPE(self._on_audio)
-        lib.espeak_SetSynthCallback(self._callback)
+
+    def _reload(self) -> None:
+        """Unload the library (its static state goes with it) and load it afresh."""
+        if self.lib is not None:
+            self.lib.espeak_Terminate()
+            _ctypes.dlclose(self.lib._handle)
+            self.lib = None
+        self._load()
 
     @classmethod
     def get(cls) -> _Engine:
@@ -111,6 +133,8 @@ class _Engine:
 
     def synthesize(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
         with self._lock:
+            self._reload()
+            assert self.lib is not None
             if self.lib.espeak_SetVoiceByName(voice.encode("utf-8")) != _EE_OK:
                 raise EspeakError(f"espeak-ng has no voice {voice!r}")
             self.lib.espeak_SetParameter(_ESPEAK_RATE, int(rate), 0)
@@ -130,13 +154,22 @@ class _Engine:
         return np.concatenate(chunks)  # (samples,) int16
 
 
+def _has_breath(variant_file: Path) -> bool:
+    """Whether a voice variant adds breath noise, which espeak-ng 1.52 draws differently in
+    every process (measured: 5 processes, 5 different outputs for f2 and f3, identical bytes
+    for every other variant), so it could not give a reproducible corpus."""
+    lines = variant_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    return any(line.split()[:1] == ["breath"] for line in lines)
+
+
 def available_voices() -> list[str]:
-    """The ENGLISH_VOICES whose language and variant files exist in the bundled espeak-ng-data."""
+    """The ENGLISH_VOICES whose language and variant files exist in the bundled espeak-ng-data,
+    less the variants with breath noise (not reproducible, see `_has_breath`)."""
     import espeakng_loader
 
     data = Path(espeakng_loader.get_data_path())
     langs = {p.name.lower() for p in (data / "lang").rglob("*") if p.is_file()}
-    variants = {p.name for p in (data / "voices" / "!v").iterdir()}
+    variants = {p.name for p in (data / "voices" / "!v").iterdir() if not _has_breath(p)}
     out = []
     for voice in ENGLISH_VOICES:
         lang, _, var = voice.partition("+")
