@@ -10,6 +10,7 @@ as the paper specifies and mapped back with the same statistics.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +28,22 @@ from bestrq.masking import (
     target_valid,
 )
 from bestrq.quantizer import RandomProjectionQuantizer
+from bestrq.seeding import generator
 
 ENCODER_STRIDE = 2  # Whisper's conv stem halves the 10 ms frame rate
+HEADS_STREAM = 0x6865616473  # "heads": the heads' own stream of the run's seed
+
+
+def seeded_linear(in_features: int, out_features: int, gen: torch.Generator) -> nn.Linear:
+    """An nn.Linear with PyTorch's default init (U(-1/sqrt(in), 1/sqrt(in)) for weight and
+    bias) drawn from `gen`, never from the global RNG, so that it is the same in every process
+    whatever ran before it."""
+    layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features)
+    bound = 1.0 / math.sqrt(in_features)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.uniform_(-bound, bound, generator=gen)
+    return layer
 
 
 @dataclass
@@ -59,7 +74,8 @@ class BestRQModel(nn.Module):
         self.group = stack // ENCODER_STRIDE  # encoder frames per target
         d_model = encoder.ln_post.normalized_shape[0]
         cfg = quantizer.config
-        self.heads = nn.Linear(d_model * self.group, cfg.num_codebooks * cfg.codebook_size)
+        self.heads = seeded_linear(d_model * self.group, cfg.num_codebooks * cfg.codebook_size,
+                                   generator(cfg.seed, HEADS_STREAM))
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -127,8 +143,10 @@ class BestRQModel(nn.Module):
         y = labels.transpose(1, 2)[loss_mask]  # (M, N)
         num_masked = int(selected.shape[0])
         if num_masked == 0:
-            # Keep the graph connected so that every rank of a distributed run still syncs.
-            loss = (self.heads.weight.sum() * 0.0 + h.sum() * 0.0).float()
+            # Keep every trainable tensor (heads' weight and bias, IA^3 vectors through h) in
+            # the graph, with zero gradients, so that every rank of a distributed run reduces
+            # the same buckets.
+            loss = self.heads(selected).float().sum() * 0.0
             logits = None
         else:
             logits = self.heads(selected).reshape(num_masked, n, k)  # (M, N, K)

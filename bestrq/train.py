@@ -35,6 +35,7 @@ from bestrq.distributed import current, resolve_device
 from bestrq.masking import MaskingConfig, draw_sample_mask
 from bestrq.model import BestRQModel
 from bestrq.schedule import SCHEDULES, lr_lambda
+from bestrq.seeding import derived_seed, generator
 from bestrq.throughput import mfu, model_flops
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -109,21 +110,14 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data
 
 
-def _derived_seed(*keys: int) -> int:
-    # SeedSequence mixes the keys so that nearby (seed, epoch, clip) give unrelated streams.
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
-               .astype(np.uint64).view(np.uint64)[0] >> np.uint64(1))
-
-
 def clip_seed(seed: int, epoch: int, clip: int) -> int:
     """Seed of the mask and noise of `clip` in `epoch`."""
-    return _derived_seed(seed, epoch, clip, 0x6D61736B)
+    return derived_seed(seed, epoch, clip, 0x6D61736B)
 
 
 def epoch_order(num_clips: int, seed: int, epoch: int) -> Tensor:
     """The global clip order of `epoch`: a permutation (num_clips,) seeded by (seed, epoch)."""
-    generator = torch.Generator().manual_seed(_derived_seed(seed, epoch, 0x6F72646572))
-    return torch.randperm(num_clips, generator=generator)
+    return torch.randperm(num_clips, generator=generator(seed, epoch, 0x6F72646572))
 
 
 class MaskedClips(Dataset):

@@ -107,16 +107,18 @@ def random_whisper(dims: ModelDimensions, seed: int = 0) -> Whisper:
     """A randomly initialised Whisper (for tests and smoke runs that need only the architecture).
 
     PyTorch's default init leaves attention nearly uniform; weights are re-drawn with a wider
-    spread so that the encoder's output depends on its input as in a trained model.
+    spread so that the encoder's output depends on its input as in a trained model. Every draw
+    comes from a generator seeded by `seed`; the global RNG is left as it was.
     """
-    torch.manual_seed(seed)
-    model = Whisper(dims)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        model = Whisper(dims)  # its default init is overwritten below
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 * 2.0)
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 * 2.0, generator=gen)
             elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
+                p.normal_(0.0, 0.02, generator=gen)
     return model
 
 

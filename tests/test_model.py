@@ -6,6 +6,7 @@ import torch
 from bestrq.masking import MaskingConfig, draw_sample_mask
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
+from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper
 
 
 def make_model(whisper_model, num_codebooks=1, codebook_size=64, stack=2, mask_prob=0.05):
@@ -32,6 +33,26 @@ def test_only_ia3_and_heads_are_trainable(tiny_whisper):
     state = model.adapter_state_dict()
     assert "quantizer.codebooks" in state and "heads.weight" in state
     assert sum(k.startswith("ia3.encoder.") for k in state) == 3 * 2
+
+
+def test_heads_come_from_the_run_seed_not_the_global_rng(tiny_whisper):
+    def heads(seed: int, global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        torch.rand(1000)  # whatever ran before must not matter
+        q = RandomProjectionQuantizer(QuantizerConfig(codebook_size=64, seed=seed))
+        model = BestRQModel(random_whisper(TINY_TEST_DIMS).encoder, q, MaskingConfig())
+        return torch.cat([model.heads.weight.flatten(), model.heads.bias])
+
+    global_state = torch.get_rng_state()
+    a, b, c = heads(0, 1), heads(0, 2), heads(1, 1)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), in distribution.
+    bound = 1 / math.sqrt(64)
+    assert a.abs().max() <= bound and a.abs().max() > 0.99 * bound
+    assert abs(float(a.mean())) < 0.05 * bound
+    assert float(a.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    torch.set_rng_state(global_state)
 
 
 def test_loss_counts_only_masked_valid_targets(tiny_whisper):
@@ -122,3 +143,16 @@ def test_overfitting_one_batch_lowers_loss_and_beats_chance(tiny_whisper):
     final = model(mel, nv, mask, noise)
     assert final.loss.item() < 0.5 * first.loss.item()
     assert final.metrics["accuracy"] > 5 * (1 / 32)
+
+
+def test_batch_without_masked_targets_gives_zero_gradients_to_every_trainable(tiny_whisper):
+    # Under DDP every rank must produce a gradient for every trainable tensor, or the ranks
+    # reduce different buckets (a gloo "collective mismatch" on a rank with no masked target).
+    model = make_model(tiny_whisper)
+    mel, nv, masks, noises = fixed_batch()
+    out = model(mel, nv, frame_mask=torch.zeros_like(masks), noise=noises)
+    assert out.num_masked == 0 and float(out.loss) == 0.0
+    out.loss.backward()
+    for name, p in model.trainable_parameters().items():
+        assert p.grad is not None, name
+        assert torch.count_nonzero(p.grad) == 0, name
