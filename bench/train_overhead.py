@@ -122,7 +122,7 @@ def main() -> None:
         if bool(torch.isfinite(norm)):  # the loop's one host sync per update
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        masked.append(int(stats.masked))
+        masked.append(int(stats.count))
 
     def bare_step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

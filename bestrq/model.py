@@ -52,6 +52,11 @@ class BestRQOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     num_masked: int = 0  # masked valid targets in the batch (the loss's denominator)
 
+    @property
+    def count(self) -> int:
+        """The training engine's name for the loss's denominator."""
+        return self.num_masked
+
 
 class BestRQModel(nn.Module):
     """Adapted encoder + one linear softmax head per codebook (held as one fused Linear)."""

@@ -1,10 +1,13 @@
-"""The BEST-RQ training loop: AdamW on the IA^3 vectors and heads, resumable and distributed.
+"""The training engine: AdamW on the trainable tensors (IA^3 vectors, BEST-RQ heads), resumable
+and distributed, for any objective (`Objective`): BEST-RQ pre-training and supervised fine-tuning
+run through the same loop, so resume, accumulation, precision and torchrun are written once.
 
 Determinism is by construction: the clip order of an epoch is a permutation seeded by
 (seed, epoch); the mask and noise of a clip are drawn from a seed of (seed, epoch, clip) inside
 the data-loader workers; each optimiser update consumes one global batch of
 batch_size * accumulate_gradients * world_size clips, and gradients are the exact mean over all
-masked targets of that global batch however it is split into micro-batches and processes. A
+units (masked targets, target tokens) of that global batch however it is split into
+micro-batches and processes. A
 checkpoint holds everything that changes during training, so a killed and resumed run ends where
 an uninterrupted one does (bitwise on CPU).
 """
@@ -20,12 +23,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -33,7 +36,6 @@ from tqdm import tqdm
 from bestrq.checkpoint import load_latest, save_checkpoint
 from bestrq.distributed import current, resolve_device
 from bestrq.masking import MaskingConfig, draw_sample_mask
-from bestrq.model import BestRQModel
 from bestrq.schedule import SCHEDULES, lr_lambda
 from bestrq.seeding import derived_seed, generator
 from bestrq.throughput import mfu, model_flops
@@ -188,6 +190,39 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             pos = self.advance(pos)
 
 
+# ----------------------------------------------------------------------------- objective
+
+
+class StepOutput(Protocol):
+    """What a trainable model's forward returns for a micro-batch."""
+    loss: Tensor  # scalar fp32: mean over the micro-batch's `count` units
+    count: int  # units the loss averages over (masked targets, target tokens)
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a run optimises; `train` is the same loop for every objective.
+
+    The model (an nn.Module with `trainable_parameters()`) is called as
+    `model(*batch, with_metrics=...)` and returns a `StepOutput`. A batch starts with
+    (mel (batch, n_mels, frames), valid frames (batch,)); what follows is the objective's own.
+    `items(model, dataset, seed)` turns the clips into a dataset keyed by (epoch, clip), with any
+    per-clip randomness drawn from the clip's own seed; `collate` batches its items (None: torch's
+    default); `flops(model, clips, count)` counts the model FLOPs of one update, for MFU.
+    """
+    name: str
+    items: Callable[[nn.Module, Dataset, int], Dataset]
+    collate: Callable[[list[Any]], tuple[Tensor, ...]] | None = None
+    flops: Callable[[nn.Module, int, int], float] | None = None
+
+
+BEST_RQ = Objective(
+    name="pretrain",
+    items=lambda model, dataset, seed: MaskedClips(dataset, model.masking, seed),
+    flops=lambda model, clips, count: model_flops(model, clips, count)["total"])
+
+
 # ----------------------------------------------------------------------------- state
 
 
@@ -212,16 +247,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_optimizer(model: BestRQModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: IA^3 vectors without decay, heads with it."""
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: IA^3 vectors without decay, heads (if any) with it."""
     params = model.trainable_parameters()
     heads = [p for n, p in params.items() if n.startswith("heads.")]
     others = [p for n, p in params.items() if not n.startswith("heads.")]
-    return torch.optim.AdamW(
-        [{"params": others, "weight_decay": 0.0},
-         {"params": heads, "weight_decay": config.weight_decay}],
-        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps)
+    groups = [{"params": others, "weight_decay": 0.0}]
+    if heads:
+        groups.append({"params": heads, "weight_decay": config.weight_decay})
+    return torch.optim.AdamW(groups, lr=config.learning_rate,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -237,8 +272,8 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 @dataclass
 class UpdateStats:
     """Sums over the micro-batches of an update (global after `finish_gradients`)."""
-    loss_sum: Tensor  # sum over micro-batches of loss * masked targets
-    masked: Tensor  # masked targets
+    loss_sum: Tensor  # sum over micro-batches of loss * count
+    count: Tensor  # the loss's units: masked targets, target tokens
     frames: Tensor  # valid encoder-input frames
     metrics: list[dict[str, float]] = field(default_factory=list)
 
@@ -246,30 +281,27 @@ class UpdateStats:
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[Tensor, ...]],
                          device: torch.device, dtype: torch.dtype | None,
                          with_metrics: bool) -> UpdateStats:
-    """Forward/backward each micro-batch with its loss weighted by its masked-target count.
+    """Forward/backward each micro-batch with its loss weighted by its unit count.
 
-    Gradients end up as sum_b(loss_b * masked_b)'s; `finish_gradients` divides by the total count
+    Gradients end up as sum_b(loss_b * count_b)'s; `finish_gradients` divides by the total count
     so that the update equals one batch holding all the micro-batches. Under DDP, gradients are
     all-reduced only on the last micro-batch.
     """
     stats = UpdateStats(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)))
-    for i, (mel, num_frames, mask, noise) in enumerate(micro_batches):
-        mel = mel.to(device, non_blocking=True)  # (batch, n_mels, frames)
-        num_frames = num_frames.to(device, non_blocking=True)  # (batch,)
-        mask = mask.to(device, non_blocking=True)  # (batch, frames)
-        noise = noise.to(device, non_blocking=True)  # (batch, n_mels, frames)
+    for i, batch in enumerate(micro_batches):
+        # (mel (batch, n_mels, frames), valid frames (batch,), the objective's own tensors...)
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not isinstance(
             model, DistributedDataParallel) else model.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.float32,
                                 enabled=dtype is not None):
-                out = model(mel, num_frames, frame_mask=mask, noise=noise,
-                            with_metrics=with_metrics)
-            (out.loss * out.num_masked).backward()
-        stats.loss_sum += out.loss.detach().double() * out.num_masked
-        stats.masked += out.num_masked
-        stats.frames += num_frames.sum()
+                out = model(*batch, with_metrics=with_metrics)
+            (out.loss * out.count).backward()
+        stats.loss_sum += out.loss.detach().double() * out.count
+        stats.count += out.count
+        stats.frames += batch[1].sum()
         if with_metrics:
             stats.metrics.append(out.metrics)
     return stats
@@ -277,15 +309,15 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[Tenso
 
 def finish_gradients(params: list[torch.nn.Parameter], stats: UpdateStats,
                      world_size: int) -> None:
-    """Make the accumulated gradients the mean over all masked targets of the global batch.
+    """Make the accumulated gradients the mean over all units of the global batch.
 
     DDP has already averaged the gradients over ranks (divided by world_size), hence the factor.
     """
-    totals = torch.stack([stats.loss_sum, stats.masked, stats.frames])  # (3,)
+    totals = torch.stack([stats.loss_sum, stats.count, stats.frames])  # (3,)
     if world_size > 1:
         dist.all_reduce(totals)
-    stats.loss_sum, stats.masked, stats.frames = totals.unbind()
-    scale = (world_size / stats.masked.clamp_min(1.0)).float()
+    stats.loss_sum, stats.count, stats.frames = totals.unbind()
+    scale = (world_size / stats.count.clamp_min(1.0)).float()
     for p in params:
         if p.grad is not None:
             p.grad.mul_(scale.to(p.grad.device))
@@ -306,13 +338,14 @@ def _peak_memory_gb(device: torch.device) -> float:
 # ----------------------------------------------------------------------------- loop
 
 
-def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_dir: Path,
-          log: LogFn | None = None) -> TrainResult:
-    """Train `model`'s IA^3 vectors and heads on `dataset`, resuming from `checkpoint_dir`.
+def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_dir: Path,
+          log: LogFn | None = None, objective: Objective = BEST_RQ) -> TrainResult:
+    """Train `model`'s trainable tensors for `objective` on `dataset`, resuming from
+    `checkpoint_dir`.
 
-    `dataset[i]` is (mel (n_mels, frames) float32, valid frames int64). Runs under an initialised
-    process group when there is one (one DDP replica per process). `log(step, metrics)` is
-    called on rank 0 every `log_every` updates.
+    `dataset[i]` is what `objective.items` takes (for BEST-RQ: mel (n_mels, frames) float32,
+    valid frames int64). Runs under an initialised process group when there is one (one DDP
+    replica per process). `log(step, metrics)` is called on rank 0 every `log_every` updates.
     """
     config.validate()
     began = time.perf_counter()
@@ -369,7 +402,8 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
                                  info.world_size, info.rank, config.seed, pos)
     pos = sampler.start
     loader = DataLoader(
-        MaskedClips(dataset, model.masking, config.seed), batch_sampler=sampler,
+        objective.items(model, dataset, config.seed), batch_sampler=sampler,
+        collate_fn=objective.collate,
         num_workers=config.num_workers, pin_memory=device.type == "cuda",
         prefetch_factor=config.prefetch_factor if config.num_workers else None,
         persistent_workers=config.num_workers > 0,
@@ -378,7 +412,7 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
     batches = iter(loader)
     clips_per_update = sampler.global_batch
     last_time = time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=step, desc="pretrain", unit="update",
+    bar = tqdm(total=config.max_steps, initial=step, desc=objective.name, unit="update",
                disable=info.rank != 0)
     try:
         while step < config.max_steps:
@@ -391,7 +425,7 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
             finish_gradients(params, stats, info.world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, config.grad_clip if config.grad_clip > 0 else math.inf)
-            loss = stats.loss_sum / stats.masked.clamp_min(1.0)
+            loss = stats.loss_sum / stats.count.clamp_min(1.0)
             finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one host sync
             pos = sampler.advance(pos)
             lr = optimizer.param_groups[0]["lr"]  # the rate of this update
@@ -426,8 +460,8 @@ def train(model: BestRQModel, dataset: Dataset, config: TrainConfig, checkpoint_
                     frames_per_second=float(stats.frames) / step_time,
                     data_wait_fraction=min(1.0, data_wait / step_time),
                     peak_memory_gb=_peak_memory_gb(device))
-                if device.type == "cuda":
-                    flops = model_flops(model, clips_per_update, int(stats.masked))["total"]
+                if device.type == "cuda" and objective.flops is not None:
+                    flops = objective.flops(model, clips_per_update, int(stats.count))
                     value = mfu(flops, step_time, device, dtype or torch.float32)
                     if value is not None:
                         metrics["mfu"] = value
