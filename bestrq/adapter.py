@@ -9,6 +9,11 @@ The heads (d_model x num_codebooks x codebook_size) dwarf the IA^3 vectors (6 x 
 layers): 12.6 MB against 36 KB for tiny at 8192 codes. They are needed to continue or evaluate
 BEST-RQ training, not to use the adapted encoder, so `parts=("ia3",)` writes a vectors-only file
 in the same format, which `export_merged` accepts as well.
+
+Fine-tuned adapters are vectors-only files written by `save_vectors` from a whole Whisper: they
+hold `ia3.encoder.*` and also `ia3.decoder.*` (8 x d_model per decoder layer: self- and
+cross-attention keys and values, FFN). `load_vectors`, `merge_vectors` and `export_merged` take
+either kind; a file without decoder vectors leaves the decoder as it is in stock Whisper.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 from whisper.model import Whisper
 
-from bestrq.ia3 import add_ia3, load_ia3_state_dict, merge_ia3
+from bestrq.ia3 import add_ia3, ia3_state_dict, load_ia3_state_dict, merge_ia3
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
@@ -31,6 +36,18 @@ from bestrq.whisper_model import load_whisper, model_identity, save_whisper_chec
 
 FORMAT = "bestrq-ia3-adapter/1"
 PARTS = ("ia3", "heads", "quantizer")
+# The Whisper modules whose IA^3 vectors a file may hold, as `ia3.<module>.<vector name>`.
+IA3_MODULES = ("encoder", "decoder")
+
+
+def _write(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """Write the safetensors file atomically (a crash never leaves a truncated adapter where DVC
+    or a later stage would take it for a good one) and its JSON description beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={"bestrq": json.dumps(info)})
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],
@@ -44,17 +61,28 @@ def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or "ia3" not in parts:
         raise ValueError(f"adapter parts must include 'ia3' and be among {PARTS}, got {parts}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = {"format": FORMAT, "parts": [p for p in PARTS if p in parts], "base": base,
             "quantizer": model.quantizer.config.to_dict(), "masking": model.masking.to_dict(),
             **(extra or {})}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in
                model.adapter_state_dict().items() if k.split(".", 1)[0] in parts}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"bestrq": json.dumps(info)})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    _write(Path(path), tensors, info)
+    return info
+
+
+def save_vectors(path: str | Path, model: Whisper, base: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the IA^3 vectors of a whole Whisper (`ia3.encoder.*`, `ia3.decoder.*`, for each of
+    the two that has them) to `path` as a vectors-only adapter, and its description to
+    `path.json`. base and extra as for `save_adapter`. Returns the description."""
+    tensors = {f"ia3.{part}.{k}": v.detach().float().cpu().contiguous()
+               for part in IA3_MODULES
+               for k, v in ia3_state_dict(getattr(model, part)).items()}
+    if not tensors:
+        raise ValueError("the model has no IA^3 vectors in its encoder or decoder: nothing to "
+                         "save (add_ia3 first)")
+    info = {"format": FORMAT, "parts": ["ia3"], "base": base, **(extra or {})}
+    _write(Path(path), tensors, info)
     return info
 
 
@@ -119,18 +147,47 @@ def check_base(whisper_model: Whisper, info: dict[str, Any], path: str | Path,
                          f"(sha256 {digest[:12]}...)")
 
 
+def load_vectors(model: Whisper, tensors: dict[str, Tensor]) -> Whisper:
+    """Put an adapter's IA^3 vectors into `model`, in place, and return it.
+
+    IA^3 is added to both the encoder and the decoder, so the result can be trained further.
+    The file must hold encoder vectors; its decoder vectors, where it has any (fine-tuned
+    adapters; BEST-RQ ones have none), are loaded too, else the decoder's are set to one. Within
+    each module the names must match the model's exactly. Other parts (heads, quantizer) are
+    ignored.
+    """
+    sections = {part: _section(tensors, f"ia3.{part}.") for part in IA3_MODULES}
+    if not sections["encoder"]:
+        raise KeyError("the adapter has no IA^3 encoder vectors (ia3.encoder.*): not an adapter "
+                       "for this model, or a damaged file")
+    stray = sorted(k for k in tensors if k.startswith("ia3.")
+                   and not any(k.startswith(f"ia3.{part}.") for part in IA3_MODULES))
+    if stray:
+        raise KeyError(f"the adapter has IA^3 vectors for no known module: {stray[:4]}")
+    for part in IA3_MODULES:
+        module = getattr(model, part)
+        add_ia3(module)
+        vectors = sections[part]
+        if not vectors:
+            # An adapter without decoder vectors describes the stock decoder, even where this
+            # model's decoder already had other vectors.
+            vectors = {k: torch.ones_like(v) for k, v in ia3_state_dict(module).items()}
+        load_ia3_state_dict(module, vectors)
+    return model
+
+
 def merge_vectors(model: Whisper, tensors: dict[str, Tensor]) -> Whisper:
-    """Fold an adapter's IA^3 vectors into a stock `model`'s weights, in place: the result is
-    a plain Whisper (no extra modules) that computes what the adapted one does."""
-    add_ia3(model.encoder)
-    load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
-    merge_ia3(model)
+    """Fold an adapter's IA^3 vectors (encoder, and decoder where the file has them) into
+    `model`'s weights, in place: the result is a plain Whisper (no extra modules) that computes
+    what the adapted one does."""
+    merge_ia3(load_vectors(model, tensors))
     return model
 
 
 def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path
                   ) -> Path:
-    """Write a stock openai-whisper checkpoint with the adapter's IA^3 vectors folded in.
+    """Write a stock openai-whisper checkpoint with the adapter's IA^3 vectors folded in: the
+    encoder's, and the decoder's where the file has them (fine-tuned adapters).
 
     base_model: a Whisper name or checkpoint path; None takes the one the adapter records.
     """

@@ -3,8 +3,11 @@
 Learned vectors rescale the keys (l_k) and values (l_v) of every attention layer and the FFN's
 hidden activation after GELU (l_ff). They start at one, so an adapted model starts as the stock
 one; nothing else is trained and there are no biases. The functions walk any module that holds
-whisper `ResidualAttentionBlock`s, so the encoder today and the decoder (self- and
-cross-attention) later use the same code.
+whisper `ResidualAttentionBlock`s: the encoder gets 6 * d vectors per layer (self-attention
+key/value, FFN) and the decoder 8 * d (self- and cross-attention key/value, FFN).
+
+Wrapping `key`/`value` keeps whisper's kv-cache working: its hooks sit on the attention's `key`
+and `value` modules, which are then the wrappers, so the cache holds the rescaled projections.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from whisper.model import MultiHeadAttention, ResidualAttentionBlock
 class IA3Scale(nn.Module):
     """Wraps a module and multiplies its output, elementwise on the last axis, by a vector."""
 
-    def __init__(self, inner: nn.Module, size: int) -> None:
+    def __init__(self, inner: nn.Module, size: int,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.inner = inner
-        self.scale = nn.Parameter(torch.ones(size))
+        # On the wrapped weights' device: a model moved to the GPU before adding IA^3 must not
+        # get CPU vectors.
+        self.scale = nn.Parameter(torch.ones(size, device=device))  # (size,)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x) * self.scale.to(x.dtype)
@@ -36,20 +42,26 @@ def _attention_layers(block: ResidualAttentionBlock) -> list[tuple[str, MultiHea
 def add_ia3(module: nn.Module) -> list[str]:
     """Insert IA^3 vectors into every ResidualAttentionBlock under `module`, in place.
 
-    Freezes every pre-existing parameter of `module` and returns the names of the new vectors.
-    Idempotent: a module that already has IA^3 is left as it is.
+    Freezes every other parameter of `module` and returns the names of all its IA^3 vectors.
+    Idempotent: vectors already there are kept, values and trainability alike (freezing them
+    too would silently stop a model that is adapted twice, e.g. loaded then re-adapted, from
+    learning).
     """
+    existing = {id(v) for v in ia3_state_dict(module).values()}
     for p in module.parameters():
-        p.requires_grad_(False)
+        if id(p) not in existing:
+            p.requires_grad_(False)
     for block in module.modules():
         if not isinstance(block, ResidualAttentionBlock):
             continue
         for _, attn in _attention_layers(block):
             if not isinstance(attn.key, IA3Scale):
-                attn.key = IA3Scale(attn.key, attn.key.out_features)
-                attn.value = IA3Scale(attn.value, attn.value.out_features)
+                attn.key = IA3Scale(attn.key, attn.key.out_features, attn.key.weight.device)
+                attn.value = IA3Scale(attn.value, attn.value.out_features,
+                                      attn.value.weight.device)
         if not isinstance(block.mlp[1], IA3Scale):
-            block.mlp[1] = IA3Scale(block.mlp[1], block.mlp[0].out_features)
+            block.mlp[1] = IA3Scale(block.mlp[1], block.mlp[0].out_features,
+                                    block.mlp[0].weight.device)
     return list(ia3_state_dict(module))
 
 
@@ -75,6 +87,7 @@ def load_ia3_state_dict(module: nn.Module, vectors: dict[str, Tensor]) -> None:
 
 
 def count_ia3_parameters(module: nn.Module) -> int:
+    """Number of IA^3 scalars in `module`: 6 * d per encoder layer, 8 * d per decoder layer."""
     return sum(v.numel() for v in ia3_state_dict(module).values())
 
 

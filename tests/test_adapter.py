@@ -2,13 +2,24 @@ import json
 
 import pytest
 import torch
+import torchaudio
 import whisper
+from whisper.model import Whisper
 
-from bestrq.adapter import build_model, export_merged, read_adapter, save_adapter
-from bestrq.ia3 import ia3_state_dict
+from bestrq.adapter import (
+    build_model,
+    export_merged,
+    load_vectors,
+    merge_vectors,
+    read_adapter,
+    save_adapter,
+    save_vectors,
+)
+from bestrq.ia3 import IA3Scale, add_ia3, ia3_state_dict
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
+from bestrq.synth import EspeakSynthesizer
 from bestrq.whisper_model import (
     TINY_TEST_DIMS,
     load_whisper,
@@ -157,3 +168,180 @@ def test_export_command_writes_a_checkpoint_whisper_loads(trained, tmp_path):
     assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
     missing = CliRunner().invoke(app, [str(out), "--adapter", str(tmp_path / "nope.safetensors")])
     assert missing.exit_code == 1 and "nope.safetensors" in missing.output
+
+
+def _finetune_style(model: Whisper, seed: int = 0, spread: float = 0.3) -> Whisper:
+    """`model` with IA^3 in encoder and decoder, set to non-trivial values, as after fine-tuning."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (model.encoder, model.decoder):
+            add_ia3(module)
+            for v in ia3_state_dict(module).values():
+                v.copy_(1.0 + spread * torch.randn(v.shape, generator=g))
+    return model
+
+
+@pytest.fixture
+def finetuned(tmp_path):
+    """A random base checkpoint on disk and a Whisper on it with encoder and decoder vectors."""
+    base_path = tmp_path / "base.pt"
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), base_path, half=False)
+    return base_path, _finetune_style(load_whisper(str(base_path)))
+
+
+def _all_vectors(model: Whisper) -> dict[str, torch.Tensor]:
+    return {f"ia3.{part}.{k}": v for part in ("encoder", "decoder")
+            for k, v in ia3_state_dict(getattr(model, part)).items()}
+
+
+def test_save_vectors_round_trip_holds_encoder_and_decoder_vectors(finetuned, tmp_path):
+    base_path, model = finetuned
+    path = tmp_path / "adapters" / "finetuned.safetensors"
+    identity = model_identity(str(base_path), model)
+    info = save_vectors(path, model, identity, {"step": 3})
+    tensors, read_info = read_adapter(path)
+    assert read_info == info == {"format": "bestrq-ia3-adapter/1", "parts": ["ia3"],
+                                 "base": identity, "step": 3}
+    assert json.loads(path.with_suffix(".json").read_text()) == info
+    assert not path.with_suffix(".safetensors.tmp").exists()
+    own = _all_vectors(model)
+    assert set(tensors) == set(own)
+    assert sum(k.startswith("ia3.decoder.") for k in tensors) == 5  # one decoder layer
+    assert sum(v.numel() for v in tensors.values()) == 6 * 64 * 2 + 8 * 64 * 1
+    assert all(tensors[k].dtype == torch.float32 and torch.equal(tensors[k], own[k].detach())
+               for k in own)
+
+    # Loading the file into a fresh base rebuilds the same model, bit for bit.
+    rebuilt = load_vectors(load_whisper(str(base_path)), tensors)
+    assert all(torch.equal(v, own[k]) for k, v in _all_vectors(rebuilt).items())
+    assert all(v.requires_grad for v in _all_vectors(rebuilt).values())  # trainable further
+    mel, tokens = torch.randn(1, 80, 3000), torch.randint(0, 51864, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(mel, tokens), model(mel, tokens))
+
+
+def test_save_vectors_writes_the_modules_that_have_vectors(finetuned, tmp_path):
+    base_path, _ = finetuned
+    model = load_whisper(str(base_path))
+    identity = model_identity(str(base_path), model)
+    with pytest.raises(ValueError, match="no IA\\^3 vectors"):
+        save_vectors(tmp_path / "none.safetensors", model, identity)
+    assert not (tmp_path / "none.safetensors").exists()
+    add_ia3(model.encoder)
+    save_vectors(tmp_path / "enc.safetensors", model, identity)
+    tensors, _ = read_adapter(tmp_path / "enc.safetensors")
+    assert set(tensors) == {f"ia3.encoder.{k}" for k in ia3_state_dict(model.encoder)}
+
+
+@pytest.mark.parametrize("parts", [("ia3",), ("ia3", "heads", "quantizer")])
+def test_load_vectors_of_a_bestrq_adapter_leaves_the_decoder_at_one(trained, finetuned,
+                                                                    tmp_path, parts):
+    base_path, base, bestrq = trained
+    path = tmp_path / "bestrq.safetensors"
+    save_adapter(path, bestrq, model_identity(str(base_path), base), parts=parts)
+    tensors, _ = read_adapter(path)
+    assert not any(k.startswith("ia3.decoder.") for k in tensors)
+    # A model whose decoder already has other vectors: the file describes a stock decoder.
+    _, model = finetuned
+    assert load_vectors(model, tensors) is model
+    encoder = ia3_state_dict(model.encoder)
+    assert all(torch.equal(v, bestrq_v) for (k, v), bestrq_v in
+               zip(encoder.items(), ia3_state_dict(bestrq.encoder).values(), strict=True))
+    decoder = ia3_state_dict(model.decoder)
+    assert sum(v.numel() for v in decoder.values()) == 8 * 64 * 1
+    assert all(torch.equal(v, torch.ones_like(v)) for v in decoder.values())
+
+    # Merged, the decoder is the stock one, bit for bit; the encoder is not.
+    stock = load_whisper(str(base_path))
+    merge_vectors(model, tensors)
+    assert not any(isinstance(m, IA3Scale) for m in model.modules())
+    merged, original = model.state_dict(), stock.state_dict()
+    assert all(torch.equal(merged[k], original[k]) for k in original if k.startswith("decoder."))
+    assert not torch.equal(merged["encoder.blocks.0.attn.key.weight"],
+                           original["encoder.blocks.0.attn.key.weight"])
+
+
+def test_load_vectors_refuses_files_that_do_not_match(finetuned, tmp_path):
+    base_path, model = finetuned
+    vectors = {k: v.detach().clone() for k, v in _all_vectors(model).items()}
+    decoder_only = {k: v for k, v in vectors.items() if k.startswith("ia3.decoder.")}
+    with pytest.raises(KeyError, match="no IA\\^3 encoder vectors"):
+        load_vectors(load_whisper(str(base_path)), decoder_only)
+    partial = {k: v for k, v in vectors.items() if k != "ia3.decoder.blocks.0.mlp.1"}
+    with pytest.raises(KeyError, match="missing \\['blocks.0.mlp.1'\\]"):
+        load_vectors(load_whisper(str(base_path)), partial)
+    stray = {**vectors, "ia3.head.scale": torch.ones(3)}
+    with pytest.raises(KeyError, match="ia3.head.scale"):
+        load_vectors(load_whisper(str(base_path)), stray)
+
+
+def test_export_merged_folds_decoder_vectors(finetuned, tmp_path):
+    base_path, model = finetuned
+    path = tmp_path / "finetuned.safetensors"
+    save_vectors(path, model, model_identity(str(base_path), model))
+    merged = whisper.load_model(str(export_merged(path, None, tmp_path / "m.pt")), device="cpu")
+    stock = load_whisper(str(base_path))
+    mel, tokens = torch.randn(2, 80, 3000), torch.randint(0, 51864, (2, 6))
+    with torch.no_grad():
+        expected = model(mel, tokens)  # (2, 6, vocab)
+        got = merged(mel, tokens)
+        # Same encoder output, so the decoder alone shows that its vectors were merged.
+        audio = model.encoder(mel)  # (2, 1500, d)
+        decoder_delta = (merged.decoder(tokens, audio) - stock.decoder(tokens, audio)).abs()
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    assert decoder_delta.max().item() > 1e-2 * expected.abs().max().item()
+
+
+def test_export_help_says_decoder_vectors_are_merged():
+    from typer.testing import CliRunner
+
+    from stages.export import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0 and "decoder" in result.output and "fine-tuned" in result.output
+
+
+# Two short clips: greedy decoding of tiny.en on a CPU costs seconds per clip.
+CLIPS = ("the quick brown fox jumps over the lazy dog", "she sells sea shells by the sea shore")
+
+
+def _speech_mels(texts: tuple[str, ...]) -> torch.Tensor:
+    """Whisper's log-mel inputs (clips, 80, 3000) of espeak clips of `texts`."""
+    synth, mels = EspeakSynthesizer(), []
+    for text in texts:
+        audio, rate = synth.synthesize(text)  # (samples,) at espeak's own rate
+        audio16k = torchaudio.functional.resample(torch.from_numpy(audio), rate,
+                                                  whisper.audio.SAMPLE_RATE)  # (samples',)
+        mels.append(whisper.log_mel_spectrogram(whisper.pad_or_trim(audio16k)))  # (80, 3000)
+    return torch.stack(mels)
+
+
+def test_export_of_a_finetuned_adapter_on_real_tiny_en_transcribes_like_the_adapter(
+        tiny_en_path, tmp_path):
+    spec = str(tiny_en_path)
+    adapted = _finetune_style(load_whisper(spec), seed=0, spread=0.05)
+    path = tmp_path / "finetuned.safetensors"
+    save_vectors(path, adapted, model_identity(spec, adapted), {"stage": "finetune"})
+    out = export_merged(path, spec, tmp_path / "tiny.en-finetuned.pt")
+    merged = whisper.load_model(str(out), device="cpu")
+    assert not any(isinstance(m, IA3Scale) for m in merged.modules())
+
+    mels = _speech_mels(CLIPS)  # (2, 80, 3000)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
+                                      temperature=0)
+    with torch.no_grad():
+        want = [r.text for r in whisper.decode(adapted, mels, options)]
+        got = [r.text for r in whisper.decode(merged, mels, options)]
+    assert got == want
+    assert all(len(text.split()) >= 4 for text in want)  # real transcripts, not empty output
+
+    tokenizer = whisper.tokenizer.get_tokenizer(False)
+    prompt = list(tokenizer.sot_sequence_including_notimestamps) + tokenizer.encode(" " + want[0])
+    tokens = torch.tensor([prompt] * len(CLIPS))  # (2, tokens)
+    with torch.no_grad():
+        expected = adapted(mels, tokens)  # (2, tokens, vocab)
+        logits = merged(mels, tokens)
+    assert (logits - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    stock = load_whisper(spec).state_dict()
+    assert not torch.equal(merged.state_dict()["decoder.blocks.3.cross_attn.value.weight"],
+                           stock["decoder.blocks.3.cross_attn.value.weight"])

@@ -1,6 +1,10 @@
+from dataclasses import asdict
+
 import pytest
 import torch
+import torchaudio
 import whisper
+from whisper.model import ModelDimensions, Whisper
 
 from bestrq.ia3 import (
     IA3Scale,
@@ -10,14 +14,39 @@ from bestrq.ia3 import (
     load_ia3_state_dict,
     merge_ia3,
 )
-from bestrq.whisper_model import load_whisper, random_whisper, save_whisper_checkpoint
+from bestrq.synth import EspeakSynthesizer
+from bestrq.whisper_model import (
+    TINY_TEST_DIMS,
+    load_whisper,
+    random_whisper,
+    save_whisper_checkpoint,
+)
+
+# TINY_TEST_DIMS has one decoder layer; two show that every layer gets its vectors.
+TWO_DECODER_LAYERS = ModelDimensions(**{**asdict(TINY_TEST_DIMS), "n_text_layer": 2})
 
 
-def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
+def _perturb(module: torch.nn.Module, seed: int = 0, spread: float = 0.5) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for v in ia3_state_dict(module).values():
-            v.copy_(1.0 + 0.5 * torch.randn(v.shape, generator=g))
+            v.copy_(1.0 + spread * torch.randn(v.shape, generator=g))
+
+
+def _speech_mel(text: str) -> torch.Tensor:
+    """Whisper's log-mel input (1, 80, 3000) for an espeak clip of `text`."""
+    audio, rate = EspeakSynthesizer().synthesize(text)  # (samples,) at espeak's own rate
+    audio16k = torchaudio.functional.resample(torch.from_numpy(audio), rate,
+                                              whisper.audio.SAMPLE_RATE)  # (samples',)
+    return whisper.log_mel_spectrogram(whisper.pad_or_trim(audio16k))[None]  # (1, 80, 3000)
+
+
+def _prompt(model: Whisper, text: str) -> torch.Tensor:
+    """Decoder input (1, tokens): the start-of-transcript sequence, then `text`."""
+    tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual,
+                                                num_languages=model.num_languages)
+    tokens = list(tokenizer.sot_sequence_including_notimestamps) + tokenizer.encode(text)
+    return torch.tensor([tokens])  # (1, tokens)
 
 
 def test_parameter_count_is_6_d_layers(tiny_whisper):
@@ -150,3 +179,112 @@ def test_every_whisper_size_gets_6_d_layers_vectors_and_keeps_its_shapes(name):
     assert out.shape == (2, 1500, d)
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     assert trainable == 6 * d * layers
+
+
+def test_decoder_gets_8_d_vectors_per_layer_at_one_and_only_they_train():
+    model = random_whisper(TWO_DECODER_LAYERS)
+    names = add_ia3(model.decoder)
+    d, layers = 64, 2
+    assert count_ia3_parameters(model.decoder) == 8 * d * layers
+    assert len(names) == 5 * layers
+    vectors = ia3_state_dict(model.decoder)
+    assert {n.split(".", 2)[2]: v.numel() for n, v in vectors.items()
+            if n.startswith("blocks.1.")} == {
+        "attn.key": d, "attn.value": d, "cross_attn.key": d, "cross_attn.value": d,
+        "mlp.1": 4 * d}
+    assert all(torch.equal(v, torch.ones_like(v)) for v in vectors.values())
+    trainable = {n for n, p in model.decoder.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.scale" for n in names}
+    # The encoder is a separate module: adapting the decoder leaves it stock.
+    assert count_ia3_parameters(model.encoder) == 0
+
+
+def test_real_tiny_en_with_ia3_in_encoder_and_decoder_is_the_stock_model_at_init(tiny_en_path):
+    model = load_whisper(str(tiny_en_path))
+    mel = _speech_mel("the quick brown fox jumps over the lazy dog")  # (1, 80, 3000)
+    tokens = _prompt(model, " The quick brown fox jumps over the lazy dog.")  # (1, tokens)
+    with torch.no_grad():
+        stock = model(mel, tokens)  # (1, tokens, vocab)
+        add_ia3(model.encoder)
+        add_ia3(model.decoder)
+        adapted = model(mel, tokens)
+    dims = model.dims
+    assert count_ia3_parameters(model.decoder) == 8 * dims.n_text_state * dims.n_text_layer
+    assert count_ia3_parameters(model.decoder) == 12_288  # 8 * 384 * 4
+    assert count_ia3_parameters(model.encoder) == 9_216
+    assert stock.shape == (1, tokens.shape[1], dims.n_vocab)
+    assert (adapted - stock).abs().max().item() <= 1e-6
+
+
+def _assert_merge_folds_encoder_and_decoder(model: Whisper, mel: torch.Tensor,
+                                            tokens: torch.Tensor) -> None:
+    stock_names = set(model.state_dict())
+    with torch.no_grad():
+        stock = model(mel, tokens)  # (batch, tokens, vocab)
+        add_ia3(model.encoder)
+        add_ia3(model.decoder)
+        _perturb(model.encoder, seed=1, spread=0.1)
+        _perturb(model.decoder, seed=2, spread=0.1)
+        adapted = model(mel, tokens)
+        merge_ia3(model)
+        merged = model(mel, tokens)
+    assert not any(isinstance(m, IA3Scale) for m in model.modules())
+    assert set(model.state_dict()) == stock_names  # loads as a stock checkpoint
+    scale = adapted.abs().max().item()
+    assert (merged - adapted).abs().max().item() <= 1e-4 * scale
+    assert (adapted - stock).abs().max().item() > 1e-2 * scale  # the vectors do something
+
+
+def test_merge_folds_decoder_vectors_random_model():
+    model = random_whisper(TWO_DECODER_LAYERS)
+    tokens = torch.randint(0, model.dims.n_vocab, (2, 6))  # (batch, tokens)
+    _assert_merge_folds_encoder_and_decoder(model, torch.randn(2, 80, 3000), tokens)
+
+
+def test_merge_folds_decoder_vectors_real_tiny_en(tiny_en_path):
+    model = load_whisper(str(tiny_en_path))
+    _assert_merge_folds_encoder_and_decoder(
+        model, _speech_mel("she sells sea shells by the sea shore"),
+        _prompt(model, " She sells sea shells by the sea shore."))
+
+
+def test_kv_cache_decoding_with_decoder_vectors_equals_a_full_forward():
+    # whisper.decode caches keys and values through hooks on `attn.key` / `attn.value`: those are
+    # the IA^3 wrappers, so the cache must hold rescaled projections, not stock ones.
+    model = random_whisper(TWO_DECODER_LAYERS)
+    add_ia3(model.decoder)
+    _perturb(model.decoder, seed=3)
+    tokens = torch.randint(0, model.dims.n_vocab, (1, 6))  # (batch, tokens)
+    with torch.no_grad():
+        audio = model.encoder(torch.randn(1, 80, 3000))  # (1, 1500, d)
+        full = model.decoder(tokens, audio)  # (1, 6, vocab)
+        cache, hooks = model.install_kv_cache_hooks()
+        steps = [model.decoder(tokens[:, :3], audio, kv_cache=cache)]
+        steps += [model.decoder(tokens[:, i:i + 1], audio, kv_cache=cache) for i in range(3, 6)]
+        for hook in hooks:
+            hook.remove()
+    assert len(cache) == 4 * 2 and all(isinstance(m, IA3Scale) for m in cache)
+    cached = torch.cat(steps, dim=1)  # (1, 6, vocab)
+    assert (cached - full).abs().max().item() <= 1e-4 * full.abs().max().item()
+
+
+def test_adding_ia3_again_keeps_the_vectors_and_their_training():
+    model = random_whisper(TWO_DECODER_LAYERS)
+    first = add_ia3(model.decoder)
+    _perturb(model.decoder)
+    before = {k: v.detach().clone() for k, v in ia3_state_dict(model.decoder).items()}
+    assert add_ia3(model.decoder) == first
+    after = ia3_state_dict(model.decoder)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(v.requires_grad for v in after.values())
+    trainable = sum(p.numel() for p in model.decoder.parameters() if p.requires_grad)
+    assert trainable == 8 * 64 * 2
+
+
+def test_vectors_are_made_on_the_device_of_the_weights_they_scale():
+    from whisper.model import AudioEncoder
+
+    with torch.device("meta"):
+        encoder = AudioEncoder(80, 1500, 64, 2, 2)
+    add_ia3(encoder)  # outside the device context: the vectors follow the weights
+    assert {v.device.type for v in ia3_state_dict(encoder).values()} == {"meta"}
