@@ -6,6 +6,10 @@ whisper's own (`whisper.decode`, greedy at temperature 0, no timestamps) on the 
 windows, text is normalised with whisper's normaliser (English for `.en` and English-language
 models, basic otherwise), and errors are counted with jiwer over the whole set (errors / reference
 words, not a mean of per-clip rates).
+
+A WER difference comes with a 95% paired bootstrap interval (`wer_comparison`): clips are
+resampled with replacement, the same clips for both systems, so that the interval reflects how
+much the difference depends on which clips were drawn, not the (shared) difficulty of the clips.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jiwer
+import numpy as np
 import torch
 import whisper
 from torch.utils.data import Dataset
@@ -29,12 +34,17 @@ class AsrConfig:
     max_clips: int = 0  # 0: every eval clip with a transcript
     batch_size: int = 8
     language: str = "en"  # the eval audio's language (ignored by English-only models)
+    bootstrap_samples: int = 1000  # resamples of the WER interval
+    seed: int = 0  # of the bootstrap resampling
 
     def validate(self) -> None:
         if self.max_clips < 0:
             raise ValueError(f"evaluate.asr_max_clips must be >= 0, got {self.max_clips}")
         if self.batch_size < 1:
             raise ValueError(f"evaluate.asr_batch_size must be >= 1, got {self.batch_size}")
+        if self.bootstrap_samples < 100:
+            raise ValueError(f"evaluate.bootstrap_samples must be >= 100 for a 95% interval, "
+                             f"got {self.bootstrap_samples}")
         if self.language not in whisper.tokenizer.LANGUAGES:
             raise ValueError(f"evaluate.language: {self.language!r} is not a Whisper language "
                              f"code (en, de, fr, ...)")
@@ -72,13 +82,98 @@ def transcribe(model: Whisper, dataset: Dataset, indices: list[int], config: Asr
     return texts
 
 
-def word_errors(references: list[str], hypotheses: list[str],
-                normalize: Callable[[str], str]) -> dict[str, float]:
-    """Corpus WER and its parts after normalising both sides."""
-    refs = [normalize(r) for r in references]
-    hyps = [normalize(h) for h in hypotheses]
-    out = jiwer.process_words(refs, hyps)
+def _process(references: list[str], hypotheses: list[str],
+             normalize: Callable[[str], str]) -> jiwer.WordOutput:
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    return jiwer.process_words([normalize(r) for r in references],
+                               [normalize(h) for h in hypotheses])
+
+
+def _clip_counts(out: jiwer.WordOutput) -> tuple[np.ndarray, np.ndarray]:
+    """Per-clip word edits and reference words of a jiwer alignment."""
+    edits = np.array([sum((c.hyp_end_idx - c.hyp_start_idx) if c.type == "insert"
+                          else (c.ref_end_idx - c.ref_start_idx)
+                          for c in chunks if c.type != "equal")
+                      for chunks in out.alignments], dtype=np.int64)  # (clips,)
+    words = np.array([len(r) for r in out.references], dtype=np.int64)  # (clips,)
+    return edits, words
+
+
+def _corpus_counts(out: jiwer.WordOutput) -> dict[str, float]:
     words = out.hits + out.substitutions + out.deletions
     return {"wer": float(out.wer), "substitutions": float(out.substitutions),
             "deletions": float(out.deletions), "insertions": float(out.insertions),
             "reference_words": float(words)}
+
+
+def word_errors(references: list[str], hypotheses: list[str],
+                normalize: Callable[[str], str]) -> dict[str, float]:
+    """Corpus WER and its parts after normalising both sides."""
+    return _corpus_counts(_process(references, hypotheses, normalize))
+
+
+def clip_errors(references: list[str], hypotheses: list[str],
+                normalize: Callable[[str], str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per clip, word edits (substitutions + deletions + insertions) and reference words after
+    normalising both sides: two int64 arrays (clips,) whose sums are `word_errors`' counts."""
+    return _clip_counts(_process(references, hypotheses, normalize))
+
+
+def paired_bootstrap(edits: np.ndarray, words: np.ndarray, samples: int = 1000,
+                     seed: int = 0) -> np.ndarray:
+    """Corpus WER of `samples` resamples of the clips, drawn with replacement and shared by all
+    systems: edits (systems, clips), words (clips,) -> WER (samples, systems).
+
+    A resample's WER is sum(edits) / sum(words) over its clips (a corpus rate, like jiwer's).
+    """
+    edits = np.atleast_2d(np.asarray(edits, dtype=np.float64))  # (systems, clips)
+    words = np.asarray(words, dtype=np.float64)  # (clips,)
+    clips = words.shape[0]
+    if edits.shape[1] != clips or clips == 0:
+        raise ValueError(f"edits {edits.shape} and words {words.shape} must cover the same, "
+                         f"non-zero number of clips")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    rng = np.random.default_rng(seed)
+    # Resample in blocks so that the (block, clips) index matrix stays near 2M entries
+    # whatever the number of clips.
+    block = max(1, (1 << 21) // clips)
+    out = np.empty((samples, edits.shape[0]))
+    for start in range(0, samples, block):
+        idx = rng.integers(0, clips, size=(min(block, samples - start), clips))  # (b, clips)
+        # A resample with no reference words (only empty references) would divide by zero.
+        total = np.maximum(words[idx].sum(axis=1), 1.0)  # (b,)
+        out[start:start + idx.shape[0]] = edits[:, idx].sum(axis=2).T / total[:, None]
+    return out
+
+
+def wer_comparison(references: list[str], hypotheses: dict[str, list[str]],
+                   normalize: Callable[[str], str], baseline: str, other: str,
+                   samples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Corpus WER of each system in `hypotheses` with its 95% bootstrap interval and error
+    counts (`{name}/wer`, `/wer_low`, `/wer_high`, `/substitutions`, `/deletions`,
+    `/insertions`, `/reference_words`), and `delta/wer` = WER(other) - WER(baseline) on all
+    clips with its paired 95% interval (`delta/wer_low`, `delta/wer_high`) and
+    `delta/wer_relative` (delta / baseline WER; 0 when that is 0)."""
+    for name in (baseline, other):
+        if name not in hypotheses:
+            raise ValueError(f"no hypotheses for {name!r}; have {sorted(hypotheses)}")
+    names = list(hypotheses)
+    outputs = [_process(references, hypotheses[name], normalize) for name in names]
+    counts = [_clip_counts(o) for o in outputs]
+    words = counts[0][1]  # (clips,) the same references for every system
+    edits = np.stack([e for e, _ in counts])  # (systems, clips)
+    wer = paired_bootstrap(edits, words, samples, seed)  # (samples, systems)
+    result: dict[str, float] = {}
+    for s, (name, o) in enumerate(zip(names, outputs, strict=True)):
+        low, high = np.percentile(wer[:, s], [2.5, 97.5])
+        result.update({f"{name}/{k}": v for k, v in _corpus_counts(o).items()})
+        result.update({f"{name}/wer_low": float(low), f"{name}/wer_high": float(high)})
+    b, o = names.index(baseline), names.index(other)
+    low, high = np.percentile(wer[:, o] - wer[:, b], [2.5, 97.5])
+    delta = result[f"{other}/wer"] - result[f"{baseline}/wer"]
+    base = result[f"{baseline}/wer"]
+    result.update({"delta/wer": delta, "delta/wer_low": float(low), "delta/wer_high": float(high),
+                   "delta/wer_relative": delta / base if base else 0.0})
+    return result

@@ -1,25 +1,32 @@
-"""Held-out evaluation of an adapter: BEST-RQ loss, masked accuracy and codebook utilisation,
-and the word error rate of Whisper with and without it.
+"""Held-out evaluation of an adapter: BEST-RQ loss, masked accuracy and codebook utilisation
+beside a label-prior baseline, and the word error rate of Whisper with and without the adapter.
 
-Every clip gets the same seeded mask and noise whatever model is evaluated, so the adapted
-encoder and the stock encoder (the same model with its IA^3 vectors reset to one, keeping the
-adapter's heads) are compared on identical inputs and targets. The ASR comparison decodes the
-same transcribed clips with stock Whisper and with Whisper whose encoder has the vectors merged.
+- `adapted/loss`, `adapted/accuracy`: the adapted encoder and its heads on the eval split's
+  masked targets. Every clip gets the same seeded mask and noise whatever model is evaluated.
+- `prior/loss`, `prior/accuracy`: a model that knows only label frequencies (per codebook,
+  counted on the train split's valid targets, add-one smoothed; accuracy by always guessing the
+  most frequent train label), scored on those same masked targets. `delta/loss_vs_prior` and
+  `delta/accuracy_vs_prior` are what the encoder's context adds beyond the label frequencies;
+  log(codebook_size) would overstate it since labels are far from uniform (`prior/train_entropy`).
+- `stock/wer`, `adapted/wer`, `delta/wer`: stock Whisper and Whisper with the vectors merged
+  into its encoder, decoding the same transcribed clips; the delta has a 95% paired bootstrap
+  interval (`delta/wer_low`, `delta/wer_high`). The heads are not compared on the stock
+  encoder: they were trained with the adapted one, so that comparison would favour the adapter.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from bestrq.adapter import merge_vectors
-from bestrq.asr import AsrConfig, normalizer_for, transcribe, transcribed_clips, word_errors
-from bestrq.ia3 import ia3_state_dict
+from bestrq.asr import AsrConfig, normalizer_for, transcribe, transcribed_clips, wer_comparison
+from bestrq.dataset import collate
+from bestrq.masking import target_valid
 from bestrq.model import BestRQModel
 from bestrq.train import MaskedClips
 from bestrq.whisper_model import load_whisper
@@ -29,16 +36,18 @@ from bestrq.whisper_model import load_whisper
 class EvaluateConfig:
     batch_size: int = 4
     max_clips: int = 0  # 0: the whole eval split
-    seed: int = 1234  # masks of held-out clips; fixed so every experiment sees the same ones
+    seed: int = 1234  # masks of held-out clips and WER bootstrap; fixed across experiments
     num_workers: int = 0
     asr: bool = True  # also the WER of stock vs adapted Whisper on transcribed eval clips
     asr_max_clips: int = 0  # 0: every transcribed eval clip
     asr_batch_size: int = 8
     language: str = "en"
+    bootstrap_samples: int = 1000  # resamples of the 95% WER intervals
 
     def asr_config(self) -> AsrConfig:
         return AsrConfig(max_clips=self.asr_max_clips, batch_size=self.asr_batch_size,
-                         language=self.language)
+                         language=self.language, bootstrap_samples=self.bootstrap_samples,
+                         seed=self.seed)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -53,9 +62,9 @@ class EvaluateConfig:
 
 
 @torch.no_grad()
-def bestrq_metrics(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
-                   device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Loss and accuracy over all masked targets, utilisation over all valid targets."""
+def _bestrq_pass(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
+                 device: torch.device, progress: bool) -> tuple[dict[str, float], Tensor]:
+    """`bestrq_metrics` and the per-codebook label counts (N, K) of the masked targets."""
     config.validate()
     if config.max_clips:
         dataset = Subset(dataset, range(min(config.max_clips, len(dataset))))  # type: ignore[arg-type]
@@ -68,7 +77,8 @@ def bestrq_metrics(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
     n, k = qcfg.num_codebooks, qcfg.codebook_size
     model.eval().to(device)
     loss_sum, correct, masked = 0.0, torch.zeros(n, dtype=torch.float64), 0
-    counts = torch.zeros(n, k, dtype=torch.float64)
+    counts = torch.zeros(n, k, dtype=torch.float64)  # labels of valid targets
+    masked_counts = torch.zeros(n, k, dtype=torch.float64)  # labels of masked targets
     valid_targets = 0
     for mel, frames, mask, noise in tqdm(loader, desc="evaluate", disable=not progress):
         mel, frames = mel.to(device), frames.to(device)
@@ -85,8 +95,8 @@ def bestrq_metrics(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
             masked += out.num_masked
         picked = labels.transpose(1, 2)[valid[:, :targets]]  # (V, N)
         valid_targets += picked.shape[0]
-        for i in range(n):
-            counts[i] += torch.bincount(picked[:, i], minlength=k).double().cpu()
+        counts += label_counts(picked, k)
+        masked_counts += label_counts(labels.transpose(1, 2)[loss_mask[:, :targets]], k)
     probs = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (N,)
     metrics = {
@@ -96,59 +106,98 @@ def bestrq_metrics(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
         "distinct_labels": float((counts > 0).sum(-1).double().mean()),
         "mask_fraction": masked / max(valid_targets, 1),
         "masked_targets": float(masked),
-        "chance_loss": math.log(k),
     }
     for i in range(n if n > 1 else 0):
         metrics[f"accuracy_cb{i}"] = float(correct[i] / max(masked, 1))
-    return metrics
+    return metrics, masked_counts
 
 
-def with_stock_encoder(model: BestRQModel, fn: Callable[[], dict[str, float]]
-                       ) -> dict[str, float]:
-    """Run `fn` with every IA^3 vector temporarily reset to one (the un-adapted encoder)."""
-    vectors = ia3_state_dict(model.encoder)
-    saved = {name: v.detach().clone() for name, v in vectors.items()}
-    try:
-        with torch.no_grad():
-            for v in vectors.values():
-                v.fill_(1.0)
-        return fn()
-    finally:
-        with torch.no_grad():
-            for name, v in vectors.items():
-                v.copy_(saved[name])
+@torch.no_grad()
+def bestrq_metrics(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
+                   device: torch.device, progress: bool = True) -> dict[str, float]:
+    """Loss and accuracy over all masked targets, utilisation over all valid targets."""
+    return _bestrq_pass(model, dataset, config, device, progress)[0]
 
 
-def evaluate_adapter(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
-                     device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Adapted and stock metrics side by side: `adapted/...`, `stock/...` and their deltas."""
-    adapted = bestrq_metrics(model, dataset, config, device, progress)
-    stock = with_stock_encoder(model, lambda: bestrq_metrics(model, dataset, config, device,
-                                                             progress))
+def label_counts(labels: Tensor, codebook_size: int) -> Tensor:
+    """Labels (targets, N) -> float64 counts (N, codebook_size) of each label per codebook."""
+    n = labels.shape[1]
+    # Offset codebook i's labels by i * K so one bincount counts every codebook.
+    offset = torch.arange(n, device=labels.device) * codebook_size  # (N,)
+    flat = (labels + offset).reshape(-1)
+    return torch.bincount(flat, minlength=n * codebook_size).reshape(
+        n, codebook_size).double().cpu()
+
+
+@torch.no_grad()
+def train_label_counts(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
+                       device: torch.device, progress: bool = True) -> Tensor:
+    """Per-codebook counts (N, K) of the quantizer's labels over the valid targets of
+    `dataset` (labels of the unmasked features, as the training targets are made)."""
+    config.validate()
+    qcfg = model.quantizer.config
+    quantizer = model.quantizer.to(device)
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
+                        collate_fn=collate)
+    counts = torch.zeros(qcfg.num_codebooks, qcfg.codebook_size, dtype=torch.float64)
+    for mel, frames in tqdm(loader, desc="label prior", disable=not progress):
+        labels = quantizer(quantizer.normalize(mel.to(device)))  # (batch, N, T)
+        valid = target_valid(frames.to(device), labels.shape[-1], qcfg.stack_frames)  # (batch, T)
+        counts += label_counts(labels.transpose(1, 2)[valid], qcfg.codebook_size)
+    return counts
+
+
+def prior_metrics(train_counts: Tensor, eval_counts: Tensor) -> dict[str, float]:
+    """Scores of the add-one smoothed label prior of `train_counts` (N, K) on the targets
+    counted in `eval_counts` (N, K): cross-entropy (mean over codebooks and targets, nats),
+    accuracy of always predicting each codebook's most frequent train label (the lowest index
+    on ties), and the prior's own entropy (mean over codebooks, nats)."""
+    train_counts, eval_counts = train_counts.double(), eval_counts.double()
+    k = train_counts.shape[1]
+    log_prior = ((train_counts + 1.0) / (train_counts.sum(-1, keepdim=True) + k)).log()  # (N, K)
+    targets = eval_counts.sum().clamp_min(1.0)
+    best = train_counts.argmax(-1, keepdim=True)  # (N, 1)
+    return {"loss": float(-(eval_counts * log_prior).sum() / targets),
+            "accuracy": float(eval_counts.gather(1, best).sum() / targets),
+            "train_entropy": float(-(log_prior.exp() * log_prior).sum(-1).mean())}
+
+
+def evaluate_adapter(model: BestRQModel, dataset: Dataset, train_dataset: Dataset,
+                     config: EvaluateConfig, device: torch.device, progress: bool = True
+                     ) -> dict[str, float]:
+    """The adapted model's metrics on `dataset` (`adapted/...`) beside the label prior of
+    `train_dataset` scored on the same masked targets (`prior/...`), and their differences
+    `delta/loss_vs_prior`, `delta/accuracy_vs_prior` (negative loss delta: better than prior)."""
+    adapted, masked_counts = _bestrq_pass(model, dataset, config, device, progress)
+    prior = prior_metrics(train_label_counts(model, train_dataset, config, device, progress),
+                          masked_counts)
     out = {f"adapted/{k}": v for k, v in adapted.items()}
-    out.update({f"stock/{k}": v for k, v in stock.items()})
-    out["delta/loss"] = adapted["loss"] - stock["loss"]
-    out["delta/accuracy"] = adapted["accuracy"] - stock["accuracy"]
+    out.update({f"prior/{k}": v for k, v in prior.items()})
+    out["delta/loss_vs_prior"] = adapted["loss"] - prior["loss"]
+    out["delta/accuracy_vs_prior"] = adapted["accuracy"] - prior["accuracy"]
     return out
 
 
 def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Dataset,
                 config: AsrConfig, device: torch.device) -> dict[str, float]:
     """WER of stock Whisper (`base_model`) and of Whisper with the adapter's IA^3 vectors merged
-    into its encoder, on the transcribed clips of `dataset`: `stock/wer`, `adapted/wer`,
-    `delta/wer` and their error counts. Empty when no clip has a transcript."""
+    into its encoder, on the transcribed clips of `dataset`, through `wer_comparison`:
+    `stock/...`, `adapted/...` (WER, 95% interval, error counts), `delta/wer` with its paired
+    95% interval and `delta/wer_relative`. Empty when no clip has a transcript."""
+    config.validate()
     indices = transcribed_clips(dataset, config)
     if not indices:
         return {}
     references = [dataset.transcripts[i] for i in indices]  # type: ignore[attr-defined]
     model = load_whisper(base_model)
     normalize = normalizer_for(model, config.language)
-    out: dict[str, float] = {"asr_clips": float(len(indices))}
+    hypotheses: dict[str, list[str]] = {}
     for name in ("stock", "adapted"):
         if name == "adapted":
             merge_vectors(model.cpu(), tensors)  # one copy of the model at a time
-        hypotheses = transcribe(model, dataset, indices, config, device, desc=f"asr {name}")
-        out.update({f"{name}/{k}": v for k, v in
-                    word_errors(references, hypotheses, normalize).items()})
-    out["delta/wer"] = out["adapted/wer"] - out["stock/wer"]
+        hypotheses[name] = transcribe(model, dataset, indices, config, device, desc=f"asr {name}")
+    out: dict[str, float] = {"asr_clips": float(len(indices))}
+    out.update(wer_comparison(references, hypotheses, normalize, baseline="stock",
+                              other="adapted", samples=config.bootstrap_samples,
+                              seed=config.seed))
     return out

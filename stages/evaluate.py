@@ -1,4 +1,4 @@
-"""Stage 5: the adapter on held-out clips beside the un-adapted encoder."""
+"""Stage 5: the adapter on held-out clips beside a label-prior baseline and stock Whisper."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
-    """BEST-RQ loss, masked accuracy and codebook utilisation on data/features/eval, for the
-    adapted encoder and for the stock one (IA^3 vectors at one, same heads, same masks); with
-    evaluate.asr, the WER of stock and adapted Whisper on the transcribed eval clips."""
+    """BEST-RQ loss, masked accuracy and codebook utilisation of the adapted encoder on
+    data/features/eval, beside the label prior of data/features/train scored on the same masked
+    targets; with evaluate.asr, the WER of stock and adapted Whisper on the transcribed eval
+    clips with a 95% paired bootstrap interval of their difference."""
     p = params_or_exit("evaluate", params)
     with friendly_errors():
         tensors, info = read_adapter(ADAPTER)
@@ -28,8 +29,9 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
         check_base(base, info, ADAPTER, p.model)
         model = build_model(base, info, tensors)
         dataset = FeatureDataset(FEATURES / "eval")
+        train = FeatureDataset(FEATURES / "train")  # the label prior's frequencies
         device = resolve_device(p.train.device)
-        metrics = evaluate_adapter(model, dataset, p.evaluate, device)
+        metrics = evaluate_adapter(model, dataset, train, p.evaluate, device)
         if p.evaluate.asr:
             del model, base  # compare_asr loads its own Whisper, one copy at a time
             metrics.update(compare_asr(p.model, tensors, dataset, p.evaluate.asr_config(),

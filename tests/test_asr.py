@@ -1,12 +1,21 @@
 """ASR evaluation: WER counting, Whisper decoding of stored windows, stock vs adapted."""
 
+import numpy as np
 import pytest
 import torch
 import whisper
 from torch.utils.data import Dataset
 from whisper.normalizers import EnglishTextNormalizer
 
-from bestrq.asr import AsrConfig, transcribe, transcribed_clips, word_errors
+from bestrq.asr import (
+    AsrConfig,
+    clip_errors,
+    paired_bootstrap,
+    transcribe,
+    transcribed_clips,
+    wer_comparison,
+    word_errors,
+)
 from bestrq.audio import resample
 from bestrq.evaluate import EvaluateConfig, compare_asr
 from bestrq.ia3 import add_ia3, ia3_state_dict
@@ -62,12 +71,118 @@ def test_word_errors_count_over_the_corpus_after_normalising():
     assert (got["substitutions"], got["insertions"]) == (1.0, 1.0)
 
 
+def test_clip_errors_are_per_clip_jiwer_counts_that_sum_to_the_corpus_counts():
+    norm = EnglishTextNormalizer()
+    refs = ["The cat sat on the mat.", "Hello, World!", "a b c d", "e f"]
+    hyps = ["the cat sat on mat", "hello there world", "a x c d z", "f"]
+    edits, words = clip_errors(refs, hyps, norm)
+    # one deletion; one insertion; a substitution and an insertion; one deletion
+    assert edits.tolist() == [1, 1, 2, 1] and words.tolist() == [6, 2, 4, 2]
+    corpus = word_errors(refs, hyps, norm)
+    assert edits.sum() == corpus["substitutions"] + corpus["deletions"] + corpus["insertions"]
+    assert words.sum() == corpus["reference_words"]
+    assert edits.sum() / words.sum() == corpus["wer"]
+
+
+def varied_clips(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """References of 5..15 words; hypothesis a gets 1..len words wrong per clip (a WER that
+    varies widely between clips), b gets exactly one word fewer wrong on every clip."""
+    rng = np.random.default_rng(seed)
+    refs, a, b = [], [], []
+    for _ in range(n):
+        words = [f"w{j}" for j in range(rng.integers(5, 16))]
+        wrong = int(rng.integers(1, len(words) + 1))
+        refs.append(" ".join(words))
+        a.append(" ".join(["zz"] * wrong + words[wrong:]))
+        b.append(" ".join(["zz"] * (wrong - 1) + words[wrong - 1:]))
+    return refs, a, b
+
+
+def test_identical_systems_have_a_zero_delta_with_a_zero_interval():
+    refs, a, _ = varied_clips(20, seed=0)
+    got = wer_comparison(refs, {"stock": a, "adapted": list(a)}, str, "stock", "adapted")
+    assert (got["delta/wer"], got["delta/wer_low"], got["delta/wer_high"]) == (0.0, 0.0, 0.0)
+    assert got["delta/wer_relative"] == 0.0
+    assert got["stock/wer"] == got["adapted/wer"] == word_errors(refs, a, str)["wer"]
+    assert got["stock/wer_low"] < got["stock/wer"] < got["stock/wer_high"]
+    assert (got["stock/wer_low"], got["stock/wer_high"]) == (got["adapted/wer_low"],
+                                                            got["adapted/wer_high"])
+
+
+def test_a_system_better_on_every_clip_has_an_interval_below_zero_only_when_paired():
+    refs, a, b = varied_clips(30, seed=1)
+    got = wer_comparison(refs, {"stock": a, "adapted": b}, str, "stock", "adapted")
+    words = sum(len(r.split()) for r in refs)
+    assert got["delta/wer"] == pytest.approx(-30 / words)  # one word fewer wrong per clip
+    assert got["delta/wer_relative"] == pytest.approx(got["delta/wer"] / got["stock/wer"])
+    assert got["delta/wer_low"] <= got["delta/wer"] <= got["delta/wer_high"] < 0.0
+    for name in ("stock", "adapted"):
+        assert got[f"{name}/wer_low"] <= got[f"{name}/wer"] <= got[f"{name}/wer_high"]
+        assert got[f"{name}/reference_words"] == words
+    # Resampling each system on its own clips would let clip difficulty swamp the difference.
+    (ea, w), (eb, _) = clip_errors(refs, a, str), clip_errors(refs, b, str)
+    unpaired = paired_bootstrap(eb, w, seed=1)[:, 0] - paired_bootstrap(ea, w, seed=2)[:, 0]
+    low, high = np.percentile(unpaired, [2.5, 97.5])
+    assert low < 0.0 < high
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    refs, a, b = varied_clips(30, seed=2)
+    hyps = {"stock": a, "adapted": b}
+    first = wer_comparison(refs, hyps, str, "stock", "adapted", samples=500, seed=3)
+    assert wer_comparison(refs, hyps, str, "stock", "adapted", samples=500, seed=3) == first
+    other = wer_comparison(refs, hyps, str, "stock", "adapted", samples=500, seed=4)
+    assert other["delta/wer"] == first["delta/wer"]  # the point estimate uses every clip
+    assert other["stock/wer_low"] != first["stock/wer_low"]
+    assert other["stock/wer_low"] == pytest.approx(first["stock/wer_low"], abs=0.02)
+    assert other["stock/wer_high"] == pytest.approx(first["stock/wer_high"], abs=0.02)
+
+
+def test_paired_bootstrap_interval_covers_the_true_wer_and_difference():
+    # Clips of varying difficulty d ~ Beta(2, 8) (mean 0.2); system b makes 3/4 of a's error
+    # rate on each clip, so the true corpus WERs are 0.2 and 0.15 and the difference -0.05.
+    rng = np.random.default_rng(0)
+    reps, covered_wer, covered_delta, paired_width, unpaired_width = 200, 0, 0, 0.0, 0.0
+    for rep in range(reps):
+        words = rng.integers(5, 40, size=60)
+        difficulty = rng.beta(2, 8, size=60)
+        a, b = rng.binomial(words, difficulty), rng.binomial(words, 0.75 * difficulty)
+        wer = paired_bootstrap(np.stack([a, b]), words, samples=300, seed=rep)  # (300, 2)
+        low, high = np.percentile(wer[:, 1] - wer[:, 0], [2.5, 97.5])
+        covered_delta += low <= -0.05 <= high
+        paired_width += high - low
+        low, high = np.percentile(wer[:, 0], [2.5, 97.5])
+        covered_wer += low <= 0.2 <= high
+        alone = paired_bootstrap(b, words, samples=300, seed=reps + rep)[:, 0] - wer[:, 0]
+        low, high = np.percentile(alone, [2.5, 97.5])
+        unpaired_width += high - low
+    # 95% nominal; the binomial standard error of 200 replications is 0.015.
+    assert 0.90 <= covered_wer / reps <= 0.99
+    assert 0.90 <= covered_delta / reps <= 0.99
+    assert paired_width < 0.7 * unpaired_width  # pairing removes the shared clip difficulty
+
+
+def test_bootstrap_wer_is_the_corpus_rate_of_the_resampled_clips():
+    # One clip: every resample is that clip repeated, so its WER is the clip's own rate.
+    wer = paired_bootstrap(np.array([[3], [1]]), np.array([4]), samples=100)
+    assert wer.shape == (100, 2) and np.all(wer == [0.75, 0.25])
+    # Two clips: resample WERs take only the values (2k + 0 * (n - k)) / (10k + 5(n - k))
+    # for k draws of the first clip among n = 2.
+    wer = paired_bootstrap(np.array([2, 0]), np.array([10, 5]), samples=200, seed=1)[:, 0]
+    assert set(np.round(wer, 12)) == {0.0, round(2 / 15, 12), 0.2}
+    with pytest.raises(ValueError, match="same, non-zero number of clips"):
+        paired_bootstrap(np.array([[1, 2]]), np.array([3]))
+
+
 def test_only_transcribed_clips_are_decoded():
     data = Windows([torch.zeros(80, 3000)] * 4, ["a", None, "  ", "b"])
     assert transcribed_clips(data, AsrConfig()) == [0, 3]
     assert transcribed_clips(data, AsrConfig(max_clips=1)) == [0]
     with pytest.raises(ValueError, match="evaluate.language"):
         EvaluateConfig(language="klingon").validate()
+    with pytest.raises(ValueError, match="evaluate.bootstrap_samples"):
+        EvaluateConfig(bootstrap_samples=99).validate()
+    assert EvaluateConfig(seed=7).asr_config().seed == 7  # the masks' seed drives the bootstrap
 
 
 def test_identity_adapter_gives_stock_transcripts(tmp_path):
@@ -81,6 +196,8 @@ def test_identity_adapter_gives_stock_transcripts(tmp_path):
                       torch.device("cpu"))
     assert got["asr_clips"] == 3 and got["stock/reference_words"] == 6
     assert got["adapted/wer"] == got["stock/wer"] and got["delta/wer"] == 0.0
+    assert got["delta/wer_low"] == got["delta/wer_high"] == got["delta/wer_relative"] == 0.0
+    assert got["stock/wer_low"] <= got["stock/wer"] <= got["stock/wer_high"]
     assert got["stock/wer"] > 0.5  # a random decoder does not read speech
 
 
@@ -100,3 +217,5 @@ def test_real_tiny_en_reads_synthetic_speech_and_a_broken_adapter_hurts(tiny_en_
                       torch.device("cpu"))
     assert got["stock/wer"] == pytest.approx(stock["wer"])
     assert got["adapted/wer"] > got["stock/wer"] + 0.4
+    assert got["delta/wer_low"] > 0.3  # worse on every clip: the whole interval is above 0
+    assert got["delta/wer_relative"] == pytest.approx(got["delta/wer"] / got["stock/wer"])
