@@ -51,10 +51,10 @@ class FinetuneConfig:
     accumulate_gradients: int = 1
     learning_rate: float = 3e-3
     lr_schedule: str = "constant"
-    warmup_steps: int = 5
-    max_steps: int = 30
+    warmup_steps: int = 2
+    max_steps: int = 15
     min_lr_ratio: float = 0.0
-    checkpoint_every: int = 10
+    checkpoint_every: int = 5
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """The engine's config: pre-training's, with this section's knobs in place."""

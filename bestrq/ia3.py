@@ -12,6 +12,9 @@ and `value` modules, which are then the wrappers, so the cache holds the rescale
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from whisper.model import MultiHeadAttention, ResidualAttentionBlock
@@ -27,9 +30,27 @@ class IA3Scale(nn.Module):
         # On the wrapped weights' device: a model moved to the GPU before adding IA^3 must not
         # get CPU vectors.
         self.scale = nn.Parameter(torch.ones(size, device=device))  # (size,)
+        self.enabled = True  # False inside `ia3_disabled`: the stock module's output
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x) * self.scale.to(x.dtype)
+        out = self.inner(x)
+        return out * self.scale.to(x.dtype) if self.enabled else out
+
+
+@contextmanager
+def ia3_disabled(module: nn.Module) -> Iterator[None]:
+    """Within the block, `module` computes as the stock model: every IA^3 wrapper under it
+    passes its inner output through unscaled. Nothing is copied and the vectors are not
+    touched, so it is safe inside a forward whose graph holds them (e.g. a distillation
+    target from the same weights)."""
+    wrappers = [m for m in module.modules() if isinstance(m, IA3Scale)]
+    for m in wrappers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in wrappers:
+            m.enabled = True
 
 
 def _attention_layers(block: ResidualAttentionBlock) -> list[tuple[str, MultiHeadAttention]]:

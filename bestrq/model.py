@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper.model import AudioEncoder
 
-from bestrq.ia3 import add_ia3, ia3_state_dict
+from bestrq.ia3 import add_ia3, ia3_disabled, ia3_state_dict
 from bestrq.masking import (
     MaskingConfig,
     apply_noise,
@@ -62,9 +62,12 @@ class BestRQModel(nn.Module):
     """Adapted encoder + one linear softmax head per codebook (held as one fused Linear)."""
 
     def __init__(self, encoder: AudioEncoder, quantizer: RandomProjectionQuantizer,
-                 masking: MaskingConfig) -> None:
+                 masking: MaskingConfig, distill_weight: float = 0.0) -> None:
         super().__init__()
         masking.validate()
+        if not distill_weight >= 0.0:
+            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
+        self.distill_weight = float(distill_weight)
         stack = quantizer.config.stack_frames
         if stack % ENCODER_STRIDE:
             raise ValueError(f"stack_frames must be a multiple of the encoder stride "
@@ -128,11 +131,34 @@ class BestRQModel(nn.Module):
     def forward(self, mel: Tensor, num_valid: Tensor, frame_mask: Tensor | None = None,
                 noise: Tensor | None = None, generator: torch.Generator | None = None,
                 with_metrics: bool = True) -> BestRQOutput:
-        """Loss (and, unless `with_metrics` is False, metrics that cost host syncs) of a batch."""
+        """Loss (and, unless `with_metrics` is False, metrics that cost host syncs) of a batch:
+        BEST-RQ's, plus `distill_weight` times the distillation term when it is on."""
         x, labels, loss_mask, valid = self.make_inputs(mel, num_valid, frame_mask, noise,
                                                        generator)
         h = self.encode(x)  # (batch, targets, group * d_model)
-        return self.loss(h, labels, loss_mask, valid if with_metrics else None)
+        out = self.loss(h, labels, loss_mask, valid if with_metrics else None)
+        if self.distill_weight > 0:
+            distill = self.distillation(mel, num_valid)
+            if with_metrics:
+                out.metrics["bestrq_loss"] = float(out.loss.detach())
+                out.metrics["distill_loss"] = float(distill.detach())
+            out.loss = out.loss + self.distill_weight * distill
+        return out
+
+    def distillation(self, mel: Tensor, num_valid: Tensor) -> Tensor:
+        """Mean squared difference, over valid encoder frames and channels, between the adapted
+        encoder's output on the clean input and the stock encoder's (the same weights with the
+        IA^3 vectors at one, no gradient): a guard that keeps the adapted encoder's output
+        where Whisper's decoder expects it (BEARD, arXiv 2510.24570, distils from the frozen
+        encoder the same way). mel: (batch, n_mels, frames) Whisper log-mel; scalar fp32."""
+        with torch.no_grad(), ia3_disabled(self.encoder):
+            target = self.encoder(mel)  # (batch, frames / 2, d_model)
+        h = self.encoder(mel)  # (batch, frames / 2, d_model)
+        frames = (num_valid + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,)
+        valid = torch.arange(h.shape[1], device=h.device)[None] < frames[:, None]
+        diff = h.float()[valid] - target.float()[valid]  # (valid frames, d_model)
+        # No valid frame: zero, with every vector still in the graph (DDP buckets).
+        return diff.pow(2).mean() if diff.numel() else h.float().sum() * 0.0
 
     def loss(self, h: Tensor, labels: Tensor, loss_mask: Tensor,
              valid: Tensor | None = None) -> BestRQOutput:

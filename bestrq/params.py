@@ -15,6 +15,7 @@ import yaml
 
 from bestrq import features, segment, sources
 from bestrq.evaluate import EvaluateConfig
+from bestrq.finetune import FinetuneConfig
 from bestrq.masking import MaskingConfig
 from bestrq.quantizer import QuantizerConfig
 from bestrq.train import TrainConfig
@@ -32,6 +33,8 @@ MODEL_HELP: dict[str, str] = {
     "mask_prob": "probability that a frame starts a masked span (paper: 0.01)",
     "mask_span_ms": "masked span length in ms (paper: 400 ms = 40 frames)",
     "mask_noise_std": "std of the noise replacing masked frames, normalised space (paper: 0.1)",
+    "distill_weight": "weight of the distillation guard: MSE of the adapted to the stock "
+                      "encoder's output on the clean input (0: off)",
 }
 # Help text of TrainConfig's fields, for `train --help`.
 TRAIN_HELP: dict[str, str] = {
@@ -62,7 +65,8 @@ QUANTIZER_KEYS = {"num_codebooks": "num_codebooks", "codebook_size": "codebook_s
 MASKING_KEYS = {"mask_prob": "mask_prob", "mask_span_ms": "span_ms",
                 "mask_noise_std": "noise_std"}
 SECTIONS = {"download": sources.SourceConfig, "segment": segment.SegmentConfig,
-            "features": features.FeatureConfig, "evaluate": EvaluateConfig}
+            "features": features.FeatureConfig, "evaluate": EvaluateConfig,
+            "finetune": FinetuneConfig}
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Params:
     model: str
     n_mels: int
     nproc: int
+    distill_weight: float
     quantizer: QuantizerConfig
     masking: MaskingConfig
     train: TrainConfig
@@ -77,6 +82,7 @@ class Params:
     segment: segment.SegmentConfig
     features: features.FeatureConfig
     evaluate: EvaluateConfig
+    finetune: FinetuneConfig
     raw: dict[str, Any]  # the flat dict it was built from, for records and fingerprints
 
 
@@ -111,7 +117,9 @@ def from_dict(raw: dict[str, Any]) -> Params:
     sections = {name: _build(cls, dict(raw.get(name) or {}), f"{name}.")
                 for name, cls in SECTIONS.items()}
     return Params(model=str(top.get("model", "tiny.en")), n_mels=int(top.get("n_mels", 80)),
-                  nproc=int(top.get("nproc", 1)), quantizer=quantizer, masking=masking,
+                  nproc=int(top.get("nproc", 1)),
+                  distill_weight=top.get("distill_weight", 0.0), quantizer=quantizer,
+                  masking=masking,
                   train=TrainConfig(**train_values), raw=raw, **sections)
 
 
@@ -126,7 +134,7 @@ def validate(params: Params, stage: str | None = None) -> None:
         if params.n_mels not in features.SUPPORTED_N_MELS:
             raise ValueError(f"n_mels must be one of {sorted(features.SUPPORTED_N_MELS)}, "
                              f"got {params.n_mels}")
-    if stage in (None, "pretrain", "evaluate"):
+    if stage in (None, "pretrain", "evaluate", "finetune"):
         validate_model_spec(params.model)
         model_mels = expected_n_mels(params.model)
         if model_mels is not None and model_mels != params.n_mels:
@@ -137,8 +145,13 @@ def validate(params: Params, stage: str | None = None) -> None:
         params.train.validate()
         if params.nproc < 1:
             raise ValueError(f"nproc must be >= 1, got {params.nproc}")
-    if stage in (None, "evaluate"):
+        weight = params.distill_weight
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            raise ValueError(f"distill_weight must be a number >= 0, got {weight!r}")
+    if stage in (None, "evaluate", "finetune"):
         params.evaluate.validate()
+    if stage in (None, "finetune"):
+        params.finetune.validate(params.train)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,

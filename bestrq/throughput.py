@@ -95,11 +95,20 @@ def encoder_flops(dims: ModelDimensions | AudioEncoder | tuple[int, int, int, in
 
 
 def model_flops(model: torch.nn.Module, batch: int, masked_targets: int) -> dict[str, int]:
-    """`encoder_flops` of a `BestRQModel` (its encoder, heads and quantizer)."""
+    """`encoder_flops` of a `BestRQModel` (its encoder, heads and quantizer), plus, with the
+    distillation guard on, its two encoder forwards on the clean input (stock, no gradient;
+    adapted) and the adapted one's backward."""
     cfg = model.quantizer.config
-    return encoder_flops(model.encoder, batch, masked_targets, model.heads.out_features,
-                         model.group, (cfg.n_mels * cfg.stack_frames, cfg.code_dim,
-                                       cfg.num_codebooks, cfg.codebook_size))
+    flops = encoder_flops(model.encoder, batch, masked_targets, model.heads.out_features,
+                          model.group, (cfg.n_mels * cfg.stack_frames, cfg.code_dim,
+                                        cfg.num_codebooks, cfg.codebook_size))
+    if getattr(model, "distill_weight", 0.0) > 0:
+        encoder = encoder_flops(model.encoder, batch)
+        flops["forward_distill"] = 2 * encoder["forward"]
+        flops["forward"] += flops["forward_distill"]
+        flops["backward"] += encoder["backward"]
+        flops["total"] = flops["forward"] + flops["backward"]
+    return flops
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float | None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,7 +16,9 @@ from typing import Any
 import typer
 from dvclive import Live
 
-from bestrq.params import Params, load_params
+from bestrq.checkpoint import latest_step
+from bestrq.distributed import launch_torchrun
+from bestrq.params import SECTIONS, Params, load_params
 
 # Must match dvc.yaml.
 DATA = Path("data")
@@ -22,6 +28,8 @@ FEATURES = DATA / "features"
 ADAPTER = DATA / "adapters" / "adapter.safetensors"
 IA3_ONLY_NAME = "ia3.safetensors"  # beside ADAPTER: the IA^3 vectors alone
 CHECKPOINTS = DATA / "checkpoints"
+FINETUNED = DATA / "finetune"  # <start>/ia3.safetensors: fine-tuned encoder+decoder vectors
+FINETUNE_CHECKPOINTS = DATA / "finetune_checkpoints"  # <start>/step-*.pt
 LIVE = Path("dvclive")
 
 
@@ -60,20 +68,59 @@ def finish_stage(name: str, stats: dict[str, float]) -> None:
     typer.echo(f"{name}: {stats}")
 
 
-def step_logger(live: Live) -> Callable[[int, dict[str, float]], None]:
-    """A `log(step, metrics)` callback for the library that writes one DVCLive step."""
+def step_logger(live: Live, prefix: str = "train") -> Callable[[int, dict[str, float]], None]:
+    """A `log(step, metrics)` callback for the library that writes one DVCLive step, each
+    metric named `<prefix>/<name>`."""
     def log(step: int, metrics: dict[str, float]) -> None:
         live.step = step
         for key, value in metrics.items():
-            live.log_metric(f"train/{key}", float(value))
+            live.log_metric(f"{prefix}/{key}", float(value))
         live.next_step()
     return log
 
 
-def truncate_history(live_dir: Path, last_step: int) -> None:
-    """Drop plot rows after `last_step`: steps a crashed run logged past its last checkpoint
-    are trained again on resume and must not appear twice."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+# Knobs that change how fast a run goes, not what it computes: a checkpoint made under other
+# values of these is still resumed.
+NOT_IN_FINGERPRINT = {"num_workers", "prefetch_factor", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "device"}
+
+
+def training_values(p: Params) -> dict[str, Any]:
+    """The top-level parameters that decide what a pre-training run computes."""
+    return {k: v for k, v in p.raw.items() if k not in NOT_IN_FINGERPRINT and k not in SECTIONS}
+
+
+def fingerprint(values: dict[str, Any], features_dir: Path, extra: bytes = b"") -> str:
+    """What a checkpoint must have been made with to be resumed: parameter values, the training
+    features (their statistics and index) and `extra` (e.g. the adapter a run starts from)."""
+    h = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for name in ("stats.json", "train/index.json"):
+        h.update((features_dir / name).read_bytes())
+    h.update(extra)
+    return h.hexdigest()
+
+
+def relaunch_under_torchrun(p: Params, module: str) -> None:
+    """With nproc > 1 and not yet under torchrun, re-run this command on nproc processes."""
+    if p.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:]))
+
+
+def prepare_checkpoints(checkpoint_dir: Path, key: str) -> int:
+    """Step to resume from (0: fresh). Checkpoints of other parameters or data are removed."""
+    marker = checkpoint_dir / "fingerprint.txt"
+    if checkpoint_dir.exists() and (not marker.is_file() or marker.read_text().strip() != key):
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
+    return latest_step(checkpoint_dir)
+
+
+def truncate_history(live_dir: Path, last_step: int, under: str = "") -> None:
+    """Drop plot rows after `last_step` (of the metrics under `under`, e.g. one fine-tune run):
+    steps a crashed run logged past its last checkpoint are trained again on resume and must
+    not appear twice."""
+    for tsv in (live_dir / "plots" / "metrics" / under).rglob("*.tsv"):
         with tsv.open() as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         if not rows or "step" not in rows[0]:

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import sys
 from pathlib import Path
 
 import typer
 
 from bestrq.adapter import save_adapter
-from bestrq.checkpoint import latest_step
 from bestrq.dataset import FeatureDataset
-from bestrq.distributed import (
-    DistInfo,
-    barrier,
-    distributed_session,
-    is_main,
-    launch_torchrun,
-)
+from bestrq.distributed import DistInfo, barrier, distributed_session, is_main
 from bestrq.features import load_stats
 from bestrq.ia3 import count_ia3_parameters
 from bestrq.model import BestRQModel
@@ -34,42 +22,19 @@ from stages.common import (
     FEATURES,
     IA3_ONLY_NAME,
     LIVE,
+    fingerprint,
     friendly_errors,
     log_summary,
     open_live,
     params_or_exit,
+    prepare_checkpoints,
+    relaunch_under_torchrun,
     step_logger,
+    training_values,
     truncate_history,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)
-
-# Knobs that change how fast a run goes, not what it computes: a checkpoint made under other
-# values of these is still resumed.
-NOT_IN_FINGERPRINT = {"num_workers", "prefetch_factor", "log_every", "checkpoint_every",
-                      "keep_checkpoints", "device"}
-
-
-def fingerprint(p: Params, features_dir: Path) -> str:
-    """What a checkpoint must have been made with to be resumed: parameters and data."""
-    relevant = {k: v for k, v in p.raw.items()
-                if k not in NOT_IN_FINGERPRINT and k not in ("download", "segment", "features",
-                                                             "evaluate")}
-    h = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
-    for name in ("stats.json", "train/index.json"):
-        h.update((features_dir / name).read_bytes())
-    return h.hexdigest()
-
-
-def prepare_checkpoints(checkpoint_dir: Path, key: str) -> int:
-    """Step to resume from (0: fresh). Checkpoints of other parameters or data are removed."""
-    marker = checkpoint_dir / "fingerprint.txt"
-    if checkpoint_dir.exists() and (not marker.is_file() or marker.read_text().strip() != key):
-        shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key + "\n")
-    return latest_step(checkpoint_dir)
-
 
 def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = ADAPTER,
                  checkpoint_dir: Path = CHECKPOINTS, live_name: str = "pretrain") -> None:
@@ -90,14 +55,14 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     identity = model_identity(p.model, base)
     mean, std = load_stats(features_dir)
     quantizer = RandomProjectionQuantizer(p.quantizer, mean, std)
-    model = BestRQModel(base.encoder, quantizer, p.masking)
+    model = BestRQModel(base.encoder, quantizer, p.masking, p.distill_weight)
     del base  # the decoder is not needed for pre-training
     dataset = FeatureDataset(features_dir / "train")
 
     start = 0
     live = None
     if is_main():
-        start = prepare_checkpoints(checkpoint_dir, fingerprint(p, features_dir))
+        start = prepare_checkpoints(checkpoint_dir, fingerprint(training_values(p), features_dir))
         live = open_live(live_name, resume=start > 0)
         if start:
             truncate_history(LIVE / live_name, start)
@@ -125,12 +90,6 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     live.end()
     typer.echo(f"pretrain: wrote {adapter_path} and {vectors_path} (IA^3 vectors only) after "
                f"{result.step} steps ({result.seconds:.0f} s)")
-
-
-def relaunch_under_torchrun(p: Params, module: str) -> None:
-    """With nproc > 1 and not yet under torchrun, re-run this command on nproc processes."""
-    if p.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:]))
 
 
 @app.command()

@@ -18,8 +18,8 @@ import yaml
 
 from bestrq.params import MODEL_HELP, TRAIN_HELP, hyperparameter_names
 from bestrq.train import TrainConfig
-from stages.common import FEATURES, friendly_errors, params_or_exit
-from stages.pretrain import relaunch_under_torchrun, run_pretrain
+from stages.common import FEATURES, friendly_errors, params_or_exit, relaunch_under_torchrun
+from stages.pretrain import run_pretrain
 
 RUNS = Path("runs") / "train"
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}

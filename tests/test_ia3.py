@@ -10,6 +10,7 @@ from bestrq.ia3 import (
     IA3Scale,
     add_ia3,
     count_ia3_parameters,
+    ia3_disabled,
     ia3_state_dict,
     load_ia3_state_dict,
     merge_ia3,
@@ -288,3 +289,19 @@ def test_vectors_are_made_on_the_device_of_the_weights_they_scale():
         encoder = AudioEncoder(80, 1500, 64, 2, 2)
     add_ia3(encoder)  # outside the device context: the vectors follow the weights
     assert {v.device.type for v in ia3_state_dict(encoder).values()} == {"meta"}
+
+
+def test_ia3_disabled_computes_the_stock_model_and_restores(tiny_whisper):
+    mel = torch.randn(1, 80, 3000) * 0.3
+    with torch.no_grad():
+        stock = tiny_whisper.encoder(mel)
+        add_ia3(tiny_whisper.encoder)
+        for v in ia3_state_dict(tiny_whisper.encoder).values():
+            v.mul_(1.5)
+        adapted = tiny_whisper.encoder(mel)
+        with ia3_disabled(tiny_whisper.encoder):
+            inside = tiny_whisper.encoder(mel)
+        after = tiny_whisper.encoder(mel)
+    assert torch.equal(inside, stock)
+    assert torch.equal(after, adapted)
+    assert not torch.allclose(adapted, stock, atol=1e-3)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from bestrq.ia3 import ia3_state_dict
 from bestrq.masking import MaskingConfig, draw_sample_mask
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
@@ -41,7 +42,7 @@ def test_heads_come_from_the_run_seed_not_the_global_rng(tiny_whisper):
         torch.rand(1000)  # whatever ran before must not matter
         q = RandomProjectionQuantizer(QuantizerConfig(codebook_size=64, seed=seed))
         model = BestRQModel(random_whisper(TINY_TEST_DIMS).encoder, q, MaskingConfig())
-        return torch.cat([model.heads.weight.flatten(), model.heads.bias])
+        return torch.cat([model.heads.weight.flatten(), model.heads.bias]).detach()
 
     global_state = torch.get_rng_state()
     a, b, c = heads(0, 1), heads(0, 2), heads(1, 1)
@@ -156,3 +157,36 @@ def test_batch_without_masked_targets_gives_zero_gradients_to_every_trainable(ti
     for name, p in model.trainable_parameters().items():
         assert p.grad is not None, name
         assert torch.count_nonzero(p.grad) == 0, name
+
+
+def test_distillation_guard_is_the_mse_to_the_stock_encoder_on_valid_frames(tiny_whisper):
+    model = make_model(tiny_whisper)
+    mel, nv, masks, noises = fixed_batch()
+    plain = model(mel, nv, frame_mask=masks, noise=noises)
+    model.distill_weight = 0.7
+    # At init the adapted encoder is the stock one: the term is 0 and the loss unchanged.
+    out = model(mel, nv, frame_mask=masks, noise=noises)
+    assert out.metrics["distill_loss"] == 0.0
+    assert float(out.loss) == pytest.approx(float(plain.loss), rel=1e-6)
+    assert "distill_loss" not in plain.metrics
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        stock = model.encoder(mel)  # (batch, 1500, d)
+        for v in ia3_state_dict(model.encoder).values():
+            v.copy_(1 + 0.2 * torch.randn(v.shape, generator=gen))
+        adapted = model.encoder(mel)
+    out = model(mel, nv, frame_mask=masks, noise=noises)
+    # Hand count: clip 0 is 3000 frames (1500 encoder frames), clip 1 is 1800 (900).
+    by_hand = torch.cat([(adapted[0] - stock[0]).pow(2).flatten(),
+                         (adapted[1, :900] - stock[1, :900]).pow(2).flatten()]).mean()
+    assert out.metrics["distill_loss"] == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(out.loss) == pytest.approx(
+        out.metrics["bestrq_loss"] + 0.7 * out.metrics["distill_loss"], rel=1e-6)
+    # The term pulls the vectors back towards one: its gradient alone points away from them.
+    model.zero_grad()
+    model.distillation(mel, nv).backward()
+    for v in ia3_state_dict(model.encoder).values():
+        assert float((v.grad * (v.detach() - 1)).sum()) > 0
+    with pytest.raises(ValueError, match="distill_weight"):
+        BestRQModel(tiny_whisper.encoder, model.quantizer, MaskingConfig(), distill_weight=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROJECT_FILES = ["bestrq", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
                  ".dvcignore", ".gitignore"]
-ALL_STAGES = ("download", "segment", "features", "pretrain", "evaluate")
+ALL_STAGES = ("download", "segment", "features", "pretrain", "evaluate", "finetune")
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -68,6 +69,7 @@ SMALL = {
     "segment": {"eval_fraction": 0.3},
     "codebook_size": 256, "max_steps": 2, "warmup_steps": 1, "batch_size": 2,
     "accumulate_gradients": 1, "checkpoint_every": 1, "num_workers": 0,
+    "finetune": {"batch_size": 1, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 1},
 }
 
 
@@ -82,9 +84,21 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     info = json.loads(adapter.with_suffix(".json").read_text())
     assert info["quantizer"]["num_codebooks"] == 1 and info["step"] == 2
     evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
-    assert {"adapted", "stock", "delta"} <= set(evaluation)
+    assert {"adapted", "stock", "delta", "prior"} <= set(evaluation)
     assert 0.0 < evaluation["adapted"]["mask_fraction"] < 1.0
     assert "wer" in evaluation["adapted"] and "wer" in evaluation["stock"]
+    assert evaluation["delta"]["wer_low"] <= evaluation["delta"]["wer"] <= \
+        evaluation["delta"]["wer_high"]
+    # Both fine-tunes ran on the same labelled clips and are compared with an interval.
+    finetuned = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
+    assert finetuned["labelled_clips"] >= 1 and finetuned["steps"] == 2
+    assert finetuned["delta"]["wer_low"] <= finetuned["delta"]["wer"] <= \
+        finetuned["delta"]["wer_high"]
+    assert finetuned["delta"]["wer"] == pytest.approx(
+        finetuned["adapted"]["wer"] - finetuned["stock"]["wer"])
+    for start in ("stock", "adapted"):
+        vectors = project / "data" / "finetune" / start / "ia3.safetensors"
+        assert json.loads(vectors.with_suffix(".json").read_text())["step"] == 2
 
     # Record the baseline as a commit, as a user would, so that it lists its own metrics.
     run(["git", "add", "-A"], project)
@@ -92,7 +106,7 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     manifest = project / "data" / "raw" / "manifest.jsonl"
     before = manifest.stat().st_mtime_ns
     second = run(["dvc", "exp", "run", "-S", "num_codebooks=16"], project)
-    assert ran_stages(second) == {"pretrain", "evaluate"}, second[-3000:]
+    assert ran_stages(second) == {"pretrain", "evaluate", "finetune"}, second[-3000:]
     assert manifest.stat().st_mtime_ns == before
 
     shown = run(["dvc", "exp", "show", "--json"], project)
@@ -105,8 +119,10 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
         params = data["params"]["params.yaml"]["data"]
         ev = metrics["dvclive/evaluate/metrics.json"]["data"]
         pre = metrics["dvclive/pretrain/metrics.json"]["data"]
-        assert "loss" in ev["adapted"] and "loss" in ev["stock"]
+        ft = metrics["dvclive/finetune/metrics.json"]["data"]
+        assert "loss" in ev["adapted"] and "loss" in ev["prior"]
         assert pre["steps"] == 2 and "train" in pre
+        assert {"wer", "wer_low", "wer_high"} <= set(ft["delta"])
         codebooks.add(params["num_codebooks"])
     assert {1, 16} <= codebooks
 
@@ -143,13 +159,18 @@ def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
     pretrain = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
     assert pretrain["ia3_file_kb"] == pytest.approx(vectors.stat().st_size / 1024)
     evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
-    # one step of lr 3e-3 cannot move a pretrained model far from stock
-    assert abs(evaluation["delta"]["loss"]) < 1.0
+    # The label prior is the baseline to beat, and it is far below a uniform guess.
+    assert evaluation["prior"]["loss"] < math.log(256) - 0.5
+    assert math.isfinite(evaluation["delta"]["loss_vs_prior"])
     # tiny.en reads the synthetic speech; its WER is reported beside the adapted model's
     assert evaluation["asr_clips"] >= 1 and evaluation["stock"]["reference_words"] > 20
     assert evaluation["stock"]["wer"] < 0.5
     assert evaluation["delta"]["wer"] == pytest.approx(
         evaluation["adapted"]["wer"] - evaluation["stock"]["wer"])
+    finetuned = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
+    assert finetuned["stock"]["wer"] < 0.5 and finetuned["adapted"]["wer"] < 0.5
+    assert finetuned["delta"]["wer_low"] <= finetuned["delta"]["wer"] <= \
+        finetuned["delta"]["wer_high"]
 
 
 def file_digests(root: Path) -> dict[str, str]:
@@ -196,7 +217,7 @@ def test_killed_pretrain_resumes_and_history_continues(tmp_path):
     assert read_steps(loss) == [1, 2, 3, 4]  # logged before the kill
 
     out = run(["dvc", "repro"], project)
-    assert ran_stages(out) == {"pretrain", "evaluate"}
+    assert ran_stages(out) == {"pretrain", "evaluate", "finetune"}
     assert "resuming from the checkpoint of step 2" in out
     assert read_steps(loss) == [1, 2, 3, 4]  # steps 3 and 4 trained again, logged once
     info = json.loads((project / "data" / "adapters" / "adapter.json").read_text())
@@ -213,6 +234,6 @@ def test_killed_pretrain_resumes_and_history_continues(tmp_path):
 
     # Two processes under torchrun (gloo on CPU) from the same dvc.yaml command.
     out = run(["dvc", "exp", "run", "-S", "nproc=2"], project)
-    assert ran_stages(out) == {"pretrain", "evaluate"}
+    assert ran_stages(out) == {"pretrain", "evaluate", "finetune"}
     pre = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
     assert pre["steps"] == 4

@@ -278,10 +278,12 @@ def test_linear_flops_match_the_hand_count_and_torch():
         assert counter.get_total_flops() == sum(linear_flops(10, 3, 5, weight_grad, True))
 
 
-def test_training_step_flops_match_torch_flop_counter(monkeypatch):
+@pytest.mark.parametrize("distill_weight", [0.0, 0.5])
+def test_training_step_flops_match_torch_flop_counter(monkeypatch, distill_weight):
     # The math attention path makes QK^T and AV visible to the flop counter.
     monkeypatch.setattr(MultiHeadAttention, "use_sdpa", False)
     model = small_model(num_codebooks=2)
+    model.distill_weight = distill_weight  # two more encoder forwards, one more backward
     clips = MaskedClips(RandomClips(3), model.masking, seed=0)
     mel, nv, mask, noise = batch_of(clips, [(0, 0), (0, 1), (0, 2)])
     with FlopCounterMode(display=False) as counter:

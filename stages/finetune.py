@@ -1,0 +1,199 @@
+"""Stage 6: supervised IA^3 fine-tune from stock Whisper and from the BEST-RQ adapter, and the
+WER of both on the held-out clips, with a 95% paired bootstrap interval of their difference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from bestrq.adapter import load_vectors, merge_vectors, read_adapter, save_vectors
+from bestrq.asr import normalizer_for, transcribe, transcribed_clips, wer_comparison
+from bestrq.dataset import FeatureDataset
+from bestrq.distributed import DistInfo, barrier, distributed_session, is_main, resolve_device
+from bestrq.finetune import (
+    FINETUNE,
+    FinetuneModel,
+    LabelledClips,
+    max_decoder_tokens,
+    select_labelled,
+    tokenizer_for,
+)
+from bestrq.ia3 import count_ia3_parameters
+from bestrq.params import Params
+from bestrq.train import TrainResult, train
+from bestrq.whisper_model import load_whisper, model_identity
+from stages.common import (
+    ADAPTER,
+    FEATURES,
+    FINETUNE_CHECKPOINTS,
+    FINETUNED,
+    IA3_ONLY_NAME,
+    LIVE,
+    fingerprint,
+    friendly_errors,
+    log_summary,
+    open_live,
+    params_or_exit,
+    prepare_checkpoints,
+    relaunch_under_torchrun,
+    step_logger,
+    truncate_history,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+STARTS = ("stock", "adapted")  # fine-tuned from stock Whisper / from the BEST-RQ adapter
+# Top-level knobs that change what a fine-tune computes (the rest of the engine's are speed).
+ENGINE_KEYS = ("model", "n_mels", "seed", "precision", "weight_decay", "adam_beta1",
+               "adam_beta2", "adam_eps", "grad_clip", "max_nonfinite")
+
+
+def run_values(p: Params, start: str) -> dict[str, Any]:
+    """What one fine-tune run's checkpoints must have been made with."""
+    return {**{k: p.raw.get(k) for k in ENGINE_KEYS}, "finetune": p.finetune.to_dict(),
+            "language": p.evaluate.language, "start": start}
+
+
+def start_vectors(adapter_dir: Path) -> bytes:
+    """The BEST-RQ adapter's vectors file, whose bytes the `adapted` run starts from."""
+    path = adapter_dir / IA3_ONLY_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no BEST-RQ adapter at {path}: run `dvc repro pretrain` first")
+    return path.read_bytes()
+
+
+def skip(reason: str, metrics: dict[str, float], out_dir: Path) -> None:
+    """No fine-tune is possible: say why, keep the stage's outputs, log what was found."""
+    typer.secho(f"finetune: skipped: {reason}", fg=typer.colors.YELLOW, err=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "skipped.json").write_text(json.dumps({"reason": reason}, indent=2) + "\n")
+    with open_live("finetune") as live:
+        log_summary(live, metrics)
+
+
+def run_finetune(p: Params, features_dir: Path = FEATURES, adapter_dir: Path = ADAPTER.parent,
+                 out_dir: Path = FINETUNED, checkpoint_root: Path = FINETUNE_CHECKPOINTS) -> None:
+    """Fine-tune from both starts, write both adapters, then compare their WERs (rank 0)."""
+    with distributed_session() as dist:
+        _finetune(p, dist, features_dir, adapter_dir, out_dir, checkpoint_root)
+
+
+def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, out_dir: Path,
+              checkpoint_root: Path) -> None:
+    train_split = FeatureDataset(features_dir / "train")
+    indices = select_labelled(train_split.transcripts, train_split.num_frames,
+                              p.finetune.max_clips, p.finetune.max_minutes, p.train.seed)
+    config = p.finetune.train_config(p.train)
+    found = {"labelled_clips": float(len(indices))}
+    if not indices:
+        if is_main():
+            skip(f"no transcribed clips in {features_dir / 'train'}: the fine-tune needs some "
+                 "(LibriSpeech-style *.trans.txt, transcripts.tsv or manifest.jsonl beside the "
+                 "audio)", found, out_dir)
+        return
+    if len(indices) < config.batch_size * config.accumulate_gradients * dist.world_size:
+        raise ValueError(
+            f"finetune: {len(indices)} labelled train clips, fewer than one global batch of "
+            f"{config.batch_size * config.accumulate_gradients * dist.world_size} "
+            "(finetune.batch_size * finetune.accumulate_gradients * processes): lower "
+            "finetune.batch_size or label more clips")
+    vectors = start_vectors(adapter_dir)
+    tensors, _ = read_adapter(adapter_dir / IA3_ONLY_NAME)
+    base = load_whisper(p.model)
+    identity = model_identity(p.model, base)
+    data = LabelledClips(train_split, indices, tokenizer_for(base, p.evaluate.language),
+                         max_decoder_tokens(base))
+    del base
+
+    starts: dict[str, int] = {}
+    if is_main():
+        for start in STARTS:
+            extra = vectors if start == "adapted" else b""
+            starts[start] = prepare_checkpoints(
+                checkpoint_root / start, fingerprint(run_values(p, start), features_dir, extra))
+    barrier()  # rank 0 may have cleared stale checkpoints
+    live = open_live("finetune", resume=any(starts.values())) if is_main() else None
+    if live is not None:
+        for start, step in starts.items():
+            truncate_history(LIVE / "finetune", step, under=start)
+        typer.echo(f"finetune: {p.model} on {dist.device} x{dist.world_size}, "
+                   f"{len(data)} labelled clips ({data.minutes:.1f} min, {data.truncated} cut "
+                   f"to the decoder's context), {config.max_steps} updates from each start")
+    results: dict[str, TrainResult] = {}
+    for start in STARTS:
+        model = load_whisper(p.model)
+        if start == "adapted":
+            load_vectors(model, tensors)  # the BEST-RQ encoder vectors; decoder's at one
+        finetuned = FinetuneModel(model)
+        if live is not None and starts[start]:
+            typer.echo(f"finetune: {start}: resuming from the checkpoint of step "
+                       f"{starts[start]}")
+        results[start] = train(finetuned, data, config, checkpoint_root / start,
+                               log=step_logger(live, f"{start}/train") if live else None,
+                               objective=FINETUNE)
+        if live is not None:
+            save_vectors(out_dir / start / IA3_ONLY_NAME, model, identity,
+                         {"start": start, "step": results[start].step,
+                          "finetune": p.finetune.to_dict(), "labelled_clips": len(data),
+                          "labelled_minutes": data.minutes,
+                          "ia3_parameters": count_ia3_parameters(model)})
+        del model, finetuned
+    if live is None:
+        return
+    metrics: dict[str, float] = {
+        **found, "labelled_minutes": data.minutes, "truncated_transcripts": data.truncated,
+        "steps": float(config.max_steps)}
+    for start, result in results.items():
+        metrics[f"{start}/train_seconds"] = result.seconds
+    metrics.update(compare_finetuned(p, features_dir, out_dir))
+    log_summary(live, metrics)
+    live.end()
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if "wer" in k}, indent=2))
+
+
+def compare_finetuned(p: Params, features_dir: Path, out_dir: Path) -> dict[str, float]:
+    """WER of both fine-tuned models on the transcribed eval clips, and `delta/wer` (adapted -
+    stock) with its 95% paired bootstrap interval. Empty when no eval clip has a transcript."""
+    dataset = FeatureDataset(features_dir / "eval")
+    asr = p.evaluate.asr_config()
+    indices = transcribed_clips(dataset, asr)
+    if not indices:
+        typer.secho("finetune: no transcribed eval clips: no WER to compare",
+                    fg=typer.colors.YELLOW, err=True)
+        return {}
+    device = resolve_device(p.train.device)
+    hypotheses: dict[str, list[str]] = {}
+    for start in STARTS:
+        tensors, _ = read_adapter(out_dir / start / IA3_ONLY_NAME)
+        model = merge_vectors(load_whisper(p.model), tensors)
+        hypotheses[start] = transcribe(model, dataset, indices, asr, device,
+                                       desc=f"asr finetuned from {start}")
+        normalize = normalizer_for(model, asr.language)
+        del model
+    references = [dataset.transcripts[i] or "" for i in indices]
+    out = wer_comparison(references, hypotheses, normalize, baseline="stock", other="adapted",
+                         samples=p.evaluate.bootstrap_samples, seed=p.evaluate.seed)
+    out["asr_clips"] = float(len(indices))
+    return out
+
+
+@app.command()
+def finetune(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
+    """Fine-tune IA^3 vectors (encoder and decoder) on the transcribed train clips from stock
+    Whisper and from data/adapters; write data/finetune/{stock,adapted}/ia3.safetensors and
+    their WERs on the eval clips."""
+    p = params_or_exit("finetune", params)
+    relaunch_under_torchrun(p, "stages.finetune")
+    with friendly_errors():
+        run_finetune(p)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
