@@ -3,6 +3,7 @@ training engine."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -186,3 +187,31 @@ def test_a_few_steps_lower_loss_and_wer(tiny_en_path, espeak_clips, tmp_path: Pa
     after = wer()
     assert before > 0.2 and after < 0.5 * before
     assert not math.isnan(after)
+
+
+def test_stage_without_transcripts_skips_with_a_clear_message(tmp_path: Path, monkeypatch,
+                                                              capsys):
+    from test_features import write_segments
+
+    from bestrq.features import FeatureConfig, compute_features
+    from bestrq.params import load_params
+    from stages.finetune import run_finetune
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    segments = tmp_path / "segments"
+    write_segments(segments, {"train": [2.0, 3.0], "eval": [2.0]})
+    for split in ("train", "eval"):  # unlabelled audio only, the project's main use
+        manifest = segments / f"{split}.jsonl"
+        rows = [{**json.loads(line), "transcript": None}
+                for line in manifest.read_text().splitlines()]
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    compute_features(segments, tmp_path / "features", 80, FeatureConfig(device="cpu"))
+    monkeypatch.chdir(tmp_path)  # dvclive/ is written relative to the project root
+    run_finetune(params, features_dir=tmp_path / "features", adapter_dir=tmp_path / "none",
+                 out_dir=tmp_path / "finetune", checkpoint_root=tmp_path / "ckpt")
+    reason = json.loads((tmp_path / "finetune" / "skipped.json").read_text())["reason"]
+    assert "no transcribed clips" in reason and "train" in reason
+    assert "no transcribed clips" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "dvclive" / "finetune" / "metrics.json").read_text())
+    assert metrics == {"labelled_clips": 0.0}
+    assert not (tmp_path / "ckpt").exists()
