@@ -20,6 +20,8 @@ from whisper.audio import SAMPLE_RATE
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDecodeError",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
     "effective_rate",
     "frame_energies",
     "is_audio_file",
@@ -43,6 +45,15 @@ BLOCK_SECONDS = 60.0
 # torchaudio's resample defaults: the sinc kernel reaches this many zero crossings either side.
 _LOWPASS_FILTER_WIDTH = 6
 _ROLLOFF = 0.99
+
+
+# Rates outside these are a broken or hostile header, not audio: a 172-byte WAV claiming 2 GHz
+# would make the resampler's kernel and blocks gigabytes.
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+
+# At most this many values (frames x channels) per read, whatever the channel count.
+_MAX_READ_VALUES = 1 << 20
 
 
 class AudioDecodeError(Exception):
@@ -103,7 +114,7 @@ def _read_mono(f: sf.SoundFile, frames: int, path: Path, done: int
     wanted = frames
     error = None
     # A read that hits a broken frame returns nothing: one second at a time loses at most that.
-    chunk = max(1, int(f.samplerate))
+    chunk = max(1, min(int(f.samplerate), _MAX_READ_VALUES // max(1, f.channels)))
     while wanted > 0:
         try:
             data = f.read(min(wanted, chunk), dtype="float32", always_2d=True)  # (n, channels)
@@ -129,8 +140,10 @@ def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
     Channels are averaged. Each block is resampled with real context on both sides, so the
     concatenated blocks equal resampling the whole file (within float rounding) while memory
     holds about one block. Raises AudioDecodeError naming the file for anything soundfile
-    cannot read; a file that breaks part-way first gives what decoded before the break (to
-    within a second), then raises an error that says how far it got.
+    cannot read, and for sample rates outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE (checked from
+    the header, before anything is allocated); a file that breaks part-way first gives what
+    decoded before the break (to within a second), then raises an error that says how far it
+    got.
     """
     path = Path(path)
     if block_seconds <= 0:
@@ -140,8 +153,12 @@ def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         raise AudioDecodeError(f"cannot decode audio file {path}: {exc}") from exc
     with f:
-        if f.samplerate <= 0 or f.channels == 0:
+        if f.channels <= 0:
             raise AudioDecodeError(f"cannot decode audio file {path}: it holds no samples")
+        if not MIN_SAMPLE_RATE <= f.samplerate <= MAX_SAMPLE_RATE:
+            raise AudioDecodeError(
+                f"cannot decode audio file {path}: its header gives a sample rate of "
+                f"{f.samplerate} Hz, outside {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz")
         rate = effective_rate(int(f.samplerate), sample_rate)
         step_in, step_out, margin = _resample_context(rate, sample_rate)
         if rate == sample_rate:
@@ -179,7 +196,8 @@ def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode `path` to float32 mono at `sample_rate` (channels averaged, resampled if needed).
 
-    Raises AudioDecodeError naming the file for anything soundfile cannot read.
+    Raises AudioDecodeError naming the file for anything soundfile cannot read or an
+    implausible sample rate.
     """
     return np.concatenate(list(stream_audio(path, sample_rate)))
 

@@ -1,7 +1,9 @@
 """The "segment" stage: decode, cut and pack raw recordings into Whisper-sized windows.
 
 Reads a raw manifest (id, path, transcript, group), writes 16 kHz mono FLAC windows of at most
-`max_seconds`, and splits them into train/eval by speaker/recording group.
+`max_seconds`, and splits them into train/eval by speaker/recording group. Every file of the
+manifest ends up in a window or in `skipped.jsonl` with a reason (undecodable, too short, ...);
+what the download stage left aside (`raw/skipped.jsonl`) is copied there too.
 """
 
 from __future__ import annotations
@@ -81,12 +83,17 @@ class Unit:
 def pack_units(units: Iterable[Unit], max_samples: int, pack: bool = True
                ) -> Iterator[list[Unit]]:
     """Greedily group consecutive units into windows of at most `max_samples` samples; a window
-    is yielded as soon as it is closed, so a long stream of units is never held at once."""
+    is yielded as soon as it is closed, so a long stream of units is never held at once.
+
+    Transcribed and untranscribed units never share a window: the window's transcript would
+    have to be dropped (losing the others' text) or would not cover all of its audio."""
     current: list[Unit] = []
     length = 0
     for unit in units:
         n = len(unit.audio)
-        if current and (not pack or length + n > max_samples):
+        labelled = unit.transcript is not None
+        if current and (not pack or length + n > max_samples
+                        or labelled != (current[0].transcript is not None)):
             yield current
             current, length = [], 0
         current.append(unit)
@@ -140,6 +147,7 @@ def split_train_eval(
 
 
 def _read_manifest(raw_manifest: Path) -> list[dict]:
+    """The entries of a raw manifest, in packing order; ValueError naming the line if bad."""
     if not raw_manifest.is_file():
         raise FileNotFoundError(f"raw manifest {raw_manifest} does not exist")
     entries = []
@@ -154,28 +162,37 @@ def _read_manifest(raw_manifest: Path) -> list[dict]:
         entry.setdefault("transcript", None)
         entry["group"] = str(entry.get("group") or entry["id"])
         entries.append(entry)
-    # Sorting by group then id makes packing independent of manifest order.
-    return sorted(entries, key=lambda e: (e["group"], e["id"]))
+    # Sorting by group then id makes packing independent of manifest order; within a group the
+    # transcribed files come first, so they pack together and apart from the untranscribed.
+    return sorted(entries, key=lambda e: (e["group"], e["transcript"] is None, e["id"]))
+
+
+def _read_download_skipped(raw_dir: Path) -> list[dict]:
+    """What the download stage left aside (raw_dir/skipped.jsonl), marked as its own."""
+    path = raw_dir / "skipped.jsonl"
+    if not path.is_file():
+        return []
+    return [{"stage": "download", **record} for _, record in read_jsonl(path)]
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def _until_error(blocks: Iterator[np.ndarray], errors: list[AudioDecodeError]
+def _until_error(blocks: Iterator[np.ndarray], errors: list[Exception]
                  ) -> Iterator[np.ndarray]:
     """The blocks a file gives before it breaks; the error is kept for the caller."""
     try:
         yield from blocks
-    except AudioDecodeError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of one file is that file's problem
         errors.append(exc)
 
 
 def _units_of(entry: dict, blocks: Iterator[np.ndarray], max_samples: int) -> Iterator[Unit]:
     """The recording itself when it fits the window, else its pieces (no transcript), cut while
-    it is decoded. A recording that breaks part-way raises AudioDecodeError: one that fits the
-    window gives nothing (its transcript would not match), a long one gives every piece it
-    decoded first, the last of them included."""
-    errors: list[AudioDecodeError] = []
+    it is decoded. A recording that breaks part-way raises its error (AudioDecodeError, or
+    whatever else stopped it): one that fits the window gives nothing (its transcript would
+    not match), a long one gives every piece it decoded first, the last of them included."""
+    errors: list[Exception] = []
     pieces = split_stream(_until_error(blocks, errors), SAMPLE_RATE, max_samples / SAMPLE_RATE)
     first = next(pieces)
     second = next(pieces, None)
@@ -196,31 +213,56 @@ def _units_of(entry: dict, blocks: Iterator[np.ndarray], max_samples: int) -> It
 class _Tally:
     """What decoding a corpus left aside."""
 
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # one record per file and problem
+    lost: int = 0  # files that gave no window at all
     short: int = 0
     cut: int = 0
 
 
+def _describe(exc: Exception, path: Path) -> str:
+    """One line for a file's failure, naming the file."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, AudioDecodeError) and str(path) in text:
+        return text
+    return f"cannot decode audio file {path}: {type(exc).__name__}: {text}"
+
+
 def _decoded_units(entries: Iterable[dict], base: Path, max_samples: int, min_samples: int,
                    tally: _Tally) -> Iterator[Unit]:
-    """Units of every decodable entry, in order; broken files are listed in `tally.skipped`,
-    with the seconds of a long recording that were kept before it broke."""
+    """Units of every decodable entry, in order. Whatever goes wrong with one file (decoding,
+    an absurd header, memory) skips that file only; `tally.skipped` lists it with the reason
+    and the seconds kept (a long recording keeps the pieces decoded before it broke), and so
+    are files or pieces too short to keep and transcripts of recordings too long to keep."""
+    shortest = max(min_samples, 1)
     for entry in entries:
         path = Path(entry["path"])
         path = path if path.is_absolute() else base / path
         kept = 0
+
+        def note(reason: str, kept: int, entry: dict = entry, path: Path = path) -> None:
+            tally.skipped.append({"stage": "segment", "id": entry["id"], "path": str(path),
+                                  "reason": reason, "kept_seconds": kept / SAMPLE_RATE})
+
         try:
             for j, unit in enumerate(_units_of(entry, stream_audio(path, SAMPLE_RATE),
                                                max_samples)):
-                tally.cut += j == 1
-                kept += len(unit.audio)
-                if len(unit.audio) < max(min_samples, 1):
+                if j == 1:
+                    tally.cut += 1
+                    if entry.get("transcript") is not None:
+                        note("transcript not used: the recording is longer than the "
+                             f"{max_samples / SAMPLE_RATE:g} s window, so it was cut", kept)
+                if len(unit.audio) < shortest:
                     tally.short += 1
+                    what = "file" if unit.key == unit.source_id else f"piece {unit.key}"
+                    note(f"{what} too short: {len(unit.audio) / SAMPLE_RATE:.3f} s < "
+                         f"segment.min_seconds {min_samples / SAMPLE_RATE:g}", kept)
                     continue
+                kept += len(unit.audio)
                 yield unit
-        except AudioDecodeError as exc:
-            tally.skipped.append({"path": str(path), "error": str(exc),
-                                  "kept_seconds": kept / SAMPLE_RATE})
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the corpus
+            note(_describe(exc, path), kept)
+        if kept == 0:
+            tally.lost += 1
 
 
 @dataclass
@@ -279,14 +321,17 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     """Decode, cut, pack and split a raw corpus into `out_dir/{audio/,train.jsonl,eval.jsonl}`.
 
     Groups (speakers or recordings) are segmented in parallel by `cfg.num_workers` processes;
-    the output does not depend on their number. Undecodable files are skipped and listed in
-    `out_dir/skipped.jsonl`. Returns stats: num_train, num_eval, hours_train, hours_eval,
-    num_skipped, padding_fraction, mean_window_seconds (plus num_dropped_short,
-    num_cut_recordings).
+    the output does not depend on their number. Files that give no window (undecodable, too
+    short, ...) and other losses (short pieces, unused transcripts) are listed with a reason in
+    `out_dir/skipped.jsonl`, after what the download stage listed. Returns stats: num_train,
+    num_eval, hours_train, hours_eval, num_skipped (files without any window),
+    padding_fraction, mean_window_seconds (plus num_dropped_short, num_cut_recordings,
+    num_listed: lines of skipped.jsonl).
     """
     validate(cfg)
     raw_manifest, out_dir = Path(raw_manifest), Path(out_dir)
     entries = _read_manifest(raw_manifest)
+    download_skipped = _read_download_skipped(raw_manifest.parent)
     max_samples = int(round(cfg.max_seconds * SAMPLE_RATE))
     min_samples = int(round(cfg.min_seconds * SAMPLE_RATE))
 
@@ -308,6 +353,7 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
                                                strict=True):
             bar.update(len(job.entries))
             tally.skipped += group_tally.skipped
+            tally.lost += group_tally.lost
             tally.short += group_tally.short
             tally.cut += group_tally.cut
             # Final names are given here, in group order, so they never depend on the workers.
@@ -325,7 +371,8 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
         write_jsonl(out_dir / f"{name}.jsonl",
                     ({k: v for k, v in rec.items() if k != "group"}
                      for rec in sorted(records, key=lambda r: r["id"])))
-    write_jsonl(out_dir / "skipped.jsonl", tally.skipped)
+    listed = download_skipped + tally.skipped
+    write_jsonl(out_dir / "skipped.jsonl", listed)
 
     seconds_train = sum(w["duration"] for w in train)
     seconds_eval = sum(w["duration"] for w in evals)
@@ -336,9 +383,10 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
         "num_eval": len(evals),
         "hours_train": seconds_train / 3600,
         "hours_eval": seconds_eval / 3600,
-        "num_skipped": len(tally.skipped),
+        "num_skipped": tally.lost,
         "num_dropped_short": tally.short,
         "num_cut_recordings": tally.cut,
+        "num_listed": len(listed),
         "padding_fraction": 1 - total / (n_windows * cfg.max_seconds) if n_windows else 0.0,
         "mean_window_seconds": total / n_windows if n_windows else 0.0,
     }

@@ -2,30 +2,48 @@
 
 from __future__ import annotations
 
-import shutil
+import os
+import warnings
+from pathlib import Path
 
 import typer
 
-from bestrq.sources import acquire
-from stages.common import RAW, finish_stage, friendly_errors, params_or_exit
+from bestrq.sources import UnverifiedDownloadWarning, acquire, check_watch
+from stages.common import DATA, RAW, friendly_errors, open_live, params_or_exit
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+# Downloads (keyed by URL hash and sha256) and the sha256 of in-place files: outside the DVC
+# output, so an archive is not stored beside its extracted copy, and kept across the re-runs
+# DVC starts by deleting data/raw. BESTRQ_CACHE_DIR moves it (e.g. to ~/.cache/whisper-bestrq
+# to share downloads between checkouts).
+CACHE = Path(os.environ.get("BESTRQ_CACHE_DIR") or DATA / "cache")
 
 
 @app.command()
 def download(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
-    """Write data/raw/manifest.jsonl (id, path, transcript, group) and the audio it lists."""
+    """Write data/raw/manifest.jsonl (id, path, transcript, group), data/raw/skipped.jsonl and
+    the audio they list; for URL sources data/raw/download.json (with the sha256)."""
     p = params_or_exit("download", params)
-    with friendly_errors():
-        # Keep a verified archive across re-runs: only the index and synthetic audio are redone.
-        for sub in ("synthetic", "manifest.jsonl"):
-            target = RAW / sub
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        stats = acquire(p.download, RAW)
-    finish_stage("download", stats)
+    with friendly_errors(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnverifiedDownloadWarning)
+        check_watch(p.download)
+        stats = acquire(p.download, RAW, CACHE)
+    for warning in caught:
+        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    with open_live("download") as live:
+        for key, value in stats.items():
+            live.log_metric(key, value if isinstance(value, str) else float(value), plot=False)
+        live.make_summary()
+    typer.echo(f"download: {stats}")
+    if "download_sha256" in stats:
+        typer.echo(f"downloaded {p.download.source}: sha256:{stats['download_sha256']} "
+                   f"({int(stats['download_bytes'])} bytes, "
+                   f"{'verified' if stats['download_verified'] else 'NOT verified'})")
+    if stats.get("num_skipped"):
+        typer.secho(f"{int(stats['num_skipped'])} file(s), archive member(s) or transcript "
+                    f"line(s) left aside, each with its reason: see {RAW / 'skipped.jsonl'}",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ def segment(params: str = typer.Option("params.yaml", help="parameters file")) -
     with friendly_errors():
         stats = segment_corpus(RAW / "manifest.jsonl", SEGMENTS, p.segment)
     finish_stage("segment", stats)
-    if stats.get("num_skipped"):
-        typer.secho(f"{int(stats['num_skipped'])} undecodable file(s) skipped: see "
-                    f"{SEGMENTS / 'skipped.jsonl'}", fg=typer.colors.YELLOW, err=True)
+    if stats.get("num_listed"):
+        typer.secho(f"{int(stats['num_skipped'])} file(s) gave no window (undecodable, too "
+                    f"short, ...); {int(stats['num_listed'])} problem(s) in all, each with its "
+                    f"reason: see {SEGMENTS / 'skipped.jsonl'}", fg=typer.colors.YELLOW, err=True)
 
 
 def main() -> None:

@@ -175,3 +175,39 @@ def test_stream_audio_reports_how_far_a_broken_file_decoded(tmp_path: Path) -> N
     assert 10.0 <= seconds <= 25.0  # the intact first half came out before the error
     reported = float(str(err.value).split(" after ")[1].split(" s")[0])
     assert seconds <= reported <= seconds + 10.0
+
+
+def _wav_header_only(path: Path, rate: int, samples: int = 64) -> None:
+    """A 16-bit mono WAV whose header claims `rate`, written by hand: libsndfile would refuse
+    to write some of these rates."""
+    import struct
+
+    body = b"\0" * (2 * samples)
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, (2 * rate) & 0xFFFFFFFF, 2, 16)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(body)) + b"WAVEfmt "
+                     + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(body))
+                     + body)
+
+
+@pytest.mark.parametrize("rate", [999, 384_001, 2_000_000_000])
+def test_sample_rates_outside_1k_to_384k_are_decode_errors(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / f"r{rate}.wav"
+    _wav_header_only(path, rate)
+    with pytest.raises(AudioDecodeError, match=rf"r{rate}\.wav: its header gives a sample rate "
+                                               rf"of {rate} Hz, outside 1000 to 384000 Hz"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("rate", [1000, 384_000])
+def test_sample_rates_at_the_bounds_decode(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / "edge.wav"
+    _wav_header_only(path, rate, samples=rate // 10)
+    audio = load_audio(path)
+    assert len(audio) == pytest.approx(SAMPLE_RATE // 10, abs=1) and not audio.any()
+
+
+def test_many_channels_are_averaged(tmp_path: Path) -> None:
+    path = tmp_path / "array.wav"
+    channels = np.stack([_noise(0.5, seed=c) for c in range(16)], axis=1)  # (samples, 16)
+    sf.write(path, channels, SAMPLE_RATE, subtype="FLOAT")
+    np.testing.assert_allclose(load_audio(path), channels.mean(axis=1), atol=1e-6)

@@ -89,11 +89,14 @@ def test_no_packing_gives_one_window_per_utterance(tmp_path: Path) -> None:
     assert stats["num_train"] + stats["num_eval"] == 4
 
 
-def test_missing_transcript_nulls_the_window(tmp_path: Path) -> None:
-    manifest = _corpus(tmp_path, [("g-0", "g", 1.0, "hi"), ("g-1", "g", 1.0, None)])
+def test_transcribed_and_untranscribed_are_never_packed_together(tmp_path: Path) -> None:
+    items = [("g-0", "g", 1.0, "hi"), ("g-1", "g", 1.0, None), ("g-2", "g", 1.0, "there"),
+             ("g-3", "g", 1.0, None)]
+    manifest = _corpus(tmp_path, items)
     segment_corpus(manifest, tmp_path / "seg", SegmentConfig())
-    (w,) = [w for w in _windows(tmp_path / "seg") if w["id"] == "g-0"]
-    assert w["sources"] == ["g-0", "g-1"] and w["transcript"] is None
+    got = sorted((w["sources"], w["transcript"]) for w in _windows(tmp_path / "seg"))
+    # The transcribed utterances keep their text, packed together; the others go apart.
+    assert got == [(["g-0", "g-2"], "hi there"), (["g-1", "g-3"], None)]
 
 
 def test_long_recording_is_cut_losslessly(tmp_path: Path) -> None:
@@ -105,6 +108,11 @@ def test_long_recording_is_cut_losslessly(tmp_path: Path) -> None:
     assert sum(w["duration"] for w in wins) == pytest.approx(70.0, abs=1e-9)
     assert all(w["transcript"] is None and w["sources"] == ["talk"] for w in wins)
     assert stats["num_cut_recordings"] == 1
+    # The transcript could not label any piece: that loss is listed, not silent.
+    (listed,) = [json.loads(x) for x in (tmp_path / "seg" / "skipped.jsonl").read_text()
+                 .splitlines()]
+    assert listed["id"] == "talk" and listed["reason"].startswith("transcript not used")
+    assert stats["num_skipped"] == 0 and stats["num_listed"] == 1
     # The pieces, decoded and concatenated in order, are the original recording.
     pieces = [sf.read(tmp_path / "seg" / w["path"])[0] for w in sorted(wins, key=lambda w: w["id"])]
     original = sf.read(tmp_path / "raw" / "r" / "talk.flac")[0]
@@ -124,8 +132,10 @@ def test_corrupt_files_are_skipped_and_listed(tmp_path: Path) -> None:
     stats = segment_corpus(manifest, out, SegmentConfig())
     assert stats["num_skipped"] == 2
     skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
-    assert sorted(Path(s["path"]).name for s in skipped) == ["bad.flac", "empty.wav"]
-    assert all(Path(s["path"]).name in s["error"] for s in skipped)
+    assert sorted((s["id"], Path(s["path"]).name) for s in skipped) == [
+        ("g-bad", "bad.flac"), ("h-e", "empty.wav")]
+    assert all(Path(s["path"]).name in s["reason"] and s["kept_seconds"] == 0.0
+               and s["stage"] == "segment" for s in skipped)
     wins = {w["id"]: w for w in _windows(out)}
     assert wins["g-0"]["transcript"] == "a b" and wins["h-0"]["transcript"] == "c"
 
@@ -139,11 +149,76 @@ def test_resamples_22050_to_16k(tmp_path: Path) -> None:
     assert w["duration"] == pytest.approx(2.0)
 
 
-def test_short_pieces_are_dropped(tmp_path: Path) -> None:
-    manifest = _corpus(tmp_path, [("g-0", "g", 0.2, "uh"), ("g-1", "g", 1.0, "yes")])
+def test_short_clips_are_dropped_and_named(tmp_path: Path) -> None:
+    manifest = _corpus(tmp_path, [("g-0", "g", 0.2, "uh"), ("g-1", "g", 1.0, "yes"),
+                                  ("one", "h", 1 / SAMPLE_RATE, None)])
     stats = segment_corpus(manifest, tmp_path / "seg", SegmentConfig(min_seconds=0.5))
-    assert stats["num_dropped_short"] == 1
+    assert stats["num_dropped_short"] == 2 and stats["num_skipped"] == 2
     assert [w["sources"] for w in _windows(tmp_path / "seg")] == [["g-1"]]
+    skipped = [json.loads(x) for x in (tmp_path / "seg" / "skipped.jsonl").read_text()
+               .splitlines()]
+    assert [(s["id"], s["reason"]) for s in skipped] == [
+        ("g-0", "file too short: 0.200 s < segment.min_seconds 0.5"),
+        ("one", "file too short: 0.000 s < segment.min_seconds 0.5")]
+
+
+def test_any_failure_of_one_file_skips_that_file_only(tmp_path: Path, monkeypatch) -> None:
+    import bestrq.segment
+
+    items = [(name, "g", 1.0, "t") for name in ("ok", "mem", "rt", "val")]
+    manifest = _corpus(tmp_path, items)
+    real = bestrq.segment.stream_audio
+    failures = {"mem": MemoryError(), "rt": RuntimeError("libsndfile hiccup"),
+                "val": ValueError("odd header")}
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).stem in failures:
+            raise failures[Path(path).stem]
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(bestrq.segment, "stream_audio", flaky)
+    stats = segment_corpus(manifest, tmp_path / "seg", SegmentConfig(num_workers=1))
+    assert [w["sources"] for w in _windows(tmp_path / "seg")] == [["ok"]]
+    skipped = [json.loads(x) for x in (tmp_path / "seg" / "skipped.jsonl").read_text()
+               .splitlines()]
+    path = str(manifest.parent / "g")
+    assert [(s["id"], s["reason"]) for s in skipped] == [
+        ("mem", f"cannot decode audio file {path}/mem.flac: MemoryError: MemoryError"),
+        ("rt", f"cannot decode audio file {path}/rt.flac: RuntimeError: libsndfile hiccup"),
+        ("val", f"cannot decode audio file {path}/val.flac: ValueError: odd header")]
+    assert stats["num_skipped"] == 3
+
+
+def test_absurd_sample_rate_header_is_skipped_not_allocated(tmp_path: Path) -> None:
+    import struct
+
+    manifest = _corpus(tmp_path, [("fine", "g", 1.0, "t")])
+    body = b"\0" * 128  # 64 samples, said to be at 2 GHz: 172 bytes in all
+    fmt = struct.pack("<HHIIHH", 1, 1, 2_000_000_000, 4_000_000_000, 2, 16)
+    wav = (b"RIFF" + struct.pack("<I", 36 + len(body)) + b"WAVEfmt " + struct.pack("<I", 16)
+           + fmt + b"data" + struct.pack("<I", len(body)) + body)
+    assert len(wav) == 172
+    (manifest.parent / "g" / "ghz.wav").write_bytes(wav)
+    with open(manifest, "a") as f:
+        f.write(json.dumps({"id": "ghz", "path": "g/ghz.wav", "group": "g"}) + "\n")
+    stats = segment_corpus(manifest, tmp_path / "seg", SegmentConfig())
+    (listed,) = [json.loads(x) for x in (tmp_path / "seg" / "skipped.jsonl").read_text()
+                 .splitlines()]
+    assert listed["id"] == "ghz" and "sample rate of 2000000000 Hz" in listed["reason"]
+    assert stats["num_train"] + stats["num_eval"] == 1
+
+
+def test_what_download_left_aside_is_listed_first(tmp_path: Path) -> None:
+    manifest = _corpus(tmp_path, [("a", "g", 1.0, "t"), ("b", "h", 0.1, None)])
+    aside = [{"path": "/corpus/notes.txt", "reason": "not an audio file"},
+             {"path": "x/link", "archive": "c.tar.gz", "reason": "symbolic link"}]
+    (manifest.parent / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in aside))
+    stats = segment_corpus(manifest, tmp_path / "seg", SegmentConfig())
+    listed = [json.loads(x) for x in (tmp_path / "seg" / "skipped.jsonl").read_text()
+              .splitlines()]
+    assert listed[:2] == [{"stage": "download", **r} for r in aside]
+    assert [(r["stage"], r["id"]) for r in listed[2:]] == [("segment", "b")]
+    assert stats["num_listed"] == 3 and stats["num_skipped"] == 1
 
 
 def test_split_by_group_and_deterministic(tmp_path: Path) -> None:
@@ -186,7 +261,8 @@ def test_broken_long_recording_keeps_what_decoded_and_is_listed(tmp_path: Path) 
     stats = segment_corpus(manifest, out, SegmentConfig(min_seconds=0.0))
     skipped = {Path(s["path"]).name: s for s in
                (json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines())}
-    assert stats["num_skipped"] == 2 and set(skipped) == {"long.flac", "short.flac"}
+    # Both are listed; only the short one gave no window at all.
+    assert stats["num_skipped"] == 1 and set(skipped) == {"long.flac", "short.flac"}
     # The short one is dropped whole: a transcript must not label half its audio.
     assert skipped["short.flac"]["kept_seconds"] == 0.0
     wins = {w["id"]: w for w in _windows(out)}
@@ -197,7 +273,7 @@ def test_broken_long_recording_keeps_what_decoded_and_is_listed(tmp_path: Path) 
     total = sum(w["duration"] for w in kept)
     assert total == pytest.approx(skipped["long.flac"]["kept_seconds"], abs=1e-3)
     assert 40.0 <= total <= 50.0  # about half of 100 s
-    assert "after" in skipped["long.flac"]["error"]
+    assert "after" in skipped["long.flac"]["reason"]
 
 
 def test_segmenting_in_blocks_gives_the_windows_of_whole_files(tmp_path: Path, monkeypatch
