@@ -42,12 +42,34 @@ IA3_MODULES = ("encoder", "decoder")
 
 def _write(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
     """Write the safetensors file atomically (a crash never leaves a truncated adapter where DVC
-    or a later stage would take it for a good one) and its JSON description beside it."""
+    or a later stage would take it for a good one) and its JSON description beside it.
+
+    Each file goes to a temporary file of a unique name in the same folder, is fsynced, then
+    renamed over its final name: two writers never share a temporary file.
+    """
+    import os  # local: this helper alone needs them
+    import tempfile
+    from collections.abc import Callable
+
+    def replace_with(final: Path, write: Callable[[Path], object]) -> None:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        tmp = Path(name)
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the adapter from other users
+            os.close(fd)
+            write(tmp)
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"bestrq": json.dumps(info)})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    replace_with(path, lambda tmp: save_file(tensors, str(tmp),
+                                             metadata={"bestrq": json.dumps(info)}))
+    replace_with(path.with_suffix(".json"),
+                 lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
 
 
 def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],

@@ -2,16 +2,26 @@
 
 Training hyper-parameters are top-level keys (so `dvc exp run -S num_codebooks=16` and the
 `train --num_codebooks 16` CLI use the same names); each data stage has its own section.
-Unknown keys and bad values fail before any work, with a message naming the parameter.
+
+Checking happens in two steps, both before any work:
+1. declared types and ranges (`TopLevel` and one pydantic model per section, strict: no bool
+   for a number, no float for an integer, no text for either), with messages that name the key;
+2. what needs more than one value or the outside world (`validate`: the model exists, n_mels
+   matches it, the configs' own `validate`).
+params.yaml stays the one source of values; the library's configs (dataclasses) are built from
+the checked values.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bestrq import features, segment, sources
 from bestrq.evaluate import EvaluateConfig
@@ -59,6 +69,7 @@ TRAIN_HELP: dict[str, str] = {
     "seed": "seed of the quantizer, data order and masks",
     "device": "auto | cpu | cuda | cuda:N",
     "max_nonfinite": "non-finite updates in a row that stop the run",
+    "deterministic": "CUDA: deterministic kernels, bitwise-repeatable GPU runs (slower)",
 }
 QUANTIZER_KEYS = {"num_codebooks": "num_codebooks", "codebook_size": "codebook_size",
                   "code_dim": "code_dim", "stack_frames": "stack_frames"}
@@ -67,6 +78,219 @@ MASKING_KEYS = {"mask_prob": "mask_prob", "mask_span_ms": "span_ms",
 SECTIONS = {"download": sources.SourceConfig, "segment": segment.SegmentConfig,
             "features": features.FeatureConfig, "evaluate": EvaluateConfig,
             "finetune": FinetuneConfig}
+
+# ----------------------------------------------------------------------------- declarations
+# Upper bounds catch typos and unit mix-ups (a count in samples, a rate in percent) before a
+# run allocates or schedules something absurd; they are far above any real use.
+SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence take it; negatives they do not
+STEPS_MAX = 10**9
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+Steps = Annotated[int, Field(ge=1, le=STEPS_MAX)]
+Workers = Annotated[int, Field(ge=0, le=1024)]
+Schedule = Literal["inverse_sqrt", "cosine", "constant"]
+Text = Annotated[str, Field(min_length=1)]
+
+_TRAIN = TrainConfig()
+_QUANTIZER = QuantizerConfig()
+_MASKING = MaskingConfig()
+_SOURCE = sources.SourceConfig()
+_SEGMENT = segment.SegmentConfig()
+_FEATURES = features.FeatureConfig()
+_EVALUATE = EvaluateConfig()
+_FINETUNE = FinetuneConfig()
+
+
+class _Section(BaseModel):
+    # strict: YAML's 2.5, true and '0.5' stay what they are instead of becoming 2, 1 and 0.5.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class DownloadParams(_Section):
+    source: Text = _SOURCE.source
+    num_utterances: Annotated[int, Field(ge=1, le=10**7)] = _SOURCE.num_utterances
+    num_speakers: Annotated[int, Field(ge=1, le=10**4)] = _SOURCE.num_speakers
+    seed: Seed = _SOURCE.seed
+    checksum: str = _SOURCE.checksum
+    watch: Text = _SOURCE.watch
+    max_extract_gb: Annotated[float, Field(gt=0, le=10**6)] = _SOURCE.max_extract_gb
+    max_ratio: Annotated[float, Field(ge=1, le=10**6)] = _SOURCE.max_ratio
+
+
+class SegmentParams(_Section):
+    max_seconds: Annotated[float, Field(gt=0, le=30.0)] = _SEGMENT.max_seconds
+    min_seconds: Annotated[float, Field(ge=0, lt=30.0)] = _SEGMENT.min_seconds
+    pack: bool = _SEGMENT.pack
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = _SEGMENT.eval_fraction
+    seed: Seed = _SEGMENT.seed
+    num_workers: Workers = _SEGMENT.num_workers
+
+
+class FeaturesParams(_Section):
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = _FEATURES.batch_size
+    shard_size: Annotated[int, Field(ge=1, le=10**8)] = _FEATURES.shard_size
+    dtype: Literal["float16", "float32"] = _FEATURES.dtype  # type: ignore[assignment]
+    device: Text = _FEATURES.device
+
+
+class EvaluateParams(_Section):
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = _EVALUATE.batch_size
+    max_clips: Annotated[int, Field(ge=0, le=10**9)] = _EVALUATE.max_clips
+    seed: Seed = _EVALUATE.seed
+    num_workers: Workers = _EVALUATE.num_workers
+    asr: bool = _EVALUATE.asr
+    asr_max_clips: Annotated[int, Field(ge=0, le=10**9)] = _EVALUATE.asr_max_clips
+    asr_batch_size: Annotated[int, Field(ge=1, le=65536)] = _EVALUATE.asr_batch_size
+    language: Text = _EVALUATE.language
+    bootstrap_samples: Annotated[int, Field(ge=100, le=10**7)] = _EVALUATE.bootstrap_samples
+
+
+class FinetuneParams(_Section):
+    max_clips: Annotated[int, Field(ge=0, le=10**9)] = _FINETUNE.max_clips
+    max_minutes: Annotated[float, Field(ge=0, le=10**8)] = _FINETUNE.max_minutes
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = _FINETUNE.batch_size
+    accumulate_gradients: Annotated[int, Field(ge=1, le=2**20)] = _FINETUNE.accumulate_gradients
+    learning_rate: Annotated[float, Field(gt=0, le=10.0)] = _FINETUNE.learning_rate
+    lr_schedule: Schedule = _FINETUNE.lr_schedule  # type: ignore[assignment]
+    warmup_steps: Annotated[int, Field(ge=0, le=STEPS_MAX)] = _FINETUNE.warmup_steps
+    max_steps: Steps = _FINETUNE.max_steps
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = _FINETUNE.min_lr_ratio
+    checkpoint_every: Steps = _FINETUNE.checkpoint_every
+
+
+class TopLevel(_Section):
+    """Every key of params.yaml: the training hyper-parameters and one field per section."""
+
+    model: Text = "tiny.en"
+    n_mels: Annotated[int, Field(ge=1, le=1024)] = _QUANTIZER.n_mels
+    nproc: Annotated[int, Field(ge=1, le=1024)] = 1
+    num_codebooks: Annotated[int, Field(ge=1, le=64)] = _QUANTIZER.num_codebooks
+    codebook_size: Annotated[int, Field(ge=1, le=2**20)] = _QUANTIZER.codebook_size
+    code_dim: Annotated[int, Field(ge=1, le=4096)] = _QUANTIZER.code_dim
+    stack_frames: Annotated[int, Field(ge=1, le=64)] = _QUANTIZER.stack_frames
+    mask_prob: Annotated[float, Field(gt=0, le=1)] = _MASKING.mask_prob
+    mask_span_ms: Annotated[float, Field(gt=0, le=30_000)] = _MASKING.span_ms
+    mask_noise_std: Annotated[float, Field(ge=0, le=100)] = _MASKING.noise_std
+    distill_weight: Annotated[float, Field(ge=0, le=10**6)] = 0.0
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = _TRAIN.batch_size
+    accumulate_gradients: Annotated[int, Field(ge=1, le=2**20)] = _TRAIN.accumulate_gradients
+    learning_rate: Annotated[float, Field(gt=0, le=10.0)] = _TRAIN.learning_rate
+    lr_schedule: Schedule = _TRAIN.lr_schedule  # type: ignore[assignment]
+    warmup_steps: Annotated[int, Field(ge=0, le=STEPS_MAX)] = _TRAIN.warmup_steps
+    max_steps: Steps = _TRAIN.max_steps
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = _TRAIN.min_lr_ratio
+    weight_decay: Annotated[float, Field(ge=0, le=100)] = _TRAIN.weight_decay
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = _TRAIN.adam_beta1
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = _TRAIN.adam_beta2
+    adam_eps: Annotated[float, Field(gt=0, le=1)] = _TRAIN.adam_eps
+    grad_clip: Annotated[float, Field(ge=0, le=10**6)] = _TRAIN.grad_clip
+    precision: Literal["auto", "bf16", "fp32"] = _TRAIN.precision  # type: ignore[assignment]
+    checkpoint_every: Steps = _TRAIN.checkpoint_every
+    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = _TRAIN.keep_checkpoints
+    log_every: Steps = _TRAIN.log_every
+    num_workers: Workers = _TRAIN.num_workers
+    prefetch_factor: Annotated[int, Field(ge=1, le=1024)] = _TRAIN.prefetch_factor
+    seed: Seed = _TRAIN.seed
+    device: Text = _TRAIN.device
+    max_nonfinite: Annotated[int, Field(ge=1, le=10**6)] = _TRAIN.max_nonfinite
+    deterministic: bool = _TRAIN.deterministic
+    download: DownloadParams = Field(default_factory=DownloadParams)
+    segment: SegmentParams = Field(default_factory=SegmentParams)
+    features: FeaturesParams = Field(default_factory=FeaturesParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+
+
+SECTION_MODELS: dict[str, type[_Section]] = {
+    "download": DownloadParams, "segment": SegmentParams, "features": FeaturesParams,
+    "evaluate": EvaluateParams, "finetune": FinetuneParams}
+
+
+def expected(model: type[BaseModel], name: str) -> str:
+    """What `model.name` must be, in words: "an integer in [1, 64]", "true or false", ..."""
+    info = model.model_fields[name]
+    kind = info.annotation
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(str(v) for v in get_args(kind))
+    if kind is bool:
+        return "true or false"
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return f"a mapping of {name} parameters"
+    bounds: dict[str, Any] = {}
+    for item in info.metadata:  # annotated_types' Ge, Gt, Le, Lt, MinLen
+        for attr in ("ge", "gt", "le", "lt", "min_length"):
+            if getattr(item, attr, None) is not None:
+                bounds[attr] = getattr(item, attr)
+    if kind is str:
+        return "a non-empty string" if bounds.get("min_length") else "a string"
+    noun = "an integer" if kind is int else "a number"
+
+    def show(v: float) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    low = ("[", show(bounds["ge"])) if "ge" in bounds else \
+        ("(", show(bounds["gt"])) if "gt" in bounds else None
+    high = (show(bounds["le"]), "]") if "le" in bounds else \
+        (show(bounds["lt"]), ")") if "lt" in bounds else None
+    if low and high:
+        return f"{noun} in {low[0]}{low[1]}, {high[0]}{high[1]}"
+    if low:
+        return f"{noun} {'>=' if low[0] == '[' else '>'} {low[1]}"
+    if high:
+        return f"{noun} {'<=' if high[1] == ']' else '<'} {high[0]}"
+    return noun
+
+
+def _hint(value: Any, want: str) -> str:
+    # YAML 1.1 reads 3e-4 (no dot) as text; quoting a number does the same.
+    if not isinstance(value, str) or not want.startswith(("an integer", "a number")):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    if re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", value.strip()):
+        return f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
+    return " (text, not a number: remove the quotes)"
+
+
+def _messages(err: ValidationError, origin: dict[str, str], source: str) -> list[str]:
+    """One line per problem, each naming the dotted key and where its value came from."""
+    lines = []
+    for item in err.errors():
+        loc = [str(part) for part in item["loc"]]
+        key = ".".join(loc)
+        where = origin.get(key, source)
+        owner: type[BaseModel] = TopLevel
+        if len(loc) == 2:
+            owner = SECTION_MODELS[loc[0]]
+        if item["type"] == "extra_forbidden":
+            known = sorted(owner.model_fields)
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            guess = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"{where}: unknown parameter {key}{guess}; known: {', '.join(known)}")
+            continue
+        want = expected(owner, loc[-1])
+        value = item["input"]
+        lines.append(f"{where}: {key}: must be {want}, got {value!r}{_hint(value, want)}")
+    return lines
+
+
+def check_types(raw: Any, origin: dict[str, str] | None = None,
+                source: str = "params.yaml") -> dict[str, Any]:
+    """The values of a params.yaml mapping, every key present (defaults filled in), after the
+    declared type and range checks. ValueError with one line per bad key otherwise, each
+    starting with where the value came from: `origin[key]` (e.g. "command line") or `source`."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: must be a mapping of parameters, got {raw!r}")
+    # An empty section (`download:` alone) reads as null: it means "all defaults".
+    raw = {k: ({} if k in SECTIONS and v is None else v) for k, v in raw.items()}
+    try:
+        return TopLevel.model_validate(raw).model_dump()
+    except ValidationError as err:
+        raise ValueError("\n".join(_messages(err, origin or {}, source))) from None
+
+
+# ----------------------------------------------------------------------------- configs
 
 
 @dataclass
@@ -83,7 +307,7 @@ class Params:
     features: features.FeatureConfig
     evaluate: EvaluateConfig
     finetune: FinetuneConfig
-    raw: dict[str, Any]  # the flat dict it was built from, for records and fingerprints
+    raw: dict[str, Any]  # the checked values, every key present, for records and fingerprints
 
 
 def hyperparameter_names() -> list[str]:
@@ -91,40 +315,24 @@ def hyperparameter_names() -> list[str]:
     return [*MODEL_HELP, *(f.name for f in fields(TrainConfig) if f.name not in MODEL_HELP)]
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        names = ", ".join(where + k for k in unknown)
-        raise ValueError(f"params.yaml: unknown parameter(s) {names}; "
-                         f"known: {', '.join(sorted(known))}")
-    return cls(**values)
-
-
-def from_dict(raw: dict[str, Any]) -> Params:
-    """Build (without validating) the configs from a params.yaml mapping."""
-    raw = dict(raw)
-    top = {k: v for k, v in raw.items() if k not in SECTIONS}
-    names = set(hyperparameter_names())
-    unknown = sorted(set(top) - names)
-    if unknown:
-        raise ValueError(f"params.yaml: unknown top-level parameter(s) {', '.join(unknown)}")
-    train_values = {f.name: top[f.name] for f in fields(TrainConfig) if f.name in top}
-    quantizer = QuantizerConfig(n_mels=int(top.get("n_mels", 80)),
-                                seed=int(top.get("seed", 0)),
-                                **{QUANTIZER_KEYS[k]: top[k] for k in QUANTIZER_KEYS if k in top})
-    masking = MaskingConfig(**{MASKING_KEYS[k]: top[k] for k in MASKING_KEYS if k in top})
-    sections = {name: _build(cls, dict(raw.get(name) or {}), f"{name}.")
-                for name, cls in SECTIONS.items()}
-    return Params(model=str(top.get("model", "tiny.en")), n_mels=int(top.get("n_mels", 80)),
-                  nproc=int(top.get("nproc", 1)),
-                  distill_weight=top.get("distill_weight", 0.0), quantizer=quantizer,
-                  masking=masking,
-                  train=TrainConfig(**train_values), raw=raw, **sections)
+def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
+              source: str = "params.yaml") -> Params:
+    """Check the declared types and ranges of a params.yaml mapping and build the configs
+    (ValueError naming every bad key); `validate` does the checks beyond one value."""
+    top = check_types(raw, origin, source)
+    train_values = {f.name: top[f.name] for f in fields(TrainConfig)}
+    quantizer = QuantizerConfig(n_mels=top["n_mels"], seed=top["seed"],
+                                **{QUANTIZER_KEYS[k]: top[k] for k in QUANTIZER_KEYS})
+    masking = MaskingConfig(**{MASKING_KEYS[k]: top[k] for k in MASKING_KEYS})
+    sections = {name: cls(**top[name]) for name, cls in SECTIONS.items()}
+    return Params(model=top["model"], n_mels=top["n_mels"], nproc=top["nproc"],
+                  distill_weight=top["distill_weight"], quantizer=quantizer, masking=masking,
+                  train=TrainConfig(**train_values), raw=top, **sections)
 
 
 def validate(params: Params, stage: str | None = None) -> None:
-    """Check the parameters a stage uses (all when `stage` is None); raises ValueError."""
+    """Check the parameters a stage uses (all when `stage` is None) beyond their declared types
+    and ranges; raises ValueError."""
     if stage in (None, "download"):
         sources.validate(params.download)
     if stage in (None, "segment"):
@@ -143,11 +351,6 @@ def validate(params: Params, stage: str | None = None) -> None:
         params.quantizer.validate()
         params.masking.validate()
         params.train.validate()
-        if params.nproc < 1:
-            raise ValueError(f"nproc must be >= 1, got {params.nproc}")
-        weight = params.distill_weight
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
-            raise ValueError(f"distill_weight must be a number >= 0, got {weight!r}")
     if stage in (None, "evaluate", "finetune"):
         params.evaluate.validate()
     if stage in (None, "finetune"):
@@ -156,12 +359,18 @@ def validate(params: Params, stage: str | None = None) -> None:
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
                 stage: str | None = None) -> Params:
-    """Read, override (top-level keys) and validate params.yaml."""
+    """Read, override (top-level keys, e.g. from the command line) and validate params.yaml."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run from the project root")
-    raw = yaml.safe_load(path.read_text()) or {}
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    params = from_dict(raw)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    raw = {} if raw is None else raw
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(raw, dict):
+        raw.update(given)
+    params = from_dict(raw, dict.fromkeys(given, "command line"), path.name)
     validate(params, stage)
     return params

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import resource
 import time
@@ -67,6 +68,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_nonfinite: int = 5  # this many non-finite updates in a row stop the run
+    # CUDA: deterministic kernels where torch has them (bitwise-repeatable GPU runs, slower);
+    # CPU runs are deterministic without it.
+    deterministic: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid parameter."""
@@ -247,6 +251,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def use_deterministic_kernels() -> None:
+    """Make CUDA runs repeatable where torch allows it: deterministic kernels (a warning, not
+    an error, where an op has none: only metrics use such ops here), no cuDNN autotuning, and
+    the cuBLAS workspace setting its deterministic mode needs (set before the first cuBLAS call
+    of the process)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: IA^3 vectors without decay, heads (if any) with it."""
     params = model.trainable_parameters()
@@ -349,6 +363,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
     """
     config.validate()
     began = time.perf_counter()
+    if config.deterministic:
+        use_deterministic_kernels()
     info = current()
     device = resolve_device(config.device)
     dtype = autocast_dtype(config, device)

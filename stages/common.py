@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +13,7 @@ from typing import Any
 import typer
 from dvclive import Live
 
-from bestrq.checkpoint import latest_step
+from bestrq.checkpoint import CheckpointClaim, RunSignature, claim_checkpoints, run_signature
 from bestrq.distributed import launch_torchrun
 from bestrq.params import SECTIONS, Params, load_params
 
@@ -32,6 +29,26 @@ FINETUNED = DATA / "finetune"  # <start>/ia3.safetensors: fine-tuned encoder+dec
 FINETUNE_CHECKPOINTS = DATA / "finetune_checkpoints"  # <start>/step-*.pt
 LIVE = Path("dvclive")
 
+# `--traceback` on any command shows the full traceback of an error instead of one red line.
+# No command declares it: it is taken out of sys.argv here, when a stage module imports this one
+# and before Typer parses, and handed to torchrun's workers through the environment.
+TRACEBACK_FLAG = "--traceback"
+TRACEBACK_ENV = "BESTRQ_TRACEBACK"
+
+
+def take_traceback_flag(argv: list[str]) -> None:
+    """Remove `--traceback` from `argv` (in place) and remember it in the environment."""
+    if TRACEBACK_FLAG in argv[1:]:
+        argv[1:] = [a for a in argv[1:] if a != TRACEBACK_FLAG]
+        os.environ[TRACEBACK_ENV] = "1"
+
+
+def traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV) == "1"
+
+
+take_traceback_flag(sys.argv)
+
 
 def params_or_exit(stage: str, path: str = "params.yaml",
                    overrides: dict[str, Any] | None = None) -> Params:
@@ -44,6 +61,8 @@ def params_or_exit(stage: str, path: str = "params.yaml",
     try:
         return load_params(path, overrides, stage=None)
     except (ValueError, FileNotFoundError) as err:
+        if traceback_wanted():
+            raise
         typer.secho(f"error ({stage}): {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from err
 
@@ -80,40 +99,55 @@ def step_logger(live: Live, prefix: str = "train") -> Callable[[int, dict[str, f
 
 
 # Knobs that change how fast a run goes, not what it computes: a checkpoint made under other
-# values of these is still resumed.
-NOT_IN_FINGERPRINT = {"num_workers", "prefetch_factor", "log_every", "checkpoint_every",
-                      "keep_checkpoints", "device"}
+# values of these is still resumed. Matched on the last part of a dotted name (finetune.*).
+SPEED_KEYS = ("num_workers", "prefetch_factor", "log_every", "checkpoint_every",
+              "keep_checkpoints", "device")
 
 
 def training_values(p: Params) -> dict[str, Any]:
-    """The top-level parameters that decide what a pre-training run computes."""
-    return {k: v for k, v in p.raw.items() if k not in NOT_IN_FINGERPRINT and k not in SECTIONS}
+    """The top-level parameters of a pre-training run."""
+    return {k: v for k, v in p.raw.items() if k not in SECTIONS}
 
 
-def fingerprint(values: dict[str, Any], features_dir: Path, extra: bytes = b"") -> str:
-    """What a checkpoint must have been made with to be resumed: parameter values, the training
-    features (their statistics and index) and `extra` (e.g. the adapter a run starts from)."""
-    h = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
-    for name in ("stats.json", "train/index.json"):
-        h.update((features_dir / name).read_bytes())
-    h.update(extra)
-    return h.hexdigest()
+def checkpoint_key(values: dict[str, Any], features_dir: Path, schedule: str,
+                   max_steps_key: str = "max_steps",
+                   start_from: bytes | None = None) -> RunSignature:
+    """What a run's checkpoints must have been made with to be resumed: `values` (speed knobs
+    aside), the training features (statistics and index) and `start_from` (the adapter the run
+    starts from). Raising `max_steps_key` extends the run, unless `schedule` is cosine, whose
+    rate at every update after warm-up depends on it."""
+    inputs: dict[str, Path | bytes] = {
+        "features stats.json": features_dir / "stats.json",
+        "features train/index.json": features_dir / "train" / "index.json"}
+    if start_from is not None:
+        inputs["starting adapter"] = start_from
+    return run_signature(values, inputs, ignore=SPEED_KEYS,
+                         extendable=() if schedule == "cosine" else (max_steps_key,))
+
+
+# Checkpoint folders this process writes; released when the stage's `friendly_errors` block
+# ends (or the process does), so that a stage run in-process twice can claim them again.
+_CLAIMS: list[CheckpointClaim] = []
+
+
+def hold_checkpoints(checkpoint_dir: Path, key: RunSignature) -> int:
+    """Lock `checkpoint_dir` for this run (bestrq.checkpoint.claim_checkpoints: a second
+    writer, a folder that is not ours and changed parameters are dealt with there); the step to
+    resume from, 0 for a fresh run."""
+    for earlier in [c for c in _CLAIMS if c.directory.resolve() == checkpoint_dir.resolve()]:
+        # Left by an earlier run in this process that ended outside `friendly_errors`.
+        earlier.release()
+        _CLAIMS.remove(earlier)
+    held = claim_checkpoints(checkpoint_dir, key, report=lambda message: typer.secho(
+        message, fg=typer.colors.YELLOW, err=True))
+    _CLAIMS.append(held)
+    return held.start
 
 
 def relaunch_under_torchrun(p: Params, module: str) -> None:
     """With nproc > 1 and not yet under torchrun, re-run this command on nproc processes."""
     if p.nproc > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:]))
-
-
-def prepare_checkpoints(checkpoint_dir: Path, key: str) -> int:
-    """Step to resume from (0: fresh). Checkpoints of other parameters or data are removed."""
-    marker = checkpoint_dir / "fingerprint.txt"
-    if checkpoint_dir.exists() and (not marker.is_file() or marker.read_text().strip() != key):
-        shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key + "\n")
-    return latest_step(checkpoint_dir)
 
 
 def truncate_history(live_dir: Path, last_step: int, under: str = "") -> None:
@@ -134,11 +168,15 @@ def truncate_history(live_dir: Path, last_step: int, under: str = "") -> None:
 
 @contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn the library's expected failures into one red line and exit code 1."""
+    """Turn the library's expected failures into one red line and exit code 1 (`--traceback`:
+    re-raise them); release the checkpoint folders claimed inside."""
     try:
         yield
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
-        if "--traceback" in sys.argv:
+        if traceback_wanted():
             raise
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from err
+    finally:
+        while _CLAIMS:
+            _CLAIMS.pop().release()

@@ -32,12 +32,12 @@ from stages.common import (
     FINETUNED,
     IA3_ONLY_NAME,
     LIVE,
-    fingerprint,
+    checkpoint_key,
     friendly_errors,
+    hold_checkpoints,
     log_summary,
     open_live,
     params_or_exit,
-    prepare_checkpoints,
     relaunch_under_torchrun,
     step_logger,
     truncate_history,
@@ -48,7 +48,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 STARTS = ("stock", "adapted")  # fine-tuned from stock Whisper / from the BEST-RQ adapter
 # Top-level knobs that change what a fine-tune computes (the rest of the engine's are speed).
 ENGINE_KEYS = ("model", "n_mels", "seed", "precision", "weight_decay", "adam_beta1",
-               "adam_beta2", "adam_eps", "grad_clip", "max_nonfinite")
+               "adam_beta2", "adam_eps", "grad_clip", "max_nonfinite", "deterministic")
 
 
 def run_values(p: Params, start: str) -> dict[str, Any]:
@@ -111,10 +111,12 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
     starts: dict[str, int] = {}
     if is_main():
         for start in STARTS:
-            extra = vectors if start == "adapted" else b""
-            starts[start] = prepare_checkpoints(
-                checkpoint_root / start, fingerprint(run_values(p, start), features_dir, extra))
-    barrier()  # rank 0 may have cleared stale checkpoints
+            # nproc: the global batch is batch_size * accumulate_gradients * processes.
+            key = checkpoint_key({**run_values(p, start), "nproc": p.nproc}, features_dir,
+                                 p.finetune.lr_schedule, "finetune.max_steps",
+                                 vectors if start == "adapted" else None)
+            starts[start] = hold_checkpoints(checkpoint_root / start, key)
+    barrier()  # rank 0 may have moved stale checkpoints aside
     live = open_live("finetune", resume=any(starts.values())) if is_main() else None
     if live is not None:
         for start, step in starts.items():

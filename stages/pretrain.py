@@ -22,12 +22,12 @@ from stages.common import (
     FEATURES,
     IA3_ONLY_NAME,
     LIVE,
-    fingerprint,
+    checkpoint_key,
     friendly_errors,
+    hold_checkpoints,
     log_summary,
     open_live,
     params_or_exit,
-    prepare_checkpoints,
     relaunch_under_torchrun,
     step_logger,
     training_values,
@@ -62,7 +62,8 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     start = 0
     live = None
     if is_main():
-        start = prepare_checkpoints(checkpoint_dir, fingerprint(training_values(p), features_dir))
+        start = hold_checkpoints(checkpoint_dir, checkpoint_key(training_values(p), features_dir,
+                                                                p.train.lr_schedule))
         live = open_live(live_name, resume=start > 0)
         if start:
             truncate_history(LIVE / live_name, start)
@@ -70,7 +71,7 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
         typer.echo(f"pretrain: {p.model} on {dist.device} x{dist.world_size}, "
                    f"{count_ia3_parameters(model.encoder)} IA^3 parameters, "
                    f"{len(dataset)} training clips")
-    barrier()  # rank 0 may have cleared stale checkpoints
+    barrier()  # rank 0 may have moved stale checkpoints aside
     result = train(model, dataset, p.train, checkpoint_dir,
                    log=step_logger(live) if live is not None else None)
     if live is None:

@@ -3,47 +3,57 @@
 
 It runs the same training as the `pretrain` stage, outside DVC: outputs go to runs/train/ by
 default, so DVC-tracked outputs are never overwritten by a run DVC did not record. To record an
-experiment, use `dvc exp run -S name=value` instead.
+experiment, use `dvc exp run -S name=value` instead. Add --traceback to see the full traceback
+of an error.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_origin
 
 import typer
 import yaml
 
-from bestrq.params import MODEL_HELP, TRAIN_HELP, hyperparameter_names
-from bestrq.train import TrainConfig
+from bestrq.params import MODEL_HELP, TRAIN_HELP, TopLevel, hyperparameter_names
 from stages.common import FEATURES, friendly_errors, params_or_exit, relaunch_under_torchrun
 from stages.pretrain import run_pretrain
 
 RUNS = Path("runs") / "train"
-TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 def _defaults(params_file: Path) -> dict[str, Any]:
-    raw = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
-    return {k: v for k, v in (raw or {}).items() if not isinstance(v, dict)}
+    """What params.yaml says, for the help text only: it is read and checked again to run."""
+    try:
+        raw = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
+    except yaml.YAMLError:
+        raw = {}
+    return {k: v for k, v in raw.items() if not isinstance(v, dict)} if isinstance(raw, dict) \
+        else {}
 
 
 def _option(name: str, default: Any) -> inspect.Parameter:
     help_text = MODEL_HELP.get(name) or TRAIN_HELP.get(name, name.replace("_", " "))
-    kind = type(default) if default is not None else str
+    kind = TopLevel.model_fields[name].annotation
+    if get_origin(kind) is Literal or kind not in (int, float, str):
+        kind = str  # a choice: the parameter check names the key and the choices
     # The original CLI spells options with underscores; dashes work too.
     flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+    # None unless given: params.yaml's value then applies, checked as it is written there
+    # (Click would turn a default of 2.5 for an integer option into 2).
     return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-        default=typer.Option(default, *flags, help=help_text, show_default=True))
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=kind | None,
+        default=typer.Option(None, *flags, help=f"{help_text} (params.yaml: {default})",
+                             show_default=False))
 
 
 def build_command(params_file: Path = Path("params.yaml")) -> typer.Typer:
-    """A Typer app whose options are every top-level key of params.yaml."""
-    defaults = {**TRAIN_DEFAULTS, **_defaults(params_file)}
-    names = [n for n in hyperparameter_names() if n in defaults]
+    """A Typer app whose options are every top-level key of params.yaml, typed as declared
+    in bestrq.params (an integer option rejects 2.5, naming the option)."""
+    declared = {name: info.default for name, info in TopLevel.model_fields.items()}
+    defaults = {**declared, **_defaults(params_file)}
+    names = hyperparameter_names()
 
     def command(**kwargs: Any) -> None:
         out = Path(kwargs.pop("output_dir"))

@@ -1,5 +1,6 @@
 """The command lines: `train` keeps the original options, stages fail early on bad params."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,20 @@ def test_train_rejects_bad_value_before_work(tmp_path):
     result = runner.invoke(build_command(REPO / "params.yaml"),
                            ["--num_codebooks", "0", "--model", str(REPO / "params.yaml")])
     assert result.exit_code == 2
-    assert "num_codebooks must be >= 1" in result.output
+    assert "command line: num_codebooks: must be an integer in [1, 64], got 0" in result.output
+
+
+@pytest.mark.parametrize("value", ["2.5", "true", "abc"])
+def test_train_integer_option_rejects_other_types_naming_it(value):
+    result = runner.invoke(build_command(REPO / "params.yaml"), ["--batch_size", value])
+    assert result.exit_code == 2
+    assert "--batch_size" in result.output
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("download.source", "missing", "download.source"),
     # A training parameter stops the first stage of a fresh `dvc repro`, before any download.
-    ("num_codebooks", 0, "num_codebooks must be >= 1"),
+    ("num_codebooks", 0, "num_codebooks: must be an integer in [1, 64], got 0"),
     ("model", "tinyy", "model: 'tinyy'"),
 ])
 def test_stage_with_bad_params_exits_before_work(tmp_path, key, value, message):
@@ -61,3 +69,133 @@ def test_stage_with_bad_params_exits_before_work(tmp_path, key, value, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "data").exists()  # nothing was written
+
+
+# ----------------------------------------------------------------------------- wrong types
+
+BAD_VALUES = [
+    # key, value, message: every Python type confusion, in every section
+    ("num_codebooks", "abc", "num_codebooks: must be an integer in [1, 64], got 'abc'"),
+    ("mask_prob", "0.5", "mask_prob: must be a number in (0, 1], got '0.5'"),
+    ("download", [1, 2], "download: must be a mapping of download parameters, got [1, 2]"),
+    ("batch_size", 2.5, "batch_size: must be an integer in [1, 65536], got 2.5"),
+    ("batch_size", True, "batch_size: must be an integer in [1, 65536], got True"),
+    ("max_steps", 1.5, "max_steps: must be an integer in [1, 1000000000], got 1.5"),
+    ("codebook_size", 10**12, "codebook_size: must be an integer in [1, 1048576], got "
+                              "1000000000000"),
+    ("learning_rate", True, "learning_rate: must be a number in (0, 10], got True"),
+    ("model", 3, "model: must be a non-empty string, got 3"),
+    ("lr_schedule", "linear", "lr_schedule: must be one of inverse_sqrt, cosine, constant, "
+                              "got 'linear'"),
+    ("distill_weight", float("nan"), "distill_weight: must be a number in [0, 1000000], "
+                                     "got nan"),
+    ("seed", {"a": 1}, "seed: must be an integer in [0, 9223372036854775807], got {'a': 1}"),
+    ("nproc", None, "nproc: must be an integer in [1, 1024], got None"),
+    ("download.num_utterances", "400", "download.num_utterances: must be an integer in "
+                                       "[1, 10000000], got '400'"),
+    ("download.source", ["a"], "download.source: must be a non-empty string, got ['a']"),
+    ("segment.pack", 1, "segment.pack: must be true or false, got 1"),
+    ("segment.max_seconds", "long", "segment.max_seconds: must be a number in (0, 30], "
+                                    "got 'long'"),
+    ("features.batch_size", 16.0, "features.batch_size: must be an integer in [1, 65536], "
+                                  "got 16.0"),
+    ("features.dtype", "int8", "features.dtype: must be one of float16, float32, got 'int8'"),
+    ("evaluate.asr", "yes", "evaluate.asr: must be true or false, got 'yes'"),
+    ("evaluate.seed", -1, "evaluate.seed: must be an integer in [0, 9223372036854775807], "
+                          "got -1"),
+    ("evaluate", "all", "evaluate: must be a mapping of evaluate parameters, got 'all'"),
+    ("finetune.max_minutes", True, "finetune.max_minutes: must be a number in [0, 100000000], "
+                                   "got True"),
+    ("finetune.max_step", 3, "unknown parameter finetune.max_step (did you mean max_steps?)"),
+]
+
+
+def write_params(folder: Path, key: str, value) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    section, _, name = key.rpartition(".")
+    (params[section] if section else params)[name] = value
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def invoke_stage(stage: str, params: Path):
+    from importlib import import_module
+
+    return runner.invoke(import_module(f"stages.{stage}").app, ["--params", str(params)])
+
+
+@pytest.mark.parametrize("key, value, message", BAD_VALUES)
+def test_wrong_type_stops_the_first_stage_naming_the_key(tmp_path, monkeypatch, key, value,
+                                                         message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke_stage("download", write_params(tmp_path, key, value))
+    assert result.exit_code == 2
+    assert f"error (download): params.yaml: {message}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no work done
+
+
+@pytest.mark.parametrize("stage, key, value, message", [
+    ("segment", "finetune.batch_size", 2.5, "finetune.batch_size: must be an integer"),
+    ("features", "download.num_speakers", True, "download.num_speakers: must be an integer"),
+    ("pretrain", "segment.eval_fraction", "0.2", "segment.eval_fraction: must be a number"),
+    ("evaluate", "features.shard_size", "big", "features.shard_size: must be an integer"),
+    ("finetune", "evaluate.bootstrap_samples", 99.5, "evaluate.bootstrap_samples: must be an "
+                                                     "integer in [100, 10000000]"),
+])
+def test_every_stage_checks_every_section(tmp_path, monkeypatch, stage, key, value, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke_stage(stage, write_params(tmp_path, key, value))
+    assert result.exit_code == 2
+    assert f"error ({stage}): params.yaml: {message}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(batch_size=2.5, mask_prob="0.5")
+    params["segment"]["pack"] = "no"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = invoke_stage("download", tmp_path / "params.yaml")
+    assert result.exit_code == 2
+    for key in ("batch_size", "mask_prob", "segment.pack"):
+        assert f"params.yaml: {key}: must be" in result.output
+
+
+# ----------------------------------------------------------------------------- --traceback
+
+
+def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_traceback_option_shows_the_traceback_of_a_bad_parameter(tmp_path):
+    params = write_params(tmp_path, "num_codebooks", "abc")
+    plain = run_module("stages.download", "--params", str(params), cwd=tmp_path)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    traced = run_module("stages.download", "--params", str(params), "--traceback", cwd=tmp_path)
+    assert "No such option" not in traced.stderr
+    assert traced.returncode == 1
+    assert "Traceback (most recent call last)" in traced.stderr
+    assert "ValueError: params.yaml: num_codebooks: must be an integer" in traced.stderr
+
+
+def test_traceback_option_shows_the_traceback_of_a_stage_failure(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    plain = run_module("stages.pretrain", cwd=tmp_path)  # no features: a friendly error
+    assert plain.returncode == 1
+    assert "no training features" in plain.stderr and "Traceback" not in plain.stderr
+    traced = run_module("stages.pretrain", "--traceback", cwd=tmp_path)
+    assert traced.returncode == 1
+    assert "Traceback (most recent call last)" in traced.stderr
+    assert "FileNotFoundError: no training features" in traced.stderr
+
+
+def test_traceback_option_works_on_train(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    traced = run_module("stages.train", "--traceback", "--features_dir", "nowhere",
+                        cwd=tmp_path)
+    assert traced.returncode == 1
+    assert "FileNotFoundError: no training features in nowhere/train" in traced.stderr

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,64 @@ def test_n_mels_must_match_the_model_before_any_work():
         validate(from_dict(raw))
     raw["n_mels"] = 128
     validate(from_dict(raw))
+
+
+def test_every_key_has_a_declared_type_and_the_configs_defaults():
+    from dataclasses import fields
+
+    from bestrq.params import SECTION_MODELS, SECTIONS, TopLevel
+
+    assert set(TopLevel.model_fields) == set(hyperparameter_names()) | set(SECTIONS)
+    for name, cls in SECTIONS.items():
+        assert set(SECTION_MODELS[name].model_fields) == {f.name for f in fields(cls)}, name
+    # Nothing in params.yaml: the library's own defaults, built through the declarations.
+    p = from_dict({})
+    for name, cls in SECTIONS.items():
+        assert getattr(p, name) == cls(), name
+    from bestrq.masking import MaskingConfig
+    from bestrq.quantizer import QuantizerConfig
+    from bestrq.train import TrainConfig
+
+    assert (p.train, p.quantizer, p.masking) == (TrainConfig(), QuantizerConfig(),
+                                                 MaskingConfig())
+
+
+def test_checked_values_are_normalised_and_complete():
+    raw = repo_params()
+    del raw["finetune"]
+    raw["download"] = None  # `download:` with nothing under it
+    raw["learning_rate"] = 1  # an integer is a fine number
+    p = from_dict(raw)
+    assert p.train.learning_rate == 1.0 and isinstance(p.train.learning_rate, float)
+    assert p.raw["learning_rate"] == 1.0 and isinstance(p.raw["learning_rate"], float)
+    assert p.raw["finetune"]["max_steps"] == p.finetune.max_steps  # defaults recorded too
+    assert p.download.num_utterances == 240  # the library's default
+
+
+def test_yaml_exponent_without_a_dot_is_explained(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("learning_rate: 0.003",
+                                                      "learning_rate: 3e-4")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"learning_rate: must be a number in \(0, 10\], got "
+                                         r"'3e-4' \(YAML reads 3e-4 as text"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_command_line_values_are_checked_and_named_as_such(tmp_path):
+    path = tmp_path / "params.yaml"
+    raw = repo_params()
+    raw["model"] = str(path)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError) as err:
+        load_params(path, {"batch_size": 2.5, "codebook_size": None})  # None: not given
+    assert str(err.value) == "command line: batch_size: must be an integer in [1, 65536], got 2.5"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- 1\n- 2\n", "params.yaml: must be a mapping of parameters, got [1, 2]"),
+    ("model: [unclosed\n", "params.yaml: not valid YAML"),
+])
+def test_a_file_that_is_not_a_mapping_is_named(tmp_path, text, message):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_params(tmp_path / "params.yaml")

@@ -305,3 +305,24 @@ def test_peak_flops_and_mfu(monkeypatch):
     assert throughput.peak_flops("cpu") is None and throughput.mfu(1e12, 1.0, "cpu") is None
     monkeypatch.setattr(throughput, "peak_flops", lambda device, dtype=None: 1e12)
     assert throughput.mfu(5e11, 2.0, "cuda") == pytest.approx(0.25)
+
+
+def test_deterministic_switches_torch_to_deterministic_kernels_same_result_on_cpu(tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        runs = []
+        for deterministic in (False, True):
+            model = small_model()
+            train(model, RandomClips(8), fast_config(max_steps=2, deterministic=deterministic),
+                  tmp_path / str(deterministic))
+            runs.append({n: p.detach().clone() for n, p in
+                         model.trainable_parameters().items()})
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        # On the CPU every kernel already is deterministic: the flag changes no bit.
+        assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    finally:
+        torch.use_deterministic_algorithms(before)
