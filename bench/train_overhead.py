@@ -7,13 +7,25 @@ prints both, their ratio (goal <= 1.10), clips/s and, on CUDA, MFU. Then it time
 pipeline (FeatureDataset from --features, else synthetic clips; masks drawn in the workers) and
 compares its clips/s with what the training step consumes.
 
+With --compare-codebooks 1,16 it instead times the training step for each number of codebooks
+in a fresh child process (same batch, model and seed), so that each one's peak memory is its own
+(peak RSS on CPU, which cannot be reset; torch.cuda.max_memory_allocated on CUDA), and prints
+achieved FLOP/s, peak memory and their ratios to the first, against the goals: >= 85% of its
+FLOP/s, and no more memory than the extra heads' weights, gradients and AdamW state + 0.4 GB.
+
     python bench/train_overhead.py --random --batch-size 4 --steps 5 --device cpu
     python bench/train_overhead.py --model tiny.en --batch-size 64 --features data/features/train
+    python bench/train_overhead.py --model tiny.en --batch-size 4 --steps 3 --warmup 1 \
+        --device cpu --compare-codebooks 1,16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,16 +71,65 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Mean seconds per call of `fn` after `warmup` untimed calls."""
+def timed(fn, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Mean wall and process CPU seconds per call of `fn` after `warmup` untimed calls (CPU
+    time, summed over threads, is what a CPU shared with other jobs disturbs least)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated on CUDA, resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def heads_state_bytes(model: BestRQModel) -> int:
+    """The heads' weights, gradients and AdamW's two moments, fp32."""
+    return 4 * 4 * sum(p.numel() for p in model.heads.parameters())
+
+
+def compare_codebooks(args: argparse.Namespace, counts: list[int]) -> None:
+    """Run the training-step measurement for each number of codebooks in a child process and
+    print them side by side."""
+    source = ["--random"] if args.random else ["--model", args.model]
+    common = [*source, "--batch-size", str(args.batch_size), "--codebook-size",
+              str(args.codebook_size), "--mask-prob", str(args.mask_prob), "--steps",
+              str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+              "--precision", args.precision, "--json"]
+    rows = []
+    for n in counts:
+        child = subprocess.run([sys.executable, __file__, *common, "--num-codebooks", str(n)],
+                               check=True, capture_output=True, text=True)
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"device {base['device']}, precision {base['precision']}, batch {args.batch_size}, "
+          f"K {args.codebook_size}, {base['masked']} masked targets, {args.steps} steps")
+    print("codebooks |   step s | CPU s/step | TFLOP/step | TFLOP/s | vs first | per CPU s, "
+          "vs first | peak GB | +GB vs first | allowed +GB")
+    for row in rows:
+        rate, base_rate = row["flops"] / row["step_s"], base["flops"] / base["step_s"]
+        cpu_ratio = (row["flops"] / row["step_cpu_s"]) / (base["flops"] / base["step_cpu_s"])
+        extra = (row["peak_bytes"] - base["peak_bytes"]) / 1e9
+        allowed = (row["heads_bytes"] - base["heads_bytes"]) / 1e9 + 0.4
+        print(f"{row['num_codebooks']:9d} | {row['step_s']:8.2f} | {row['step_cpu_s']:10.2f} | "
+              f"{row['flops'] / 1e12:10.3f} | {rate / 1e12:7.3f} | {rate / base_rate:8.1%} | "
+              f"{cpu_ratio:19.1%} | {row['peak_bytes'] / 1e9:7.2f} | {extra:12.2f} | "
+              f"{allowed:11.2f}")
+    last = rows[-1]
+    rate_ratio = (last["flops"] / last["step_s"]) / (base["flops"] / base["step_s"])
+    extra = last["peak_bytes"] - base["peak_bytes"]
+    allowed = last["heads_bytes"] - base["heads_bytes"] + 0.4e9
+    print(f"FLOP/s goal (>= 85% of N={base['num_codebooks']}): {rate_ratio:.1%} "
+          f"{'met' if rate_ratio >= 0.85 else 'NOT met'}; memory goal (+{allowed / 1e9:.2f} GB): "
+          f"+{extra / 1e9:.2f} GB {'met' if extra <= allowed else 'NOT met'}")
 
 
 def main() -> None:
@@ -87,7 +148,16 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help="a FeatureDataset split folder")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--loader-batches", type=int, default=20)
+    parser.add_argument("--compare-codebooks", metavar="N,N,...",
+                        help="time the training step for each number of codebooks, each in a "
+                             "fresh process, and compare FLOP/s and peak memory")
+    parser.add_argument("--json", action="store_true",
+                        help="time only the training step and print one JSON line (used by "
+                             "--compare-codebooks)")
     args = parser.parse_args()
+    if args.compare_codebooks:
+        compare_codebooks(args, [int(n) for n in args.compare_codebooks.split(",")])
+        return
 
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
@@ -132,15 +202,22 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    full = timed(training_step, args.steps, args.warmup, device)
-    bare = timed(bare_step, args.steps, args.warmup, device)
+    full, full_cpu = timed(training_step, args.steps, args.warmup, device)
+    flops = model_flops(model, args.batch_size, masked[-1])["total"]
+    if args.json:
+        print(json.dumps({"num_codebooks": args.num_codebooks, "step_s": full,
+                          "step_cpu_s": full_cpu, "flops": flops,
+                          "peak_bytes": peak_memory_bytes(device), "masked": masked[-1],
+                          "heads_bytes": heads_state_bytes(model), "device": str(device),
+                          "precision": str(dtype or torch.float32)}))
+        return
+    bare, _ = timed(bare_step, args.steps, args.warmup, device)
     clips_per_s = args.batch_size / full
     print(f"device {device}, precision {dtype or torch.float32}, batch {args.batch_size}, "
           f"codebooks {args.num_codebooks} x {args.codebook_size}")
     print(f"full training step   {full * 1e3:9.1f} ms  ({clips_per_s:.1f} clips/s)")
     print(f"bare encoder fwd+bwd {bare * 1e3:9.1f} ms")
     print(f"ratio                {full / bare:9.3f}  (goal <= 1.10)")
-    flops = model_flops(model, args.batch_size, masked[-1])["total"]
     print(f"model FLOPs per step {flops / 1e12:9.3f} TFLOP, achieved "
           f"{flops / full / 1e12:.2f} TFLOP/s")
     value = mfu(flops, full, device, dtype or torch.float32)

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper.model import AudioEncoder
 
@@ -44,6 +43,117 @@ def seeded_linear(in_features: int, out_features: int, gen: torch.Generator) -> 
         layer.weight.uniform_(-bound, bound, generator=gen)
         layer.bias.uniform_(-bound, bound, generator=gen)
     return layer
+
+
+# fp32 log-probabilities of one tile of the loss (masked targets x codebooks): bounds the loss's
+# working memory, forward and backward, whatever the batch. A tile also holds its logits in the
+# matmuls' dtype, so it works in 1.5x (bf16) to 2x (fp32) this; its matmuls stay large (on a
+# GPU batch of 64 clips: 4096 targets x one 8192-way head).
+LOGITS_BUDGET_BYTES = 128 * 2**20
+
+
+def chunk_shape(targets: int, num_codebooks: int, codebook_size: int,
+                budget_bytes: int = LOGITS_BUDGET_BYTES) -> tuple[int, int]:
+    """(rows, codebooks) of a tile whose fp32 log-probabilities fit in `budget_bytes`: every
+    target and as many codebooks as fit, else one codebook and as many targets as fit (at
+    least one).
+
+    Whole codebooks first: a tile then spans as many targets as fit, so the fp32
+    read-modify-write of its heads' weight gradient, once per tile, stays small beside its
+    matmuls; tiles of a few hundred targets across all 16 heads would make that write, not the
+    matmuls, a GPU's cost."""
+    per_codebook = 4 * codebook_size * targets
+    if per_codebook <= budget_bytes:
+        return targets, min(num_codebooks, budget_bytes // per_codebook)
+    return max(1, budget_bytes // (4 * codebook_size)), 1
+
+
+@torch.no_grad()
+def multi_softmax_chunks(x: Tensor, weight: Tensor, bias: Tensor, y: Tensor,
+                         chunk: tuple[int, int], dtype: torch.dtype | None,
+                         need: tuple[bool, bool, bool], accuracy: bool = True
+                         ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+    """Cross-entropy of the heads' N softmaxes, in one pass over tiles of `chunk` = (rows,
+    codebooks).
+
+    x: (M, D) head inputs; weight: (N * K, D), bias: (N * K,) the fused heads; y: (M, N) labels;
+    dtype: the matmuls' dtype (autocast's), None for x's own. Softmax and loss are fp32.
+    Returns the mean over targets and codebooks (fp32 scalar), the correct argmax predictions
+    per codebook (N,) (None unless `accuracy`) and, for those of (x, weight, bias) flagged in
+    `need`, the gradient of the *sum* (M N times the mean's; else None), in fp32.
+    """
+    m, n = y.shape
+    k = weight.shape[0] // n
+    rows, group = chunk
+    dt = dtype or x.dtype
+    xs, w, b = x.to(dt), weight.to(dt), bias.to(dt)  # (M, D), (N * K, D), (N * K,)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    correct = torch.zeros(n, dtype=torch.long, device=x.device) if accuracy else None
+    dx = torch.zeros_like(x, dtype=torch.float32) if need[0] else None  # (M, D)
+    dw = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None  # (N * K, D)
+    db = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None  # (N * K,)
+    with torch.autocast(x.device.type, enabled=False):
+        for first in range(0, n, group):
+            last = min(first + group, n)
+            cbs, cols = slice(first, last), slice(first * k, last * k)
+            for start in range(0, m, rows):
+                tile = slice(start, start + rows)
+                xc, yc = xs[tile], y[tile, cbs, None]  # (R, D), (R, C, 1)
+                logits = torch.addmm(b[cols], xc, w[cols].t())  # (R, C * K), dtype dt
+                z = logits.view(xc.shape[0], -1, k)  # (R, C, K)
+                if correct is not None:
+                    correct[cbs] += (z.argmax(-1, keepdim=True) == yc).sum((0, 2))
+                logp = torch.log_softmax(z, -1, dtype=torch.float32)  # (R, C, K)
+                total -= logp.gather(-1, yc).sum()
+                if not any(need):
+                    continue
+                # d sum / d logits = softmax - onehot, made in the logits' own buffer.
+                torch.exp(logp, out=z).scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=dt))
+                del logp
+                if db is not None:
+                    db[cols] += logits.sum(0, dtype=torch.float32)
+                if dt == torch.float32:
+                    # Summed in place, with no product-sized temporary; out= (not addmm_)
+                    # keeps the products visible to torch's FlopCounterMode.
+                    if dx is not None:
+                        torch.addmm(dx[tile], logits, w[cols], out=dx[tile])
+                    if dw is not None:
+                        torch.addmm(dw[cols], logits.t(), xc, out=dw[cols])
+                    continue
+                if dx is not None:
+                    dx[tile] += logits @ w[cols]
+                # A low-precision product reaches the fp32 sum one codebook at a time, so that
+                # its temporary is (K, D), never the tile's codebooks' (C * K, D).
+                for i in range(0, logits.shape[1] if dw is not None else 0, k):
+                    dw[cols.start + i:cols.start + i + k] += logits[:, i:i + k].t() @ xc
+    return total / (m * n), correct, [dx, dw, db]
+
+
+class FusedMultiSoftmaxCE(torch.autograd.Function):
+    """`multi_softmax_chunks` as an autograd op: the loss is a scalar, so its gradients are
+    formed in the forward pass, tile by tile, and backward only scales them by the incoming
+    gradient; no pass recomputes or keeps the logits. Backward runs once (no retain_graph)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, y: Tensor,
+                chunk: tuple[int, int], dtype: torch.dtype | None, accuracy: bool
+                ) -> tuple[Tensor, Tensor | None]:
+        loss, correct, ctx.grads = multi_softmax_chunks(
+            x, weight, bias, y, chunk, dtype, tuple(ctx.needs_input_grad[:3]), accuracy)
+        ctx.dtypes, ctx.scale = (x.dtype, weight.dtype, bias.dtype), 1.0 / y.numel()
+        if correct is not None:
+            ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
+        if ctx.grads is None:
+            raise RuntimeError("the fused multi-softmax loss can be differentiated only once")
+        # Dropping ctx's reference lets autograd take the buffers as .grad without a copy.
+        grads, ctx.grads = ctx.grads, None
+        factor = grad_loss.float() * ctx.scale  # the sum's gradients -> the mean's, scaled
+        return *(None if g is None else g.mul_(factor).to(like)
+                 for g, like in zip(grads, ctx.dtypes, strict=True)), None, None, None, None
 
 
 @dataclass
@@ -84,6 +194,7 @@ class BestRQModel(nn.Module):
         cfg = quantizer.config
         self.heads = seeded_linear(d_model * self.group, cfg.num_codebooks * cfg.codebook_size,
                                    generator(cfg.seed, HEADS_STREAM))
+        self.logits_budget = LOGITS_BUDGET_BYTES  # fp32 log-prob bytes per loss tile
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -164,7 +275,11 @@ class BestRQModel(nn.Module):
              valid: Tensor | None = None) -> BestRQOutput:
         """Masked-target cross-entropy, mean over codebooks, in fp32 whatever the autocast.
 
-        With `valid` (batch, targets) given, metrics are computed too.
+        The heads and the softmaxes run fused, in tiles of `chunk_shape(M, N, K,
+        self.logits_budget)` (masked targets, codebooks), forward and backward, so that no
+        (masked targets, N, K) logits are ever held whole; under autocast the heads' matmuls run
+        in its dtype. With `valid` (batch, targets) given, metrics are computed too, the
+        accuracies from the same tiles.
         """
         cfg = self.quantizer.config
         n, k = cfg.num_codebooks, cfg.codebook_size
@@ -173,34 +288,44 @@ class BestRQModel(nn.Module):
         selected = h[:, :targets][loss_mask]  # (M, group * d_model): only masked frames
         y = labels.transpose(1, 2)[loss_mask]  # (M, N)
         num_masked = int(selected.shape[0])
+        accuracy = None
         if num_masked == 0:
             # Keep every trainable tensor (heads' weight and bias, IA^3 vectors through h) in
             # the graph, with zero gradients, so that every rank of a distributed run reduces
             # the same buckets.
             loss = self.heads(selected).float().sum() * 0.0
-            logits = None
         else:
-            logits = self.heads(selected).reshape(num_masked, n, k)  # (M, N, K)
-            with torch.autocast(device_type=logits.device.type, enabled=False):
-                logits = logits.float()
-                loss = F.cross_entropy(logits.reshape(num_masked * n, k), y.reshape(-1))
-        metrics = {} if valid is None else self.metrics(
-            labels, loss_mask, valid[:, :targets], None if logits is None else logits.detach(), y)
+            device = selected.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            chunk = chunk_shape(num_masked, n, k, self.logits_budget)
+            weight, bias = self.heads.weight, self.heads.bias
+            with_accuracy = valid is not None  # argmax costs a pass over the logits
+            if torch.is_grad_enabled() and any(
+                    t.requires_grad for t in (selected, weight, bias)):
+                loss, correct = FusedMultiSoftmaxCE.apply(selected, weight, bias, y, chunk,
+                                                          dtype, with_accuracy)
+            else:  # evaluation: no gradient buffers at all
+                loss, correct, _ = multi_softmax_chunks(selected, weight, bias, y, chunk, dtype,
+                                                        (False, False, False), with_accuracy)
+            if correct is not None:
+                accuracy = correct.float() / num_masked  # (N,)
+        metrics = {} if valid is None else self.metrics(labels, loss_mask, valid[:, :targets],
+                                                         accuracy)
         return BestRQOutput(loss=loss, metrics=metrics, num_masked=num_masked)
 
     @torch.no_grad()
-    def metrics(self, labels: Tensor, loss_mask: Tensor, valid: Tensor, logits: Tensor | None,
-                y: Tensor) -> dict[str, float]:
-        """Masked accuracy per codebook and their mean, share of valid targets masked, and the
-        codebook utilisation over valid targets: distinct labels and exp(label entropy)."""
+    def metrics(self, labels: Tensor, loss_mask: Tensor, valid: Tensor,
+                accuracy: Tensor | None) -> dict[str, float]:
+        """Masked accuracy per codebook (`accuracy`, (N,), from the loss's tiles) and their
+        mean, share of valid targets masked, and the codebook utilisation over valid targets:
+        distinct labels and exp(label entropy)."""
         cfg = self.quantizer.config
         metrics: dict[str, float] = {
             "mask_fraction": float(loss_mask.sum()) / max(float(valid.sum()), 1.0)}
-        if logits is not None:
-            correct = (logits.argmax(dim=-1) == y).float().mean(dim=0)  # (N,)
-            for i, acc in enumerate(correct.tolist()):
+        if accuracy is not None:
+            for i, acc in enumerate(accuracy.tolist()):
                 metrics[f"accuracy_cb{i}"] = acc
-            metrics["accuracy"] = float(correct.mean())
+            metrics["accuracy"] = float(accuracy.mean())
         picked = labels.transpose(1, 2)[valid]  # (V, N)
         distinct, perplexity = [], []
         for i in range(cfg.num_codebooks):

@@ -5,7 +5,7 @@ import torch
 
 from bestrq.ia3 import ia3_state_dict
 from bestrq.masking import MaskingConfig, draw_sample_mask
-from bestrq.model import BestRQModel
+from bestrq.model import LOGITS_BUDGET_BYTES, BestRQModel, chunk_shape
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
 from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper
 
@@ -190,3 +190,167 @@ def test_distillation_guard_is_the_mse_to_the_stock_encoder_on_valid_frames(tiny
         assert float((v.grad * (v.detach() - 1)).sum()) > 0
     with pytest.raises(ValueError, match="distill_weight"):
         BestRQModel(tiny_whisper.encoder, model.quantizer, MaskingConfig(), distill_weight=-1)
+
+
+def reference_loss(model, h, labels, loss_mask):
+    """Today's unfused computation: full (M, N, K) logits, F.cross_entropy, argmax accuracy."""
+    n, k = model.quantizer.config.num_codebooks, model.quantizer.config.codebook_size
+    targets = min(h.shape[1], labels.shape[-1])
+    selected = h[:, :targets][loss_mask[:, :targets]]
+    y = labels[:, :, :targets].transpose(1, 2)[loss_mask[:, :targets]]  # (M, N)
+    logits = model.heads(selected).reshape(-1, n, k).float()  # (M, N, K)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, k), y.reshape(-1))
+    return loss, (logits.argmax(-1) == y).float().mean(0)
+
+
+def heads_inputs(model, num_valid):
+    mel, nv, mask, noise = fixed_batch(num_valid=num_valid)
+    x, labels, loss_mask, valid = model.make_inputs(mel, nv, mask, noise)
+    with torch.no_grad():
+        h = model.encode(x)  # (batch, targets, d)
+    return h.requires_grad_(), labels, loss_mask, valid
+
+
+def grads_of(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def test_chunk_shape_keeps_fp32_logits_within_the_budget():
+    # All targets and as many whole codebooks as fit (128 MiB / (4 B x 8192 x 1525) = 2) ...
+    assert chunk_shape(1525, 16, 8192) == (1525, 2)
+    assert chunk_shape(1525, 1, 8192) == (1525, 1)
+    assert chunk_shape(1525, 16, 8192, 256 * 2**20) == (1525, 5)
+    # ... else one codebook and as many targets as fit: 128 MiB / (4 B x 8192) rows.
+    assert chunk_shape(32768, 16, 8192) == (4096, 1)
+    assert chunk_shape(32768, 16, 8192, 64 * 2**20) == (2048, 1)
+    assert chunk_shape(5, 16, 8192, 1000) == (1, 1)  # never empty
+    assert chunk_shape(100, 3, 10, 4 * 10 * 100 * 2 + 3) == (100, 2)
+
+
+@pytest.mark.parametrize("tiles", ["37_rows", "5_codebooks"])
+@pytest.mark.parametrize("num_codebooks", [1, 16])
+@pytest.mark.parametrize("num_valid", [(3000, 3000), (3000, 1800)], ids=["full", "padded"])
+def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy(tiny_whisper, num_codebooks,
+                                                                     num_valid, tiles):
+    model = make_model(tiny_whisper, num_codebooks=num_codebooks)
+    h, labels, loss_mask, valid = heads_inputs(model, num_valid)
+    masked = int(loss_mask.sum())
+    if tiles == "37_rows":  # 37 targets, 1 codebook per tile: a ragged last row chunk
+        model.logits_budget = 4 * 64 * 37
+        assert chunk_shape(masked, num_codebooks, 64, model.logits_budget) == (37, 1)
+        assert masked > 5 * 37 and masked % 37 != 0
+    else:  # every target, 5 codebooks per tile: groups of 5, 5, 5, 1 at N = 16
+        model.logits_budget = 4 * 64 * masked * 5
+        assert chunk_shape(masked, num_codebooks, 64, model.logits_budget) == (
+            masked, min(5, num_codebooks))
+    params = [model.heads.weight, model.heads.bias, h]
+    out = model.loss(h, labels, loss_mask, valid)
+    assert out.num_masked == masked
+    # Weighted by the count as the training loop does: backward scales the stored gradients.
+    got = grads_of(out.loss * out.num_masked, params)
+    ref_loss, ref_acc = reference_loss(model, h, labels, loss_mask)
+    want = grads_of(ref_loss * out.num_masked, params)
+    assert out.loss.dtype == torch.float32
+    assert float(out.loss) == pytest.approx(float(ref_loss), rel=2e-6)
+    for name, g, w in zip(("weight", "bias", "h"), got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()),
+                                   msg=name)
+    assert float(got[2][~loss_mask].abs().max()) == 0.0  # unmasked frames get no gradient
+    for i in range(num_codebooks):
+        assert out.metrics[f"accuracy_cb{i}"] == pytest.approx(float(ref_acc[i]), abs=1e-7)
+    assert out.metrics["accuracy"] == pytest.approx(float(ref_acc.mean()), abs=1e-7)
+
+    # One tile (the default budget) and no gradient (evaluation) give the same numbers.
+    model.logits_budget = LOGITS_BUDGET_BYTES
+    whole = model.loss(h, labels, loss_mask, valid)
+    with torch.no_grad():
+        evaluated = model.loss(h, labels, loss_mask, valid)
+    assert float(whole.loss) == pytest.approx(float(out.loss), rel=2e-6)
+    assert float(evaluated.loss) == float(whole.loss) and not evaluated.loss.requires_grad
+    assert evaluated.metrics == whole.metrics
+    assert whole.metrics == pytest.approx(out.metrics, abs=1e-7)
+
+
+def test_metrics_keys_and_values_match_a_reference_computation(tiny_whisper):
+    model = make_model(tiny_whisper, num_codebooks=3, codebook_size=16)
+    h, labels, loss_mask, valid = heads_inputs(model, (3000, 1800))
+    model.logits_budget = 4 * 16 * 10  # tiles of 10 targets x 1 codebook
+    out = model.loss(h, labels, loss_mask, valid)
+    _, ref_acc = reference_loss(model, h, labels, loss_mask)
+    expected = {f"accuracy_cb{i}": float(ref_acc[i]) for i in range(3)}
+    expected["accuracy"] = float(ref_acc.mean())
+    expected["mask_fraction"] = int(loss_mask.sum()) / int(valid.sum())
+    picked = labels.transpose(1, 2)[valid]  # (V, 3)
+    counts = [torch.bincount(picked[:, i], minlength=16).double() for i in range(3)]
+    expected["distinct_labels"] = sum(float((c > 0).sum()) for c in counts) / 3
+    probs = [c[c > 0] / c.sum() for c in counts]
+    expected["perplexity"] = sum(math.exp(-float((p * p.log()).sum())) for p in probs) / 3
+    assert set(out.metrics) == set(expected)
+    assert out.metrics == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert 0.0 < out.metrics["accuracy"] < 1.0
+
+
+def test_loss_never_holds_the_logits_of_all_masked_targets(tiny_whisper):
+    # Every tensor that the loss's forward and backward create (seen at the dispatcher) stays
+    # below the logits of all masked targets, M x N x K: the largest are one tile's logits,
+    # the heads' weight gradient and h's gradient.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    model = make_model(tiny_whisper, num_codebooks=16)
+    h, labels, loss_mask, valid = heads_inputs(model, (3000, 3000))
+    model.logits_budget = 4 * 64 * 8  # tiles of 8 targets x 1 codebook
+    mode = LargestOutput()
+    with mode:
+        out = model.loss(h, labels, loss_mask, valid)
+        out.loss.backward()
+    full_logits = out.num_masked * 16 * 64
+    bound = max(8 * 64, model.heads.weight.numel(), h.numel())
+    assert full_logits > 5 * bound  # the check can tell
+    assert mode.largest <= bound
+    # The unfused reference does hold them.
+    with mode:
+        reference_loss(model, h, labels, loss_mask)[0].backward()
+    assert mode.largest >= full_logits
+
+
+@pytest.mark.parametrize("tiles", ["50_rows", "5_codebooks"])
+def test_bf16_autocast_loss_is_fp32_and_equals_the_unfused_bf16_heads(tiny_whisper, tiles):
+    model = make_model(tiny_whisper, num_codebooks=16)
+    h, labels, loss_mask, valid = heads_inputs(model, (3000, 1800))
+    # Tiles of 50 targets x 1 codebook, or of every target x 5 codebooks.
+    model.logits_budget = 4 * 64 * (50 if tiles == "50_rows" else 5 * int(loss_mask.sum()))
+    params = [model.heads.weight, model.heads.bias, h]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.loss(h, labels, loss_mask, valid)
+        ref_loss, ref_acc = reference_loss(model, h, labels, loss_mask)
+    assert out.loss.dtype == torch.float32 and ref_loss.dtype == torch.float32
+    assert out.num_masked > 50
+    # The same bf16 logits (rows of a matmul do not depend on the other rows), fp32 softmax.
+    assert float(out.loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert [out.metrics[f"accuracy_cb{i}"] for i in range(16)] == pytest.approx(
+        ref_acc.tolist(), abs=1.5 / out.num_masked)
+    got, want = grads_of(out.loss, params), grads_of(ref_loss, params)
+    for name, g, w in zip(("weight", "bias", "h"), got, want, strict=True):
+        assert g.dtype == w.dtype == torch.float32, name
+        # bf16 matmuls on both sides, summed in a different order: bf16 rounding apart.
+        assert float((g - w).norm() / w.norm()) < 5e-3, name
+
+
+def test_fused_loss_backward_runs_once(tiny_whisper):
+    model = make_model(tiny_whisper, num_codebooks=2)
+    h, labels, loss_mask, _ = heads_inputs(model, (3000, 1800))
+    out = model.loss(h, labels, loss_mask)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        out.loss.backward()
