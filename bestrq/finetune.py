@@ -52,7 +52,7 @@ class FinetuneConfig:
     learning_rate: float = 3e-3
     lr_schedule: str = "constant"
     warmup_steps: int = 2
-    max_steps: int = 15
+    max_steps: int = 10
     min_lr_ratio: float = 0.0
     checkpoint_every: int = 5
 
