@@ -28,6 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 from whisper.model import Whisper
 
+from bestrq.atomic import atomic_path, atomic_write_text
 from bestrq.ia3 import add_ia3, ia3_state_dict, load_ia3_state_dict, merge_ia3
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
@@ -42,34 +43,10 @@ IA3_MODULES = ("encoder", "decoder")
 
 def _write(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
     """Write the safetensors file atomically (a crash never leaves a truncated adapter where DVC
-    or a later stage would take it for a good one) and its JSON description beside it.
-
-    Each file goes to a temporary file of a unique name in the same folder, is fsynced, then
-    renamed over its final name: two writers never share a temporary file.
-    """
-    import os  # local: this helper alone needs them
-    import tempfile
-    from collections.abc import Callable
-
-    def replace_with(final: Path, write: Callable[[Path], object]) -> None:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        tmp = Path(name)
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the adapter from other users
-            os.close(fd)
-            write(tmp)
-            with tmp.open("rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_with(path, lambda tmp: save_file(tensors, str(tmp),
-                                             metadata={"bestrq": json.dumps(info)}))
-    replace_with(path.with_suffix(".json"),
-                 lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    or a later stage would take it for a good one) and its JSON description beside it."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"bestrq": json.dumps(info)})
+    atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
 
 
 def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],

@@ -37,6 +37,8 @@ from typing import IO, Any
 
 import torch
 
+from bestrq.atomic import atomic_write_text, fsync_dir
+
 MAGIC = b"BRQCKPT1"
 HEADER = struct.Struct("<8s32sQ")  # magic, sha256 of the payload, payload length
 NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -76,18 +78,6 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
 
 def _kill_point(step: int, stage: str) -> bool:
     return os.environ.get(KILL_ENV) == f"{step}:{stage}"
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any],
@@ -131,7 +121,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any],
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     for other_step, path in list_checkpoints(directory):
         if other_step > step:
             path.unlink(missing_ok=True)
@@ -451,27 +441,15 @@ def _changes(old: dict[str, Any], new: RunSignature) -> list[str]:
     return lines
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=TMP_MARKER_PREFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_marker(directory: Path, signature: RunSignature) -> None:
     """The marker, then its record: a crash between them leaves a marker without a record
     (what changed is then unknown), never a record that belongs to another marker."""
     (directory / RECORD).unlink(missing_ok=True)
-    _write_atomic(directory / MARKER, f"{FORMAT_TAG}\n{signature.fingerprint}\n")
+    atomic_write_text(directory / MARKER, f"{FORMAT_TAG}\n{signature.fingerprint}\n",
+                      TMP_MARKER_PREFIX)
     record = {"format": FORMAT_TAG, "fingerprint": signature.fingerprint,
               "values": signature.values, "inputs": signature.inputs,
               "extendable": list(signature.extendable)}
-    _write_atomic(directory / RECORD, json.dumps(record, indent=2, default=str) + "\n")
-    _fsync_dir(directory)
+    atomic_write_text(directory / RECORD, json.dumps(record, indent=2, default=str) + "\n",
+                      TMP_MARKER_PREFIX)
+    fsync_dir(directory)

@@ -36,6 +36,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from bestrq.atomic import atomic_write_text, fsync_dir
 from bestrq.audio import AUDIO_EXTENSIONS, is_audio_file, write_audio
 from bestrq.jsonl import write_jsonl
 
@@ -277,36 +278,6 @@ def _is_within(path: Path, root: Path) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` through a temporary file beside it, flushed to disk, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -321,7 +292,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{new.name}")
         os.replace(dest, old)
     os.replace(new, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     if old is not None:
         _remove(old)
 
@@ -550,7 +521,7 @@ class _DigestCache:
 
     def save(self) -> None:
         if self.path is not None:
-            _atomic_write_text(self.path, json.dumps(self.now, ensure_ascii=False))
+            atomic_write_text(self.path, json.dumps(self.now, ensure_ascii=False))
 
 
 def _unique_ids(files: list[Path], root: Path) -> list[str]:
@@ -712,7 +683,7 @@ def download_file(url: str, dest: Path, checksum: str = "") -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return hashers["sha256"].hexdigest()
 
 
@@ -765,7 +736,7 @@ def fetch(url: str, checksum: str, cache_dir: Path) -> Download:
     final = url_dir / sha256 / filename
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(incoming, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     (url_dir / "url.txt").write_text(url + "\n", encoding="utf-8")  # for people browsing it
     return Download(url, final, sha256, final.stat().st_size, checksum, False)
 
@@ -1048,7 +1019,7 @@ def _acquire_url(url: str, cfg: SourceConfig, checksum: str, raw_dir: Path, cach
     else:
         _install_file(got.path, download_dir)
         members = []
-    _atomic_write_text(record_path, json.dumps({**record, "skipped_members": members},
+    atomic_write_text(record_path, json.dumps({**record, "skipped_members": members},
                                                indent=2, ensure_ascii=False) + "\n")
     entries, skipped = index_folder(download_dir, raw_dir)
     stats: dict[str, float | str] = {"download_sha256": got.sha256,
