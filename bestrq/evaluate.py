@@ -178,26 +178,39 @@ def evaluate_adapter(model: BestRQModel, dataset: Dataset, train_dataset: Datase
     return out
 
 
-def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Dataset,
-                config: AsrConfig, device: torch.device) -> dict[str, float]:
-    """WER of stock Whisper (`base_model`) and of Whisper with the adapter's IA^3 vectors merged
-    into its encoder, on the transcribed clips of `dataset`, through `wer_comparison`:
-    `stock/...`, `adapted/...` (WER, 95% interval, error counts), `delta/wer` with its paired
-    95% interval and `delta/wer_relative`. Empty when no clip has a transcript."""
+def compare_wers(base_model: str, systems: dict[str, dict[str, torch.Tensor] | None],
+                 dataset: Dataset, config: AsrConfig, device: torch.device, baseline: str,
+                 other: str) -> dict[str, float]:
+    """WER of each system on the transcribed clips of `dataset`: Whisper `base_model` with that
+    system's IA^3 vectors merged (None: stock Whisper), through `wer_comparison`:
+    `<name>/...` (WER, 95% interval, error counts), `delta/wer` (other - baseline) with its
+    paired 95% interval and `delta/wer_relative`. Empty when no clip has a transcript."""
     config.validate()
     indices = transcribed_clips(dataset, config)
     if not indices:
         return {}
-    references = [dataset.transcripts[i] for i in indices]  # type: ignore[attr-defined]
-    model = load_whisper(base_model)
-    normalize = normalizer_for(model, config.language)
+    references = [dataset.transcripts[i] or "" for i in indices]  # type: ignore[attr-defined]
     hypotheses: dict[str, list[str]] = {}
-    for name in ("stock", "adapted"):
-        if name == "adapted":
-            merge_vectors(model.cpu(), tensors)  # one copy of the model at a time
+    model = None
+    for name, tensors in systems.items():
+        if model is None:
+            model = load_whisper(base_model)
+        normalize = normalizer_for(model, config.language)
+        if tensors is not None:
+            merge_vectors(model.cpu(), tensors)
         hypotheses[name] = transcribe(model, dataset, indices, config, device, desc=f"asr {name}")
+        if tensors is not None:
+            model = None  # merged: the next system starts from the base again
     out: dict[str, float] = {"asr_clips": float(len(indices))}
-    out.update(wer_comparison(references, hypotheses, normalize, baseline="stock",
-                              other="adapted", samples=config.bootstrap_samples,
-                              seed=config.seed))
+    out.update(wer_comparison(references, hypotheses, normalize, baseline=baseline, other=other,
+                              samples=config.bootstrap_samples, seed=config.seed))
     return out
+
+
+def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Dataset,
+                config: AsrConfig, device: torch.device) -> dict[str, float]:
+    """Zero-shot: stock Whisper (`base_model`) against Whisper with the adapter's IA^3 vectors
+    merged (`compare_wers` with `stock` and `adapted`); stock is decoded first and the vectors
+    are then merged into the same copy, so one model is held at a time."""
+    return compare_wers(base_model, {"stock": None, "adapted": tensors}, dataset, config,
+                        device, baseline="stock", other="adapted")

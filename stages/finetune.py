@@ -9,10 +9,10 @@ from typing import Any
 
 import typer
 
-from bestrq.adapter import load_vectors, merge_vectors, read_adapter, save_vectors
-from bestrq.asr import normalizer_for, transcribe, transcribed_clips, wer_comparison
+from bestrq.adapter import load_vectors, read_adapter, save_vectors
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import DistInfo, barrier, distributed_session, is_main, resolve_device
+from bestrq.evaluate import compare_wers
 from bestrq.finetune import (
     FINETUNE,
     FinetuneModel,
@@ -159,26 +159,13 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
 def compare_finetuned(p: Params, features_dir: Path, out_dir: Path) -> dict[str, float]:
     """WER of both fine-tuned models on the transcribed eval clips, and `delta/wer` (adapted -
     stock) with its 95% paired bootstrap interval. Empty when no eval clip has a transcript."""
-    dataset = FeatureDataset(features_dir / "eval")
-    asr = p.evaluate.asr_config()
-    indices = transcribed_clips(dataset, asr)
-    if not indices:
+    systems = {start: read_adapter(out_dir / start / IA3_ONLY_NAME)[0] for start in STARTS}
+    out = compare_wers(p.model, systems, FeatureDataset(features_dir / "eval"),
+                       p.evaluate.asr_config(), resolve_device(p.train.device),
+                       baseline="stock", other="adapted")
+    if not out:
         typer.secho("finetune: no transcribed eval clips: no WER to compare",
                     fg=typer.colors.YELLOW, err=True)
-        return {}
-    device = resolve_device(p.train.device)
-    hypotheses: dict[str, list[str]] = {}
-    for start in STARTS:
-        tensors, _ = read_adapter(out_dir / start / IA3_ONLY_NAME)
-        model = merge_vectors(load_whisper(p.model), tensors)
-        hypotheses[start] = transcribe(model, dataset, indices, asr, device,
-                                       desc=f"asr finetuned from {start}")
-        normalize = normalizer_for(model, asr.language)
-        del model
-    references = [dataset.transcripts[i] or "" for i in indices]
-    out = wer_comparison(references, hypotheses, normalize, baseline="stock", other="adapted",
-                         samples=p.evaluate.bootstrap_samples, seed=p.evaluate.seed)
-    out["asr_clips"] = float(len(indices))
     return out
 
 
