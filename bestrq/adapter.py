@@ -119,8 +119,8 @@ def load_into(model: BestRQModel, tensors: dict[str, Tensor]) -> None:
 def build_model(whisper_model: Whisper, info: dict[str, Any],
                 tensors: dict[str, Tensor] | None = None) -> BestRQModel:
     """The BEST-RQ model an adapter describes, on `whisper_model`'s encoder."""
-    quantizer = RandomProjectionQuantizer(QuantizerConfig(**info["quantizer"]))
-    model = BestRQModel(whisper_model.encoder, quantizer, MaskingConfig(**info["masking"]))
+    quantizer = RandomProjectionQuantizer(QuantizerConfig.from_dict(info["quantizer"]))
+    model = BestRQModel(whisper_model.encoder, quantizer, MaskingConfig.from_dict(info["masking"]))
     if tensors is not None:
         load_into(model, tensors)
     return model

@@ -83,7 +83,7 @@ def _bestrq_pass(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
     for mel, frames, mask, noise in tqdm(loader, desc="evaluate", disable=not progress):
         mel, frames = mel.to(device), frames.to(device)
         x, labels, loss_mask, valid = model.make_inputs(mel, frames, mask.to(device),
-                                                        noise.to(device))
+                                                        noise.to(device), all_labels=True)
         out = model.loss(model.encode(x), labels, loss_mask, valid)
         targets = min(loss_mask.shape[1], labels.shape[-1])
         labels = labels[:, :, :targets]
@@ -141,8 +141,10 @@ def train_label_counts(model: BestRQModel, dataset: Dataset, config: EvaluateCon
                         collate_fn=collate)
     counts = torch.zeros(qcfg.num_codebooks, qcfg.codebook_size, dtype=torch.float64)
     for mel, frames in tqdm(loader, desc="label prior", disable=not progress):
-        labels = quantizer(quantizer.normalize(mel.to(device)))  # (batch, N, T)
-        valid = target_valid(frames.to(device), labels.shape[-1], qcfg.stack_frames)  # (batch, T)
+        mel, frames = mel.to(device), frames.to(device)
+        valid = target_valid(frames, mel.shape[-1] // qcfg.stack_frames,
+                             qcfg.stack_frames)  # (batch, T)
+        labels = quantizer(quantizer.label_input(mel, frames), where=valid)  # (batch, N, T)
         counts += label_counts(labels.transpose(1, 2)[valid], qcfg.codebook_size)
     return counts
 

@@ -51,7 +51,7 @@ class FinetuneConfig:
     accumulate_gradients: int = 1
     learning_rate: float = 3e-3
     lr_schedule: str = "constant"
-    warmup_steps: int = 2
+    warmup_steps: float = 2
     max_steps: int = 10
     min_lr_ratio: float = 0.0
     checkpoint_every: int = 5

@@ -3,12 +3,17 @@
 Every valid feature frame starts a masked span with probability `mask_prob`; a span covers
 `span_ms` of audio (400 ms = 40 frames at Whisper's 10 ms hop) and overlapping spans merge.
 Masked frames are replaced by noise drawn from N(0, noise_std) in the normalised feature space.
-Padding frames are never masked.
+Padding frames are never masked. A target (`stack` frames, one encoder frame) is predicted when
+at least `target_share` of its frames are masked: the default 1.0 predicts only targets whose
+own frames are all noise (NeMo NEST thresholds the stacked frames the same way, at 0.8); 0.5
+with two stacked frames predicts a target that still shows one of its own frames.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,7 @@ class MaskingConfig:
     mask_prob: float = 0.01
     span_ms: float = 400.0
     noise_std: float = 0.1
+    target_share: float = 1.0  # share of a target's stacked frames that must be masked
 
     def validate(self) -> None:
         if not 0.0 < self.mask_prob <= 1.0:
@@ -32,6 +38,8 @@ class MaskingConfig:
                 f"mask_span_ms must be >= one frame ({FRAME_MS} ms), got {self.span_ms}")
         if self.noise_std < 0:
             raise ValueError(f"mask_noise_std must be >= 0, got {self.noise_std}")
+        if not 0.0 < self.target_share <= 1.0:
+            raise ValueError(f"mask_target_share must be in (0, 1], got {self.target_share}")
 
     @property
     def span_frames(self) -> int:
@@ -39,6 +47,12 @@ class MaskingConfig:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MaskingConfig:
+        """A config saved in an adapter; files written before `target_share` existed predicted
+        a target when any of its frames was masked (0.5 of two frames)."""
+        return cls(**{"target_share": 0.5, **values})
 
 
 def span_mask(num_valid: Tensor, num_frames: int, mask_prob: float, span: int,
@@ -60,12 +74,15 @@ def span_mask(num_valid: Tensor, num_frames: int, mask_prob: float, span: int,
     return (covered[:, 0, :] > 0) & valid
 
 
-def target_mask(frame_mask: Tensor, stack: int) -> Tensor:
-    """(batch, frames) frame mask -> (batch, frames // stack): a target is predicted when any of
-    its stacked frames was masked."""
+def target_mask(frame_mask: Tensor, stack: int, share: float = 1.0) -> Tensor:
+    """(batch, frames) frame mask -> (batch, frames // stack): a target is predicted when at
+    least `share` of its `stack` frames are masked (any one frame: share <= 1 / stack)."""
     batch, frames = frame_mask.shape
     usable = frames // stack * stack
-    return frame_mask[:, :usable].reshape(batch, usable // stack, stack).any(dim=-1)
+    masked = frame_mask[:, :usable].reshape(batch, usable // stack, stack).sum(dim=-1)
+    # ceil(share * stack) frames, with a tolerance so that e.g. 0.5 * 2 is exactly one
+    needed = max(1, math.ceil(share * stack - 1e-9))
+    return masked >= needed
 
 
 def target_valid(num_valid: Tensor, num_targets: int, stack: int) -> Tensor:
@@ -110,3 +127,33 @@ def expected_mask_fraction(num_frames: int, mask_prob: float, span: int) -> floa
     q = 1.0 - mask_prob
     total = sum(1.0 - q ** min(t + 1, span) for t in range(num_frames))
     return total / num_frames
+
+
+# Whisper's conv stem (two kernel-3 convolutions, the second with stride 2) lets encoder frame t
+# see input frames 2t - 2 ... 2t + 2.
+CONV_STEM_REACH = 2
+
+
+def target_exposure(frame_mask: Tensor, num_valid: Tensor, stack: int, share: float
+                    ) -> dict[str, float]:
+    """How much of its own input a predicted target still sees, under the rule `share`.
+
+    frame_mask (batch, frames), num_valid (batch,). Returns, over the predicted valid targets:
+    `own_frame`, the share with an unmasked frame among their own `stack` frames, and
+    `receptive_field`, the share with an unmasked valid frame within the conv stem's reach of
+    them (frames j * stack - 2 ... (j + 1) * stack); and `targets`, how many were predicted.
+    """
+    batch, frames = frame_mask.shape
+    targets = frames // stack
+    valid_frames = torch.arange(frames, device=frame_mask.device)[None] < num_valid[:, None]
+    predicted = target_mask(frame_mask, stack, share) & target_valid(num_valid, targets, stack)
+    open_frame = (~frame_mask & valid_frames).float()[:, None, :]  # (batch, 1, frames)
+    own = F.max_pool1d(open_frame[..., :targets * stack], stack, stride=stack)[:, 0] > 0
+    # Window of stack + 2 * reach frames starting at j * stack - reach, for every target j.
+    reach = CONV_STEM_REACH
+    padded = F.pad(open_frame, (reach, reach))  # (batch, 1, frames + 2 reach)
+    seen = F.max_pool1d(padded, stack + 1 + reach, stride=stack)[:, 0, :targets] > 0
+    count = int(predicted.sum())
+    return {"targets": float(count),
+            "own_frame": float((own & predicted).sum()) / max(count, 1),
+            "receptive_field": float((seen & predicted).sum()) / max(count, 1)}

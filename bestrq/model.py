@@ -207,19 +207,19 @@ class BestRQModel(nn.Module):
         return state
 
     def make_inputs(self, mel: Tensor, num_valid: Tensor, frame_mask: Tensor | None = None,
-                    noise: Tensor | None = None, generator: torch.Generator | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    noise: Tensor | None = None, generator: torch.Generator | None = None,
+                    all_labels: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Labels and masked encoder input for a batch.
 
         mel: (batch, n_mels, frames) Whisper log-mel; num_valid: (batch,) non-padding frames.
         frame_mask (batch, frames) and noise (batch, n_mels, frames) come from the data loader
         (`masking.draw_sample_mask`) in training; when absent they are drawn with `generator`.
-        Returns (encoder input (batch, n_mels, frames), labels (batch, N, targets),
-        loss mask (batch, targets): masked and made of real audio, valid (batch, targets)).
+        Returns (encoder input (batch, n_mels, frames), labels (batch, N, targets) of the
+        predicted targets, -1 elsewhere (of every target with `all_labels`), loss mask
+        (batch, targets): masked and made of real audio, valid (batch, targets)).
         """
         stack = self.quantizer.config.stack_frames
         z = self.quantizer.normalize(mel.float())  # (batch, n_mels, frames)
-        labels = self.quantizer(z)  # (batch, N, targets)
         if frame_mask is None:
             frame_mask = span_mask(num_valid, mel.shape[-1], self.masking.mask_prob,
                                    self.masking.span_frames, generator)  # (batch, frames)
@@ -227,9 +227,13 @@ class BestRQModel(nn.Module):
             noise = draw_noise(tuple(z.shape), self.masking.noise_std, generator)
         noisy = apply_noise(z, frame_mask.to(z.device), noise)
         x = self.quantizer.denormalize(noisy)  # (batch, n_mels, frames)
-        targets = labels.shape[-1]
+        targets = mel.shape[-1] // stack
         valid = target_valid(num_valid, targets, stack)  # (batch, targets)
-        loss_mask = target_mask(frame_mask, stack)[:, :targets] & valid
+        loss_mask = target_mask(frame_mask.to(z.device), stack,
+                                self.masking.target_share)[:, :targets] & valid
+        # Labels of the unmasked features, for the predicted targets only (-1 elsewhere).
+        labels = self.quantizer(self.quantizer.label_input(mel, num_valid),
+                                where=None if all_labels else loss_mask)
         return x, labels, loss_mask, valid
 
     def encode(self, x: Tensor) -> Tensor:
@@ -317,8 +321,8 @@ class BestRQModel(nn.Module):
     def metrics(self, labels: Tensor, loss_mask: Tensor, valid: Tensor,
                 accuracy: Tensor | None) -> dict[str, float]:
         """Masked accuracy per codebook (`accuracy`, (N,), from the loss's tiles) and their
-        mean, share of valid targets masked, and the codebook utilisation over valid targets:
-        distinct labels and exp(label entropy)."""
+        mean, share of valid targets masked, and the codebook utilisation over the masked
+        targets (the only ones labelled): distinct labels and exp(label entropy)."""
         cfg = self.quantizer.config
         metrics: dict[str, float] = {
             "mask_fraction": float(loss_mask.sum()) / max(float(valid.sum()), 1.0)}
@@ -326,7 +330,7 @@ class BestRQModel(nn.Module):
             for i, acc in enumerate(accuracy.tolist()):
                 metrics[f"accuracy_cb{i}"] = acc
             metrics["accuracy"] = float(accuracy.mean())
-        picked = labels.transpose(1, 2)[valid]  # (V, N)
+        picked = labels.transpose(1, 2)[loss_mask]  # (M, N)
         distinct, perplexity = [], []
         for i in range(cfg.num_codebooks):
             counts = torch.bincount(picked[:, i], minlength=cfg.codebook_size).float()

@@ -43,6 +43,10 @@ MODEL_HELP: dict[str, str] = {
     "mask_prob": "probability that a frame starts a masked span (paper: 0.01)",
     "mask_span_ms": "masked span length in ms (paper: 400 ms = 40 frames)",
     "mask_noise_std": "std of the noise replacing masked frames, normalised space (paper: 0.1)",
+    "mask_target_share": "share of a target's stacked frames that must be masked for it to be "
+                         "predicted (1.0: all; 0.5 with 2 stacked frames: any one)",
+    "quantizer_norm": "statistics of the quantizer's input: utterance (each clip's own: "
+                      "targets do not follow the recording level) | global (the train split's)",
     "distill_weight": "weight of the distillation guard: MSE of the adapted to the stock "
                       "encoder's output on the clean input (0: off)",
 }
@@ -52,9 +56,11 @@ TRAIN_HELP: dict[str, str] = {
     "accumulate_gradients": "micro-batches per optimiser update",
     "learning_rate": "peak learning rate of AdamW",
     "lr_schedule": "inverse_sqrt (BEST-RQ's Transformer schedule) | cosine | constant",
-    "warmup_steps": "optimiser updates of linear warm-up",
+    "warmup_steps": "linear warm-up: a share of max_steps (below 1) or updates (>= 1)",
     "max_steps": "optimiser updates in the run",
     "min_lr_ratio": "floor of the schedule, as a fraction of learning_rate",
+    "heads_only_steps": "first updates that train the heads alone, as a share of max_steps "
+                        "(below 1) or updates (>= 1); the IA^3 schedule starts after them",
     "weight_decay": "AdamW decay of the heads (never of the IA^3 vectors)",
     "adam_beta1": "AdamW beta1",
     "adam_beta2": "AdamW beta2",
@@ -72,9 +78,10 @@ TRAIN_HELP: dict[str, str] = {
     "deterministic": "CUDA: deterministic kernels, bitwise-repeatable GPU runs (slower)",
 }
 QUANTIZER_KEYS = {"num_codebooks": "num_codebooks", "codebook_size": "codebook_size",
-                  "code_dim": "code_dim", "stack_frames": "stack_frames"}
+                  "code_dim": "code_dim", "stack_frames": "stack_frames",
+                  "quantizer_norm": "norm"}
 MASKING_KEYS = {"mask_prob": "mask_prob", "mask_span_ms": "span_ms",
-                "mask_noise_std": "noise_std"}
+                "mask_noise_std": "noise_std", "mask_target_share": "target_share"}
 SECTIONS = {"download": sources.SourceConfig, "segment": segment.SegmentConfig,
             "features": features.FeatureConfig, "evaluate": EvaluateConfig,
             "finetune": FinetuneConfig}
@@ -89,6 +96,8 @@ Steps = Annotated[int, Field(ge=1, le=STEPS_MAX)]
 Workers = Annotated[int, Field(ge=0, le=1024)]
 Schedule = Literal["inverse_sqrt", "cosine", "constant"]
 Text = Annotated[str, Field(min_length=1)]
+# A length in updates (>= 1) or a share of max_steps (below 1): `schedule.updates`.
+Length = Annotated[float, Field(ge=0, le=STEPS_MAX)]
 
 _TRAIN = TrainConfig()
 _QUANTIZER = QuantizerConfig()
@@ -151,7 +160,7 @@ class FinetuneParams(_Section):
     accumulate_gradients: Annotated[int, Field(ge=1, le=2**20)] = _FINETUNE.accumulate_gradients
     learning_rate: Annotated[float, Field(gt=0, le=10.0)] = _FINETUNE.learning_rate
     lr_schedule: Schedule = _FINETUNE.lr_schedule  # type: ignore[assignment]
-    warmup_steps: Annotated[int, Field(ge=0, le=STEPS_MAX)] = _FINETUNE.warmup_steps
+    warmup_steps: Length = _FINETUNE.warmup_steps
     max_steps: Steps = _FINETUNE.max_steps
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = _FINETUNE.min_lr_ratio
     checkpoint_every: Steps = _FINETUNE.checkpoint_every
@@ -170,14 +179,17 @@ class TopLevel(_Section):
     mask_prob: Annotated[float, Field(gt=0, le=1)] = _MASKING.mask_prob
     mask_span_ms: Annotated[float, Field(gt=0, le=30_000)] = _MASKING.span_ms
     mask_noise_std: Annotated[float, Field(ge=0, le=100)] = _MASKING.noise_std
+    mask_target_share: Annotated[float, Field(gt=0, le=1)] = _MASKING.target_share
+    quantizer_norm: Literal["utterance", "global"] = _QUANTIZER.norm  # type: ignore[assignment]
     distill_weight: Annotated[float, Field(ge=0, le=10**6)] = 0.0
     batch_size: Annotated[int, Field(ge=1, le=65536)] = _TRAIN.batch_size
     accumulate_gradients: Annotated[int, Field(ge=1, le=2**20)] = _TRAIN.accumulate_gradients
     learning_rate: Annotated[float, Field(gt=0, le=10.0)] = _TRAIN.learning_rate
     lr_schedule: Schedule = _TRAIN.lr_schedule  # type: ignore[assignment]
-    warmup_steps: Annotated[int, Field(ge=0, le=STEPS_MAX)] = _TRAIN.warmup_steps
+    warmup_steps: Length = _TRAIN.warmup_steps
     max_steps: Steps = _TRAIN.max_steps
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = _TRAIN.min_lr_ratio
+    heads_only_steps: Length = _TRAIN.heads_only_steps
     weight_decay: Annotated[float, Field(ge=0, le=100)] = _TRAIN.weight_decay
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = _TRAIN.adam_beta1
     adam_beta2: Annotated[float, Field(ge=0, lt=1)] = _TRAIN.adam_beta2

@@ -1,15 +1,22 @@
 """BEST-RQ's random-projection quantizer (arXiv 2202.01855 sec. 2.1; USM's multi-codebook
 variant, arXiv 2303.01037 sec. 3.2).
 
-Log-mel frames are normalised with global per-bin statistics, stacked to the encoder's frame rate,
-projected by a frozen random matrix and labelled with the index of the nearest frozen random code
-(cosine similarity). Nothing here is trained: the quantizer only makes targets.
+Log-mel frames are normalised per mel bin, stacked to the encoder's frame rate, projected by a
+frozen random matrix and labelled with the index of the nearest frozen random code (cosine
+similarity). Nothing here is trained: the quantizer only makes targets.
+
+Normalisation (`norm`): "global" uses the train split's per-bin statistics, as the paper does;
+"utterance" each clip's own per-bin statistics over its real frames, as NeMo NEST
+(`per_feature`) and SpeechBrain (`sentence`) do. Whisper's log-mel turns a gain into a shift of
+every bin, so global statistics keep the recording level in the targets and per-utterance ones
+remove it (README: "Label agreement under gain").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +30,42 @@ class QuantizerConfig:
     code_dim: int = 16
     stack_frames: int = 2  # 10 ms frames per target; 2 matches Whisper's 20 ms encoder frames
     seed: int = 0
+    norm: str = "utterance"  # statistics of the quantizer's input: "global" | "utterance"
 
     def validate(self) -> None:
         for name in ("n_mels", "num_codebooks", "codebook_size", "code_dim", "stack_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"quantizer_norm must be one of {', '.join(NORMS)}, "
+                             f"got {self.norm!r}")
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QuantizerConfig:
+        """A config saved in an adapter; files written before `norm` existed used "global"."""
+        return cls(**{"norm": "global", **values})
+
+
+NORMS = ("global", "utterance")
+
+
+def utterance_normalize(mel: Tensor, num_valid: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each clip's log-mel (batch, n_mels, frames) less its own per-bin mean over its first
+    `num_valid` (batch,) frames, over their std (floored at `eps`); padding frames are
+    normalised with the same statistics but never enter them. A clip without a valid frame
+    is left as it is."""
+    frames = mel.shape[-1]
+    valid = (torch.arange(frames, device=mel.device)[None] < num_valid[:, None])  # (batch, T)
+    w = valid[:, None, :].to(mel.dtype)  # (batch, 1, frames)
+    count = w.sum(-1, keepdim=True).clamp_min(1.0)  # (batch, 1, 1)
+    mean = (mel * w).sum(-1, keepdim=True) / count  # (batch, n_mels, 1)
+    var = ((mel - mean).pow(2) * w).sum(-1, keepdim=True) / count
+    std = var.sqrt().clamp_min(eps)  # (batch, n_mels, 1)
+    empty = (num_valid <= 0)[:, None, None]
+    return torch.where(empty, mel, (mel - mean) / std)
 
 
 def stack_frames(features: Tensor, stack: int) -> Tensor:
@@ -73,25 +108,46 @@ class RandomProjectionQuantizer(nn.Module):
     def denormalize(self, z: Tensor) -> Tensor:
         return z * self.std[:, None] + self.mean[:, None]
 
+    def label_input(self, mel: Tensor, num_valid: Tensor) -> Tensor:
+        """What the quantizer labels: Whisper log-mel (batch, n_mels, frames) normalised by
+        `norm`'s statistics (num_valid (batch,): real frames per clip), same shape."""
+        if self.config.norm == "utterance":
+            return utterance_normalize(mel.float(), num_valid)
+        return self.normalize(mel.float())
+
     @torch.no_grad()
-    def forward(self, normalized: Tensor, max_elements: int = 1 << 26) -> Tensor:
+    def forward(self, normalized: Tensor, where: Tensor | None = None,
+                max_elements: int = 1 << 26) -> Tensor:
         """Labels of normalised features (batch, n_mels, frames) -> (batch, N, frames // stack).
 
-        The similarity matrix (N, frames, codebook_size) is built in chunks of frames so that it
-        never exceeds `max_elements` floats (256 MiB by default), whatever the batch.
+        With `where` (batch, frames // stack) boolean, only those targets are labelled (the
+        others are -1): training needs the masked targets' labels only, and with 16 codebooks
+        labelling every frame is a tenth of a step. The similarity matrix (N, frames,
+        codebook_size) is built in chunks of frames so that it never exceeds `max_elements`
+        floats (256 MiB by default), whatever the batch.
         """
         cfg = self.config
         with torch.autocast(device_type=normalized.device.type, enabled=False):
             x = stack_frames(normalized.float(), cfg.stack_frames)  # (batch, T, stack * n_mels)
             batch, targets, dim = x.shape
-            flat = x.reshape(batch * targets, dim)  # (F, stack * n_mels)
-            labels = torch.empty(cfg.num_codebooks, batch * targets, dtype=torch.long,
-                                 device=x.device)
+            if where is None:
+                flat = x.reshape(batch * targets, dim)  # (F, stack * n_mels)
+            else:
+                where = where[:, :targets]
+                flat = x[where]  # (F, stack * n_mels): the wanted targets only
+            labels = torch.empty(cfg.num_codebooks, flat.shape[0], dtype=torch.long,
+                                 device=x.device)  # (N, F)
             chunk = max(1, max_elements // (cfg.num_codebooks * cfg.codebook_size))
             for start in range(0, flat.shape[0], chunk):
                 part = flat[start:start + chunk]
+                # Codes are unit vectors, so the nearest by cosine is the argmax of the dot
+                # product with the projection: its norm scales a row and never changes which.
                 proj = torch.einsum("fi,nid->nfd", part, self.projection)  # (N, f, code_dim)
-                proj = proj / proj.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 sim = torch.bmm(proj, self.codebooks.transpose(1, 2))  # (N, f, codebook_size)
                 labels[:, start:start + chunk] = sim.argmax(dim=-1)
-        return labels.reshape(cfg.num_codebooks, batch, targets).transpose(0, 1)  # (batch, N, T)
+        if where is None:
+            return labels.reshape(cfg.num_codebooks, batch, targets).transpose(0, 1)
+        out = torch.full((batch, targets, cfg.num_codebooks), -1, dtype=torch.long,
+                         device=x.device)  # (batch, T, N)
+        out[where] = labels.t()
+        return out.transpose(1, 2)  # (batch, N, T)

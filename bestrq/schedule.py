@@ -3,6 +3,10 @@
 The scheduler is stepped once per optimiser update, so the multiplier's argument `s` is the number
 of updates already made and update `n = s + 1` (1-based) uses `lambda(s)`: the first update
 already trains (no update at rate zero) and the peak is reached at update `warmup_steps`.
+
+Lengths (`warmup_steps`, `heads_only_steps`) are given either in updates (a whole number >= 1)
+or as a share of the run (a number below 1), so that a schedule sized for a 20-update demo
+still makes sense at 100k updates (`updates`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,29 @@ import math
 from collections.abc import Callable
 
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+
+
+def updates(value: float, max_steps: int, name: str) -> int:
+    """A length in optimiser updates: `value` updates when it is >= 1 (a whole number), else
+    that share of `max_steps`, rounded half up."""
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value >= 1:
+        if value != int(value):
+            raise ValueError(f"{name} must be a share of max_steps (below 1) or a whole number "
+                             f"of updates, got {value}")
+        return int(value)
+    return math.floor(value * max_steps + 0.5)
+
+
+def frozen_for(steps: int, schedule: Callable[[int], float]) -> Callable[[int], float]:
+    """A multiplier that is 0 for the first `steps` updates and then `schedule` counted from
+    there, warm-up included, as if the run began at update `steps + 1`."""
+
+    def multiplier(s: int) -> float:
+        return 0.0 if s < steps else schedule(s - steps)
+
+    return multiplier
 
 
 def lr_lambda(kind: str, warmup_steps: int, max_steps: int,

@@ -61,7 +61,7 @@ def encoder_flops(dims: ModelDimensions | AudioEncoder | tuple[int, int, int, in
     masked_targets: targets fed to the heads in the whole batch; head_outputs: num_codebooks *
     codebook_size; group: encoder frames per target (the heads take group * d_model inputs).
     quantizer: (input_dim, code_dim, num_codebooks, codebook_size) to count the label
-    computation (forward only) on batch * 2 * n_ctx * n_mels / input_dim targets.
+    computation (forward only) on the masked targets, the only ones training labels.
     Returns forward, backward and total FLOPs and the forward split by part.
     """
     s = encoder_shape(dims)
@@ -85,8 +85,7 @@ def encoder_flops(dims: ModelDimensions | AudioEncoder | tuple[int, int, int, in
     labels = 0
     if quantizer is not None:
         input_dim, code_dim, n, k = quantizer
-        targets = batch * 2 * s.n_ctx * s.n_mels // input_dim
-        labels = 2 * targets * input_dim * code_dim * n + 2 * n * targets * code_dim * k
+        labels = 2 * masked_targets * n * code_dim * (input_dim + k)
     forward = conv + forward_blocks + heads_f + labels
     backward = backward_blocks + heads_b
     return {"forward": forward, "backward": backward, "total": forward + backward,

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from bestrq.checkpoint import load_latest, save_checkpoint
 from bestrq.distributed import current, resolve_device
 from bestrq.masking import MaskingConfig, draw_sample_mask
-from bestrq.schedule import SCHEDULES, lr_lambda
+from bestrq.schedule import SCHEDULES, frozen_for, lr_lambda, updates
 from bestrq.seeding import derived_seed, generator
 from bestrq.throughput import mfu, model_flops
 
@@ -50,9 +50,14 @@ class TrainConfig:
     accumulate_gradients: int = 1  # micro-batches per optimiser update
     learning_rate: float = 3e-3  # IA^3 paper's rate
     lr_schedule: str = "inverse_sqrt"
-    warmup_steps: int = 10
+    # Lengths below 1 are shares of max_steps (`schedule.updates`), >= 1 whole updates.
+    warmup_steps: float = 0.25
     max_steps: int = 50  # optimiser updates
     min_lr_ratio: float = 0.0
+    # The heads alone train first: the randomly drawn softmax heads would otherwise give the
+    # IA^3 vectors' first updates a random target. The vectors' schedule (warm-up included)
+    # starts when this phase ends.
+    heads_only_steps: float = 0.1
     # Applied to the heads only: decaying IA^3 scales pulls them to 0, away from identity.
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -79,7 +84,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "heads_only_steps", "num_workers", "weight_decay",
+                     "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -87,7 +93,10 @@ class TrainConfig:
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {self.lr_schedule!r}")
-        lr_lambda(self.lr_schedule, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        lr_lambda(self.lr_schedule, self.warmup, self.max_steps, self.min_lr_ratio)
+        if self.heads_only >= self.max_steps:
+            raise ValueError(f"heads_only_steps ({self.heads_only} updates) must leave updates "
+                             f"for the IA^3 vectors within max_steps ({self.max_steps})")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -103,6 +112,41 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up length in updates; a share that rounds to none still warms up for one
+        (inverse_sqrt needs one)."""
+        length = updates(self.warmup_steps, self.max_steps, "warmup_steps")
+        return max(1, length) if self.warmup_steps > 0 else 0
+
+    @property
+    def heads_only(self) -> int:
+        """Updates at the start in which only the heads train (none for a model without)."""
+        return updates(self.heads_only_steps, self.max_steps, "heads_only_steps")
+
+    def advice(self) -> list[str]:
+        """Settings that are valid but likely wrong, to say before any work."""
+        notes = []
+        if self.max_steps >= 1000 and self.warmup_steps >= 1 and \
+                self.warmup < 0.01 * self.max_steps:
+            end = lr_lambda(self.lr_schedule, self.warmup, self.max_steps,
+                            self.min_lr_ratio)(self.max_steps - 1)
+            notes.append(f"warmup_steps is {self.warmup} of {self.max_steps} updates (under 1%): "
+                         f"the {self.lr_schedule} schedule ends at {end:.3f}x the peak rate. "
+                         "BEST-RQ recipes warm up for ~25k updates; a share (e.g. "
+                         "warmup_steps: 0.25) scales with max_steps.")
+        return notes
+
+    def schedules(self, has_heads: bool) -> list[Callable[[int], float]]:
+        """Multipliers of the peak rate per parameter group of `make_optimizer`: the IA^3
+        vectors' (frozen during the heads-only phase), then the heads' when there are any."""
+        base = lr_lambda(self.lr_schedule, self.warmup, self.max_steps, self.min_lr_ratio)
+        if not has_heads:
+            return [base]
+        later = lr_lambda(self.lr_schedule, self.warmup,
+                          self.max_steps - self.heads_only, self.min_lr_ratio)
+        return [frozen_for(self.heads_only, later) if self.heads_only else base, base]
 
 
 @dataclass
@@ -269,8 +313,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": others, "weight_decay": 0.0}]
     if heads:
         groups.append({"params": heads, "weight_decay": config.weight_decay})
+    # fused: one kernel per step on CPU and CUDA (16 codebooks' heads are 50M numbers on tiny)
     return torch.optim.AdamW(groups, lr=config.learning_rate,
-                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                             fused=True)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -373,14 +419,19 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
     params = list(params_by_name.values())
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, config.max_steps,
-                             config.min_lr_ratio))
+        optimizer, config.schedules(has_heads=len(optimizer.param_groups) > 1))
 
     step, skipped, in_a_row, pos = 0, 0, 0, DataPosition()
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)
     torch.manual_seed(config.seed)
-    resumed = load_latest(checkpoint_dir)
+    # Rank 0 alone writes checkpoints and machines need not share a disk: the other ranks
+    # resume from rank 0's, sent to them, not from what their own folder may (not) hold.
+    resumed = load_latest(checkpoint_dir) if info.rank == 0 else None
+    if info.distributed:
+        sent = [resumed]
+        dist.broadcast_object_list(sent, src=0)
+        resumed = sent[0]
     if resumed is not None:
         step, state = resumed
         with torch.no_grad():
@@ -444,7 +495,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
             loss = stats.loss_sum / stats.count.clamp_min(1.0)
             finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one host sync
             pos = sampler.advance(pos)
-            lr = optimizer.param_groups[0]["lr"]  # the rate of this update
+            # the rates of this update: IA^3 vectors', heads' (when there are heads)
+            lr, lr_heads = (optimizer.param_groups[0]["lr"], optimizer.param_groups[-1]["lr"])
             if finite:
                 optimizer.step()
                 scheduler.step()
@@ -471,6 +523,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
                 metrics.update(
                     loss=float(loss), grad_norm=float(grad_norm),
                     learning_rate=lr,
+                    **({"learning_rate_heads": lr_heads} if len(optimizer.param_groups) > 1
+                       else {}),
                     nonfinite_skipped=float(skipped), step_time=step_time,
                     clips_per_second=clips_per_update / step_time,
                     frames_per_second=float(stats.frames) / step_time,

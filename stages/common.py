@@ -59,12 +59,16 @@ def params_or_exit(stage: str, path: str = "params.yaml",
     been downloaded, segmented and featurised.
     """
     try:
-        return load_params(path, overrides, stage=None)
+        params = load_params(path, overrides, stage=None)
     except (ValueError, FileNotFoundError) as err:
         if traceback_wanted():
             raise
         typer.secho(f"error ({stage}): {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from err
+    if stage == "pretrain" and os.environ.get("LOCAL_RANK", "0") == "0":
+        for note in params.train.advice():
+            typer.secho(f"warning ({stage}): {note}", fg=typer.colors.YELLOW, err=True)
+    return params
 
 
 def open_live(name: str, resume: bool = False) -> Live:

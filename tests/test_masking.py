@@ -7,6 +7,7 @@ from bestrq.masking import (
     draw_sample_mask,
     expected_mask_fraction,
     span_mask,
+    target_exposure,
     target_mask,
     target_valid,
 )
@@ -58,11 +59,48 @@ def test_overlapping_spans_merge_and_padding_never_masked():
     assert not mask[2].any()
 
 
-def test_target_mask_any_of_stacked_frames():
+def test_target_mask_share_of_stacked_frames():
     frame_mask = torch.zeros(1, 8, dtype=torch.bool)
     frame_mask[0, 3] = True  # second frame of target 1
-    assert target_mask(frame_mask, 2)[0].tolist() == [False, True, False, False]
+    frame_mask[0, 4:6] = True  # both frames of target 2
+    assert target_mask(frame_mask, 2, 0.5)[0].tolist() == [False, True, True, False]
+    assert target_mask(frame_mask, 2)[0].tolist() == [False, False, True, False]  # default 1.0
+    assert target_mask(frame_mask, 2, 0.8)[0].tolist() == [False, False, True, False]
+    four = torch.tensor([[True, True, True, False, True, True, False, False]])
+    assert target_mask(four, 4, 0.75)[0].tolist() == [True, False]
+    assert target_mask(four, 4, 0.5)[0].tolist() == [True, True]
+    assert target_mask(four, 4, 0.1)[0].tolist() == [True, True]
     assert target_valid(torch.tensor([5]), 4, 2)[0].tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="mask_target_share"):
+        MaskingConfig(target_share=0.0).validate()
+
+
+def test_exposure_by_hand():
+    #            t0     t1     t2     t3     t4
+    m = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    nv = torch.tensor([10])
+    # share 0.5 predicts t0..t3; t0 sees its frame 0. Reach of t_j: frames 2j-2 .. 2j+2.
+    # t0: 0..2 has 0 open; t1: 0..4 has 0; t2: 2..6 none open; t3: 4..8 has 8 open.
+    e = target_exposure(m, nv, 2, 0.5)
+    assert e == {"targets": 4.0, "own_frame": 0.25, "receptive_field": 0.75}
+    e = target_exposure(m, nv, 2, 1.0)  # t1, t2, t3
+    assert e == {"targets": 3.0, "own_frame": 0.0, "receptive_field": pytest.approx(2 / 3)}
+    # frames past num_valid are padding, not an unmasked frame
+    e = target_exposure(m, torch.tensor([8]), 2, 1.0)
+    assert e["receptive_field"] == pytest.approx(1 / 3)
+
+
+def test_default_rule_leaves_no_predicted_target_an_own_frame():
+    g = torch.Generator().manual_seed(4)
+    nv = torch.randint(1000, 3001, (64,), generator=g)
+    mask = span_mask(nv, 3000, 0.01, 40, g)
+    default = target_exposure(mask, nv, 2, MaskingConfig().target_share)
+    anyone = target_exposure(mask, nv, 2, 0.5)
+    assert default["targets"] > 10_000 and default["own_frame"] == 0.0
+    # any-frame rule: a span of 40 frames starts on an odd frame half the time, and each
+    # such span's first and last targets see one of their own frames
+    assert 0.02 < anyone["own_frame"] < 0.06
+    assert default["receptive_field"] < anyone["receptive_field"]
 
 
 def test_noise_replaces_only_masked_frames_with_n0_01():
@@ -85,7 +123,8 @@ def test_sample_mask_deterministic_per_seed():
 
 @pytest.mark.parametrize(("kw", "name"), [({"mask_prob": 0}, "mask_prob"),
                                           ({"span_ms": 1}, "mask_span_ms"),
-                                          ({"noise_std": -1}, "mask_noise_std")])
+                                          ({"noise_std": -1}, "mask_noise_std"),
+                                          ({"target_share": 1.5}, "mask_target_share")])
 def test_bad_config_names_the_parameter(kw, name):
     with pytest.raises(ValueError, match=name):
         MaskingConfig(**kw).validate()

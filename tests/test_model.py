@@ -65,7 +65,7 @@ def test_loss_counts_only_masked_valid_targets(tiny_whisper):
     assert not torch.allclose(x[0][:, mask[0]], mel[0][:, mask[0]], atol=1e-2)
     assert valid[1, :900].all() and not valid[1, 900:].any()
     assert not loss_mask[1, 900:].any()
-    expected = int((mask.reshape(2, 1500, 2).any(-1) & valid).sum())
+    expected = int((mask.reshape(2, 1500, 2).all(-1) & valid).sum())  # default: both frames
     out = model(mel, nv, mask, noise)
     assert out.num_masked == expected
     assert out.metrics["mask_fraction"] == pytest.approx(expected / int(valid.sum()))
@@ -74,20 +74,25 @@ def test_loss_counts_only_masked_valid_targets(tiny_whisper):
 def test_labels_come_from_unmasked_features(tiny_whisper):
     model = make_model(tiny_whisper)
     mel, nv, mask, noise = fixed_batch()
-    _, labels, _, _ = model.make_inputs(mel, nv, mask, noise)
-    _, labels_other_mask, _, _ = model.make_inputs(mel, nv, torch.zeros_like(mask), noise)
-    assert torch.equal(labels, labels_other_mask)
-    assert torch.equal(labels, model.quantizer(model.quantizer.normalize(mel)))
+    _, labels, loss_mask, _ = model.make_inputs(mel, nv, mask, noise)
+    _, everywhere, _, _ = model.make_inputs(mel, nv, torch.zeros_like(mask), noise,
+                                            all_labels=True)
+    full = model.quantizer(model.quantizer.label_input(mel, nv))  # (batch, N, targets)
+    assert torch.equal(everywhere, full)
+    # only the predicted targets are labelled, with the labels of the unmasked features
+    picked = loss_mask[:, None, :].expand_as(labels)
+    assert loss_mask.sum() > 100 and torch.equal(labels[picked], full[picked])
+    assert (labels[~picked] == -1).all()
 
 
 def test_metrics_match_hand_computation(tiny_whisper):
     model = make_model(tiny_whisper, num_codebooks=2, codebook_size=16)
     mel, nv, mask, noise = fixed_batch()
     out = model(mel, nv, mask, noise)
-    _, labels, _, valid = model.make_inputs(mel, nv, mask, noise)
+    _, labels, loss_mask, _ = model.make_inputs(mel, nv, mask, noise)
     per_cb = []
     for i in range(2):
-        counts = torch.bincount(labels[:, i][valid], minlength=16).double()
+        counts = torch.bincount(labels[:, i][loss_mask], minlength=16).double()
         p = counts[counts > 0] / counts.sum()
         per_cb.append((float((counts > 0).sum()), math.exp(-(p * p.log()).sum().item())))
     assert out.metrics["distinct_labels"] == pytest.approx(sum(c[0] for c in per_cb) / 2)
@@ -281,7 +286,7 @@ def test_metrics_keys_and_values_match_a_reference_computation(tiny_whisper):
     expected = {f"accuracy_cb{i}": float(ref_acc[i]) for i in range(3)}
     expected["accuracy"] = float(ref_acc.mean())
     expected["mask_fraction"] = int(loss_mask.sum()) / int(valid.sum())
-    picked = labels.transpose(1, 2)[valid]  # (V, 3)
+    picked = labels.transpose(1, 2)[loss_mask]  # (M, 3): utilisation of the masked targets
     counts = [torch.bincount(picked[:, i], minlength=16).double() for i in range(3)]
     expected["distinct_labels"] = sum(float((c > 0).sum()) for c in counts) / 3
     probs = [c[c > 0] / c.sum() for c in counts]

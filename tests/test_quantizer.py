@@ -93,3 +93,74 @@ def test_normalisation_round_trip_and_bad_stats():
 def test_bad_config_names_the_parameter(field):
     with pytest.raises(ValueError, match=field):
         QuantizerConfig(**{field: 0}).validate()
+
+
+def _speech_mels(gains_db=(0.0, 3.0, 6.0, 12.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whisper log-mels (len(gains), 80, 3000) of one espeak sentence at each uniform gain
+    (float audio, nothing clips) and its valid frames (len(gains),)."""
+    import torchaudio
+    from whisper.audio import N_SAMPLES, SAMPLE_RATE
+
+    from bestrq.features import log_mel_batch, num_valid_frames
+    from bestrq.synth import EspeakSynthesizer
+
+    audio, sr = EspeakSynthesizer().synthesize(
+        "The quiet river carries seven small boats past the old mill every morning.")
+    wav = torchaudio.functional.resample(torch.from_numpy(audio), sr, SAMPLE_RATE)
+    frames = num_valid_frames(wav.shape[0])
+    wav = torch.nn.functional.pad(wav, (0, N_SAMPLES - wav.shape[0]))
+    batch = torch.stack([wav * 10 ** (db / 20) for db in gains_db])
+    return log_mel_batch(batch, 80), torch.full((len(gains_db),), frames)
+
+
+def test_utterance_labels_do_not_follow_the_recording_level():
+    mel, nv = _speech_mels()
+    valid = torch.arange(1500)[None] < (nv // 2)[:, None]  # (4, 1500)
+    # global statistics of the clip at 0 dB, as the features stage would compute them
+    z = mel[0][:, : nv[0]]
+    stats = (z.mean(-1), z.std(-1))
+    for norm, floor in (("utterance", 0.99), ("global", None)):
+        q = RandomProjectionQuantizer(QuantizerConfig(norm=norm, seed=3), *stats)
+        labels = q(q.label_input(mel, nv))[:, 0]  # (4, 1500)
+        same = [(labels[i] == labels[0])[valid[i]].float().mean().item() for i in (1, 2, 3)]
+        if floor is not None:
+            assert min(same) >= floor
+        else:  # global statistics keep the level: most labels move at +12 dB
+            assert same[2] < 0.5 and same[0] > same[2]
+
+
+def test_utterance_statistics_ignore_padding():
+    from bestrq.quantizer import utterance_normalize
+
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(2, 4, 10, generator=g) * 3 + 5
+    nv = torch.tensor([10, 6])
+    z = utterance_normalize(mel, nv)
+    for i, n in enumerate(nv.tolist()):
+        part = mel[i, :, :n]
+        ref = (part - part.mean(-1, keepdim=True)) / part.std(-1, unbiased=False, keepdim=True)
+        assert torch.allclose(z[i, :, :n], ref, atol=1e-5)
+    # padding changes nothing of the valid frames' values
+    mel2 = mel.clone()
+    mel2[1, :, 6:] = -100.0
+    assert torch.equal(utterance_normalize(mel2, nv)[1, :, :6], z[1, :, :6])
+    assert torch.equal(utterance_normalize(mel, torch.tensor([0, 6]))[0], mel[0])
+
+
+def test_labels_where_equal_the_full_labels_there():
+    q = make(num_codebooks=3)
+    x = torch.randn(2, 80, 400)
+    full = q(x)  # (2, 3, 200)
+    where = torch.rand(2, 200, generator=torch.Generator().manual_seed(1)) < 0.3
+    part = q(x, where=where, max_elements=3 * 512 * 7)  # several chunks
+    picked = where[:, None, :].expand_as(full)
+    assert torch.equal(part[picked], full[picked]) and (part[~picked] == -1).all()
+
+
+def test_config_from_an_older_adapter_keeps_global_statistics():
+    saved = QuantizerConfig(codebook_size=16).to_dict()
+    del saved["norm"]
+    assert QuantizerConfig.from_dict(saved).norm == "global"
+    assert QuantizerConfig().norm == "utterance"
+    with pytest.raises(ValueError, match="quantizer_norm"):
+        QuantizerConfig(norm="batch").validate()

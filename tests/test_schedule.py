@@ -54,3 +54,70 @@ def test_drives_lambdalr_once_per_update():
 def test_rejects_bad_arguments(args, name):
     with pytest.raises(ValueError, match=name):
         lr_lambda(*args)
+
+
+def test_lengths_in_updates_or_as_a_share_of_the_run():
+    from bestrq.schedule import updates
+
+    assert updates(5, 20, "w") == 5 and updates(0.25, 20, "w") == 5
+    assert updates(0.25, 100_000, "w") == 25_000  # BEST-RQ's warm-up at 100k updates
+    assert updates(0.1, 4, "w") == 0 and updates(0.1, 5, "w") == 1  # half rounds up
+    assert updates(0, 10, "w") == 0
+    with pytest.raises(ValueError, match="heads_only_steps"):
+        updates(2.5, 10, "heads_only_steps")
+
+
+def test_train_config_schedules_with_a_heads_only_phase():
+    from bestrq.train import TrainConfig
+
+    cfg = TrainConfig(lr_schedule="inverse_sqrt", warmup_steps=0.2, heads_only_steps=0.1,
+                      max_steps=20)
+    assert (cfg.warmup, cfg.heads_only) == (4, 2)
+    vectors, heads = cfg.schedules(has_heads=True)
+    # heads: warm-up over updates 1..4, then sqrt(4 / n)
+    assert [heads(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, math.sqrt(4 / 5)])
+    # IA^3 vectors: nothing for updates 1-2, then the same schedule from update 3 on
+    assert [vectors(s) for s in range(7)] == pytest.approx(
+        [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, math.sqrt(4 / 5)])
+    assert vectors(19) == pytest.approx(math.sqrt(4 / 18))
+    # a model without heads (fine-tuning) has one group and no phase
+    (only,) = cfg.schedules(has_heads=False)
+    assert only(0) == 0.25
+    # cosine: the vectors' decay ends at max_steps as the heads' does
+    cos = TrainConfig(lr_schedule="cosine", warmup_steps=2, heads_only_steps=4, max_steps=12,
+                      min_lr_ratio=0.1)
+    v, h = cos.schedules(has_heads=True)
+    assert v(3) == 0.0 and v(4) == 0.5 and v(5) == 1.0 and v(11) == pytest.approx(0.1)
+    assert h(11) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="heads_only_steps"):
+        TrainConfig(heads_only_steps=12, max_steps=12).validate()
+
+
+def test_a_tiny_warmup_in_a_long_run_is_pointed_out():
+    from bestrq.train import TrainConfig
+
+    (note,) = TrainConfig(warmup_steps=5, max_steps=100_000).advice()
+    assert "warmup_steps is 5 of 100000" in note and "0.007x" in note
+    assert TrainConfig(warmup_steps=0.25, max_steps=100_000).advice() == []
+    assert TrainConfig(warmup_steps=5, max_steps=20).advice() == []
+
+
+def test_rates_per_group_through_lambdalr_in_the_engine(tiny_whisper):
+    from bestrq.masking import MaskingConfig
+    from bestrq.model import BestRQModel
+    from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
+    from bestrq.train import TrainConfig, make_optimizer
+
+    model = BestRQModel(tiny_whisper.encoder,
+                        RandomProjectionQuantizer(QuantizerConfig(codebook_size=16)),
+                        MaskingConfig())
+    cfg = TrainConfig(learning_rate=1.0, lr_schedule="constant", warmup_steps=0,
+                      heads_only_steps=2, max_steps=10)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.schedules(has_heads=True))
+    rates = []
+    for _ in range(4):
+        rates.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert rates == [[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
