@@ -12,6 +12,9 @@ beside a label-prior baseline, and the word error rate of Whisper with and witho
   into its encoder, decoding the same transcribed clips; the delta has a 95% paired bootstrap
   interval (`delta/wer_low`, `delta/wer_high`). The heads are not compared on the stock
   encoder: they were trained with the adapted one, so that comparison would favour the adapter.
+- `stock/effective_rank`, `adapted/effective_rank`, `stock/davies_bouldin`,
+  `adapted/davies_bouldin` and their `delta/`: label-free probes (`bestrq.probes`) of the
+  stock and the adapted encoder's output on the same clean eval frames.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from tqdm import tqdm
 from bestrq.adapter import merge_vectors
 from bestrq.asr import AsrConfig, normalizer_for, transcribe, transcribed_clips, wer_comparison
 from bestrq.dataset import collate
+from bestrq.ia3 import ia3_disabled
 from bestrq.masking import target_valid
-from bestrq.model import BestRQModel
+from bestrq.model import ENCODER_STRIDE, BestRQModel
+from bestrq.probes import ProbeConfig, probe, sample_frames
 from bestrq.train import MaskedClips
 from bestrq.whisper_model import load_whisper
 
@@ -43,6 +48,13 @@ class EvaluateConfig:
     asr_batch_size: int = 8
     language: str = "en"
     bootstrap_samples: int = 1000  # resamples of the 95% WER intervals
+    probes: bool = True  # label-free probes of the stock and adapted encoder's output
+    probe_frames: int = 20_000  # encoder frames they use, drawn from the eval clips
+    probe_clusters: int = 32  # k-means clusters of the Davies-Bouldin index
+
+    def probe_config(self) -> ProbeConfig:
+        return ProbeConfig(max_frames=self.probe_frames, clusters=self.probe_clusters,
+                           seed=self.seed)
 
     def asr_config(self) -> AsrConfig:
         return AsrConfig(max_clips=self.asr_max_clips, batch_size=self.asr_batch_size,
@@ -58,6 +70,7 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.num_workers must be >= 0, got {self.num_workers}")
         if not isinstance(self.asr, bool):
             raise ValueError(f"evaluate.asr must be true or false, got {self.asr!r}")
+        self.probe_config().validate()
         self.asr_config().validate()
 
 
@@ -177,6 +190,38 @@ def evaluate_adapter(model: BestRQModel, dataset: Dataset, train_dataset: Datase
     out.update({f"prior/{k}": v for k, v in prior.items()})
     out["delta/loss_vs_prior"] = adapted["loss"] - prior["loss"]
     out["delta/accuracy_vs_prior"] = adapted["accuracy"] - prior["accuracy"]
+    return out
+
+
+@torch.no_grad()
+def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
+                   device: torch.device, progress: bool = True) -> dict[str, float]:
+    """`bestrq.probes` of the stock encoder (IA^3 vectors at one) and the adapted one, on the
+    same clean valid frames of `dataset` (at most `max_clips` clips, `probe_frames` frames):
+    `stock/...`, `adapted/...` and `delta/...` (adapted - stock)."""
+    config.validate()
+    if config.max_clips:
+        dataset = Subset(dataset, range(min(config.max_clips, len(dataset))))  # type: ignore[arg-type]
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
+                        collate_fn=collate)
+    encoder = model.encoder.eval().to(device)
+    outputs: dict[str, list[Tensor]] = {"stock": [], "adapted": []}
+    for mel, frames in tqdm(loader, desc="probes", disable=not progress):
+        mel = mel.to(device)
+        valid = (frames + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,) encoder frames
+        with ia3_disabled(encoder):
+            stock = encoder(mel).float().cpu()  # (batch, frames / 2, d_model)
+        adapted = encoder(mel).float().cpu()
+        for i, n in enumerate(valid.tolist()):
+            outputs["stock"].append(stock[i, :n])
+            outputs["adapted"].append(adapted[i, :n])
+    cfg = config.probe_config()
+    out: dict[str, float] = {}
+    for name, parts in outputs.items():
+        for key, value in probe(sample_frames(parts, cfg.max_frames, cfg.seed), cfg).items():
+            out[f"{name}/{key}"] = value
+    for key in ("effective_rank", "davies_bouldin"):
+        out[f"delta/{key}"] = out[f"adapted/{key}"] - out[f"stock/{key}"]
     return out
 
 

@@ -9,7 +9,7 @@ import typer
 from bestrq.adapter import build_model, check_base, read_adapter
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import resolve_device
-from bestrq.evaluate import compare_asr, evaluate_adapter
+from bestrq.evaluate import compare_asr, evaluate_adapter, probe_encoders
 from bestrq.whisper_model import load_whisper
 from stages.common import ADAPTER, FEATURES, friendly_errors, log_summary, open_live, params_or_exit
 
@@ -21,7 +21,9 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
     """BEST-RQ loss, masked accuracy and codebook utilisation of the adapted encoder on
     data/features/eval, beside the label prior of data/features/train scored on the same masked
     targets; with evaluate.asr, the WER of stock and adapted Whisper on the transcribed eval
-    clips with a 95% paired bootstrap interval of their difference."""
+    clips with a 95% paired bootstrap interval of their difference; with evaluate.probes, the
+    label-free probes (effective rank, Davies-Bouldin index) of the stock and adapted
+    encoder's output on the eval clips."""
     p = params_or_exit("evaluate", params)
     with friendly_errors():
         tensors, info = read_adapter(ADAPTER)
@@ -32,6 +34,8 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
         train = FeatureDataset(FEATURES / "train")  # the label prior's frequencies
         device = resolve_device(p.train.device)
         metrics = evaluate_adapter(model, dataset, train, p.evaluate, device)
+        if p.evaluate.probes:
+            metrics.update(probe_encoders(model, dataset, p.evaluate, device))
         if p.evaluate.asr:
             del model, base  # compare_asr loads its own Whisper, one copy at a time
             metrics.update(compare_asr(p.model, tensors, dataset, p.evaluate.asr_config(),
