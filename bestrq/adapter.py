@@ -3,7 +3,8 @@
 The file's metadata holds a JSON description (configs, base model identity, training summary),
 also written beside it as `<name>.json` for people and for DVC. From an adapter and its base
 checkpoint, `build_model` rebuilds the exact BEST-RQ model and `export_merged` writes a stock
-openai-whisper checkpoint with the IA^3 vectors folded into the weights.
+openai-whisper checkpoint with the IA^3 vectors folded into the weights (or, through
+`bestrq.convert`, a Hugging Face or CTranslate2 folder).
 
 The heads (d_model x num_codebooks x codebook_size) dwarf the IA^3 vectors (6 x d_model x
 layers): 12.6 MB against 36 KB for tiny at 8192 codes. They are needed to continue or evaluate
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 from whisper.model import Whisper
 
+from bestrq import convert
 from bestrq.atomic import atomic_path, atomic_write_text
 from bestrq.ia3 import add_ia3, ia3_state_dict, load_ia3_state_dict, merge_ia3
 from bestrq.masking import MaskingConfig
@@ -183,18 +185,27 @@ def merge_vectors(model: Whisper, tensors: dict[str, Tensor]) -> Whisper:
     return model
 
 
-def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path
-                  ) -> Path:
-    """Write a stock openai-whisper checkpoint with the adapter's IA^3 vectors folded in: the
-    encoder's, and the decoder's where the file has them (fine-tuned adapters).
+def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path,
+                  fmt: str = "openai", quantization: str | None = None) -> Path:
+    """Write the base Whisper with the adapter's IA^3 vectors folded in (the encoder's, and the
+    decoder's where the file has them: fine-tuned adapters) to `out_path`.
 
-    base_model: a Whisper name or checkpoint path; None takes the one the adapter records.
+    base_model: a Whisper name, checkpoint path or Hugging Face folder or hub name; None takes
+    the one the adapter records. fmt: "openai" (a checkpoint file for `whisper.load_model`),
+    "hf" (a Hugging Face folder) or "ct2" (a CTranslate2 folder for faster-whisper, weights in
+    `quantization`); the last two need the `export` extra, checked before any work.
     """
+    convert.require_export_extra(fmt)
+    convert.check_quantization(fmt, quantization)
     tensors, info = read_adapter(adapter_path)
     spec = base_model or info["base"]["model"]
     model = load_whisper(spec)
     check_base(model, info, adapter_path, spec)
     merge_vectors(model, tensors)
     with torch.no_grad():
+        if fmt == "hf":
+            return convert.save_hf_folder(model, out_path)
+        if fmt == "ct2":
+            return convert.save_ct2_folder(model, out_path, quantization)
         save_whisper_checkpoint(model, out_path, half=False)
     return Path(out_path)

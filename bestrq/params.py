@@ -33,7 +33,8 @@ from bestrq.whisper_model import expected_n_mels, validate_model_spec
 
 # Top-level keys that are not fields of TrainConfig, with their help text.
 MODEL_HELP: dict[str, str] = {
-    "model": "Whisper model name (tiny, base.en, ..., large-v3, turbo) or checkpoint path",
+    "model": "Whisper model name (tiny, base.en, ..., large-v3, turbo), checkpoint path, or "
+             "Hugging Face Whisper folder or hub name (openai/whisper-small)",
     "n_mels": "mel bins of the model's input: 80, or 128 for large-v3 and turbo",
     "nproc": "training processes on this machine (torchrun); 1 runs without torchrun",
     "num_codebooks": "codebooks N (1: BEST-RQ; >1: USM multi-softmax)",

@@ -1,21 +1,34 @@
-"""Loading and writing openai-whisper checkpoints, by model name or by path."""
+"""Loading and writing openai-whisper checkpoints, by model name or by path.
+
+`model` may name four things: a Whisper model name (downloaded by whisper), an openai-whisper
+checkpoint file, a Hugging Face Whisper folder (config.json and weights), or a Hugging Face hub
+name such as `openai/whisper-tiny.en` (downloaded by huggingface_hub where there is network).
+The last two are converted to an openai-whisper `Whisper` in memory (`bestrq.convert`), so every
+stage computes with the same model class whatever the base came as.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import socket
 import urllib.error
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
+from bestrq import convert
+
 
 class ModelUnavailableError(RuntimeError):
-    """A Whisper model name that is neither cached nor downloadable here."""
+    """A Whisper model name or Hugging Face hub name that is neither cached nor downloadable
+    here."""
 
 
 def _download_root() -> str:
@@ -23,12 +36,44 @@ def _download_root() -> str:
     return os.path.join(os.getenv("XDG_CACHE_HOME", default), "whisper")
 
 
+# owner/name on the Hugging Face hub; a path to a missing checkpoint file (data/x.pt) is not one.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+# Only what an openai-whisper model is built from: not the Flax, TF or ONNX copies hub repos hold.
+_HUB_PATTERNS = ["*.json", "*.safetensors"]
+_HUB_BIN_PATTERNS = ["*.json", "pytorch_model*.bin"]
+
+SpecKind = Literal["checkpoint", "name", "folder", "hub"]
+
+
+def spec_kind(spec: str) -> SpecKind | None:
+    """What `spec` names: a checkpoint file, a whisper model name, a local folder (a Hugging
+    Face model, to be checked), a Hugging Face hub name; None for none of them. An existing path
+    wins over a name."""
+    path = Path(spec)
+    if path.is_file():
+        return "checkpoint"
+    if spec in whisper.available_models():
+        return "name"
+    if path.is_dir():
+        return "folder"
+    if _HUB_ID.match(spec) and not spec.endswith(_CHECKPOINT_SUFFIXES):
+        return "hub"
+    return None
+
+
 def validate_model_spec(spec: str) -> None:
-    """Fail before any work when `spec` is neither a whisper model name nor an existing file."""
-    if spec in whisper.available_models() or Path(spec).is_file():
+    """Fail before any work when `spec` is none of a whisper model name, an existing checkpoint
+    file, a readable Hugging Face Whisper folder, or a hub name (owner/name). Needs no network:
+    a hub name is checked when it is loaded."""
+    kind = spec_kind(spec)
+    if kind == "folder":
+        convert.check_hf_folder(spec)  # ValueError naming the folder
+    if kind is not None:
         return
     raise ValueError(f"model: {spec!r} is neither a Whisper model name "
-                     f"({', '.join(whisper.available_models())}) nor an existing checkpoint file")
+                     f"({', '.join(whisper.available_models())}), an existing checkpoint file, "
+                     f"a Hugging Face Whisper folder nor a hub name (owner/name)")
 
 
 # Whisper's names whose models take 128 mel bins; every other name takes 80.
@@ -36,37 +81,106 @@ _128_MEL_NAMES = frozenset({"large-v3", "large-v3-turbo", "turbo"})
 
 
 def expected_n_mels(spec: str) -> int | None:
-    """The mel bins `spec`'s model takes, known without loading its weights (a name, or a
-    checkpoint whose dims a memory-mapped load reads); None when that cannot be told cheaply."""
-    path = Path(spec)
-    if path.is_file():
+    """The mel bins `spec`'s model takes, known without loading its weights (a name, a
+    checkpoint whose dims a memory-mapped load reads, a Hugging Face folder's or cached hub
+    model's config.json); None when that cannot be told cheaply."""
+    kind = spec_kind(spec)
+    if kind == "checkpoint":
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            checkpoint = torch.load(spec, map_location="cpu", mmap=True, weights_only=True)
             return int(checkpoint["dims"]["n_mels"])
         except Exception:  # an old-format or foreign file: load_whisper will say what is wrong
             return None
-    if spec in whisper.available_models():
+    if kind == "name":
         return 128 if spec in _128_MEL_NAMES else 80
+    folder = Path(spec) if kind == "folder" else _hub_cached(spec) if kind == "hub" else None
+    if folder is None:
+        return None
+    try:
+        return int(json.loads((folder / convert.HF_CONFIG).read_text())["num_mel_bins"])
+    except (OSError, ValueError, KeyError, TypeError):  # load_whisper will say what is wrong
+        return None
+
+
+def _hub_cached(repo_id: str) -> Path | None:
+    """The local snapshot of hub model `repo_id` where its weights are cached, else None."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    for patterns in (_HUB_PATTERNS, _HUB_BIN_PATTERNS):
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                            local_files_only=True))
+            convert.hf_weight_files(folder)
+            return folder
+        except Exception:  # not cached, or cached without weights
+            continue
     return None
 
 
+def _hub_download(repo_id: str) -> Path:
+    """A local snapshot of hub model `repo_id`: the cached one, else downloaded (safetensors
+    where the repository has them, else PyTorch .bin). Fails within seconds without network."""
+    cached = _hub_cached(repo_id)
+    if cached is not None:
+        return cached
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ModelUnavailableError(
+            f"model: {repo_id!r} names a Hugging Face hub model, which needs huggingface_hub: "
+            f"{convert.EXPORT_EXTRA}") from err
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # a blackholed network must not hang the pipeline
+    try:
+        for patterns in (_HUB_PATTERNS, _HUB_BIN_PATTERNS):
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+            try:
+                convert.hf_weight_files(folder)
+                return folder
+            except ValueError:  # no safetensors in this repository: try its .bin weights
+                continue
+        raise ModelUnavailableError(f"model: Hugging Face model {repo_id!r} has no weights "
+                                    "openai-whisper can load (safetensors or pytorch_model.bin)")
+    except ModelUnavailableError:
+        raise
+    except Exception as err:  # no network, unknown repository, gated model, ...
+        raise ModelUnavailableError(
+            f"model: Hugging Face model {repo_id!r} is not cached and could not be downloaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Set "
+            "`model` in params.yaml to a local Hugging Face folder or a checkpoint path "
+            "instead.") from err
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def checkpoint_path(spec: str) -> Path | None:
-    """Where the checkpoint for `spec` lies on disk, or None for a name not yet downloaded."""
-    if Path(spec).is_file():
+    """Where the weights for `spec` lie on disk (a checkpoint file, or a Hugging Face folder or
+    cached hub snapshot), or None for a name not yet downloaded."""
+    kind = spec_kind(spec)
+    if kind in ("checkpoint", "folder"):
         return Path(spec)
-    if spec in whisper.available_models():
+    if kind == "name":
         cached = Path(_download_root()) / os.path.basename(whisper._MODELS[spec])
         return cached if cached.is_file() else None
+    if kind == "hub":
+        return _hub_cached(spec)
     return None
 
 
 def load_whisper(spec: str, device: str | torch.device = "cpu") -> Whisper:
-    """A fp32 Whisper model from a name (downloaded by whisper on first use) or a checkpoint path.
+    """A fp32 Whisper model from a name (downloaded by whisper on first use), a checkpoint
+    path, a Hugging Face Whisper folder or hub name (converted from Hugging Face's layout).
 
     Without network and without cached weights a name fails within seconds, with a message that
     says to set a checkpoint path.
     """
     validate_model_spec(spec)
+    kind = spec_kind(spec)
+    if kind in ("folder", "hub"):
+        folder = Path(spec) if kind == "folder" else _hub_download(spec)
+        return convert.load_hf_folder(folder).to(device)
     if checkpoint_path(spec) is None:
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)  # a blackholed network must not hang the pipeline
@@ -83,10 +197,13 @@ def load_whisper(spec: str, device: str | torch.device = "cpu") -> Whisper:
 
 
 def model_identity(spec: str, model: Whisper) -> dict:
-    """What base model an adapter belongs to: name or path, checkpoint sha256 and dimensions."""
+    """What base model an adapter belongs to: name or path, sha256 of the checkpoint file (of a
+    Hugging Face folder's weight files) and dimensions."""
     path = checkpoint_path(spec)
     digest = None
-    if path is not None:
+    if path is not None and path.is_dir():
+        digest = convert.hf_folder_digest(path)
+    elif path is not None:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
