@@ -57,8 +57,10 @@ class FinetuneConfig:
     checkpoint_every: int = 5
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
-        """The engine's config: pre-training's, with this section's knobs in place."""
-        return replace(base, **{name: getattr(self, name) for name in TRAIN_OVERRIDES})
+        """The engine's config: pre-training's, with this section's knobs in place (and no
+        heads-only phase: the fine-tune has no BEST-RQ heads)."""
+        return replace(base, heads_only_steps=0.0,
+                       **{name: getattr(self, name) for name in TRAIN_OVERRIDES})
 
     def validate(self, base: TrainConfig) -> None:
         """Raise ValueError naming the first invalid `finetune.` parameter."""

@@ -37,6 +37,8 @@ MODEL_HELP: dict[str, str] = {
              "Hugging Face Whisper folder or hub name (openai/whisper-small)",
     "n_mels": "mel bins of the model's input: 80, or 128 for large-v3 and turbo",
     "nproc": "training processes on this machine (torchrun); 1 runs without torchrun",
+    "nnodes": "machines in the run, nproc processes each (torchrun; this machine's rank and "
+              "node 0's address: BESTRQ_NODE_RANK, BESTRQ_MASTER_ADDR)",
     "num_codebooks": "codebooks N (1: BEST-RQ; >1: USM multi-softmax)",
     "codebook_size": "codes per codebook (paper: 8192)",
     "code_dim": "dimension of the random projection and codes (paper: 16)",
@@ -176,6 +178,7 @@ class TopLevel(_Section):
     model: Text = "tiny.en"
     n_mels: Annotated[int, Field(ge=1, le=1024)] = _QUANTIZER.n_mels
     nproc: Annotated[int, Field(ge=1, le=1024)] = 1
+    nnodes: Annotated[int, Field(ge=1, le=65536)] = 1
     num_codebooks: Annotated[int, Field(ge=1, le=64)] = _QUANTIZER.num_codebooks
     codebook_size: Annotated[int, Field(ge=1, le=2**20)] = _QUANTIZER.codebook_size
     code_dim: Annotated[int, Field(ge=1, le=4096)] = _QUANTIZER.code_dim
@@ -314,6 +317,7 @@ class Params:
     model: str
     n_mels: int
     nproc: int
+    nnodes: int
     distill_weight: float
     quantizer: QuantizerConfig
     masking: MaskingConfig
@@ -342,7 +346,8 @@ def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
     masking = MaskingConfig(**{MASKING_KEYS[k]: top[k] for k in MASKING_KEYS})
     sections = {name: cls(**top[name]) for name, cls in SECTIONS.items()}
     return Params(model=top["model"], n_mels=top["n_mels"], nproc=top["nproc"],
-                  distill_weight=top["distill_weight"], quantizer=quantizer, masking=masking,
+                  nnodes=top["nnodes"], distill_weight=top["distill_weight"],
+                  quantizer=quantizer, masking=masking,
                   train=TrainConfig(**train_values), raw=top, **sections)
 
 

@@ -14,7 +14,7 @@ import typer
 from dvclive import Live
 
 from bestrq.checkpoint import CheckpointClaim, RunSignature, claim_checkpoints, run_signature
-from bestrq.distributed import launch_torchrun
+from bestrq.distributed import launch_torchrun, nodes_from_env
 from bestrq.params import SECTIONS, Params, load_params
 
 # Must match dvc.yaml.
@@ -149,9 +149,20 @@ def hold_checkpoints(checkpoint_dir: Path, key: RunSignature) -> int:
 
 
 def relaunch_under_torchrun(p: Params, module: str) -> None:
-    """With nproc > 1 and not yet under torchrun, re-run this command on nproc processes."""
-    if p.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:]))
+    """With several processes (nproc) or machines (nnodes) and not yet under torchrun, re-run
+    this command under torchrun: nproc processes here, one machine of nnodes, whose rank and
+    rendezvous come from BESTRQ_NODE_RANK / BESTRQ_MASTER_ADDR / BESTRQ_MASTER_PORT."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    try:
+        nodes = nodes_from_env(p.nnodes)
+    except ValueError as err:
+        if traceback_wanted():
+            raise
+        typer.secho(f"error ({module}): {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from err
+    if p.nproc > 1 or nodes.nnodes > 1:
+        raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:], nodes))
 
 
 def truncate_history(live_dir: Path, last_step: int, under: str = "") -> None:

@@ -11,7 +11,14 @@ import typer
 
 from bestrq.adapter import load_vectors, read_adapter, save_vectors
 from bestrq.dataset import FeatureDataset
-from bestrq.distributed import DistInfo, barrier, distributed_session, is_main, resolve_device
+from bestrq.distributed import (
+    DistInfo,
+    barrier,
+    distributed_session,
+    is_main,
+    resolve_device,
+    same_on_every_rank,
+)
 from bestrq.evaluate import compare_wers
 from bestrq.finetune import (
     FINETUNE,
@@ -108,14 +115,17 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
                          max_decoder_tokens(base))
     del base
 
+    # nproc, nnodes: the global batch is batch_size * accumulate_gradients * processes.
+    keys = {start: checkpoint_key({**run_values(p, start), "nproc": p.nproc, "nnodes": p.nnodes},
+                                  features_dir, p.finetune.lr_schedule, "finetune.max_steps",
+                                  vectors if start == "adapted" else None)
+            for start in STARTS}
+    same_on_every_rank([k.fingerprint for k in keys.values()],
+                       "the parameters, training features or BEST-RQ adapter")
     starts: dict[str, int] = {}
     if is_main():
         for start in STARTS:
-            # nproc: the global batch is batch_size * accumulate_gradients * processes.
-            key = checkpoint_key({**run_values(p, start), "nproc": p.nproc}, features_dir,
-                                 p.finetune.lr_schedule, "finetune.max_steps",
-                                 vectors if start == "adapted" else None)
-            starts[start] = hold_checkpoints(checkpoint_root / start, key)
+            starts[start] = hold_checkpoints(checkpoint_root / start, keys[start])
     barrier()  # rank 0 may have moved stale checkpoints aside
     live = open_live("finetune", resume=any(starts.values())) if is_main() else None
     if live is not None:

@@ -8,7 +8,7 @@ import typer
 
 from bestrq.adapter import save_adapter
 from bestrq.dataset import FeatureDataset
-from bestrq.distributed import DistInfo, barrier, distributed_session, is_main
+from bestrq.distributed import DistInfo, barrier, distributed_session, is_main, same_on_every_rank
 from bestrq.features import load_stats
 from bestrq.ia3 import count_ia3_parameters
 from bestrq.model import BestRQModel
@@ -48,6 +48,8 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     if not (features_dir / "train" / "index.json").is_file():
         raise FileNotFoundError(f"no training features in {features_dir}/train: run "
                                 "`dvc repro features` first")
+    key = checkpoint_key(training_values(p), features_dir, p.train.lr_schedule)
+    same_on_every_rank(key.fingerprint, "the parameters or training features")
     base = load_whisper(p.model)
     if base.dims.n_mels != p.n_mels:
         raise ValueError(f"n_mels: model {p.model!r} takes {base.dims.n_mels} mel bins but "
@@ -62,8 +64,7 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     start = 0
     live = None
     if is_main():
-        start = hold_checkpoints(checkpoint_dir, checkpoint_key(training_values(p), features_dir,
-                                                                p.train.lr_schedule))
+        start = hold_checkpoints(checkpoint_dir, key)
         live = open_live(live_name, resume=start > 0)
         if start:
             truncate_history(LIVE / live_name, start)

@@ -1,0 +1,100 @@
+"""A parameter sweep through DVC's queue: `dvc exp run --queue -S num_codebooks=1,4` then
+`dvc queue start` runs each value in a temporary workspace of its own; `dvc exp show` and
+`dvc plots diff` (the README's commands) show their metrics and curves side by side."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+from test_pipeline import SMALL, exp_metrics_from, make_project, run
+
+from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper, save_whisper_checkpoint
+
+pytestmark = pytest.mark.slow
+
+# README "Sweeps": the columns that answer "which value is better", the rest dropped.
+KEEP = (r"Experiment|num_codebooks|train\.(loss|accuracy)$|adapted\.(loss|accuracy)$|"
+        r"prior\.loss$|delta\.loss_vs_prior$|dvclive/(evaluate|finetune)/metrics\.json:delta\.wer$")
+
+
+def wait_for_queue(project: Path, timeout: float = 900) -> str:
+    """`dvc queue status` once no task is queued or running (dvc has no `queue wait`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], project)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        if time.monotonic() > deadline:
+            run(["dvc", "queue", "stop", "--kill"], project)
+            pytest.fail(f"the queue did not finish in {timeout:.0f} s:\n{status}")
+        time.sleep(5)
+
+
+def test_queued_sweep_runs_every_value_and_shows_them_side_by_side(tmp_path):
+    ckpt = tmp_path / "random-whisper.pt"
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), ckpt)
+    project = make_project(tmp_path, str(ckpt), {**SMALL, "finetune": {
+        **SMALL["finetune"], "max_steps": 1}})
+    # The data stages run and are committed once: each queued experiment starts from this
+    # commit and checks its features out of the cache instead of making them again.
+    run(["dvc", "repro", "features"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "features"], project)
+
+    queued = run(["dvc", "exp", "run", "--queue", "-S", "num_codebooks=1,4"], project)
+    assert queued.count("Queued experiment") == 2, queued
+    run(["dvc", "queue", "start", "-j", "1"], project)
+    status = wait_for_queue(project)
+    assert status.count("Success") == 2, status
+    # The sweep ran in temporary workspaces: this one has no adapter of either run.
+    assert not (project / "data" / "adapters").exists()
+
+    shown = run(["dvc", "exp", "show", "--json"], project)
+    runs = {}
+    for data in exp_metrics_from(json.loads(shown[shown.find("["):])):
+        metrics = data["metrics"]
+        # The baseline commit has no pretrain metrics (an error entry in place of data).
+        if "data" in metrics.get("dvclive/pretrain/metrics.json", {}):
+            runs[data["params"]["params.yaml"]["data"]["num_codebooks"]] = {
+                stage: metrics[f"dvclive/{stage}/metrics.json"]["data"]
+                for stage in ("pretrain", "evaluate", "finetune")}
+    assert set(runs) == {1, 4}
+    for codebooks, found in runs.items():
+        assert found["pretrain"]["steps"] == 2
+        # USM's multi-softmax reports one accuracy per codebook.
+        accuracies = {f"accuracy_cb{i}" for i in range(codebooks)} if codebooks > 1 else set()
+        assert {"loss", "accuracy", *accuracies} <= set(found["pretrain"]["train"])
+        assert math.isfinite(found["evaluate"]["adapted"]["loss"])
+        assert math.isfinite(found["evaluate"]["delta"]["loss_vs_prior"])
+        delta = found["finetune"]["delta"]
+        assert delta["wer_low"] <= delta["wer"] <= delta["wer_high"]
+    assert runs[1]["evaluate"]["adapted"]["loss"] != runs[4]["evaluate"]["adapted"]["loss"]
+
+    # README's table: one row per run, the chosen columns only, best delta.loss_vs_prior first.
+    table = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", KEEP, "--sort-by",
+                 "delta.loss_vs_prior", "--sort-order", "asc"], project)
+    rows = [r for r in csv.DictReader(io.StringIO(table[table.find("Experiment"):]))
+            if r["delta.loss_vs_prior"] != "!"]  # "!": the baseline has no such metric
+    assert {"train.loss", "adapted.loss", "prior.loss",
+            "dvclive/finetune/metrics.json:delta.wer"} <= set(rows[0])
+    assert len(rows) == 2 and "dvclive/pretrain/metrics.json:steps" not in rows[0]
+    gaps = [float(r["delta.loss_vs_prior"]) for r in rows]
+    assert gaps == sorted(gaps)
+    assert {int(r["num_codebooks"]) for r in rows} == {1, 4}
+
+    # README's curves: every pretrain curve of every run of the sweep, one series per run.
+    names = run(["dvc", "exp", "list", "--name-only"], project).split()
+    assert len(names) == 2
+    plots = run(["dvc", "plots", "diff", *names, "--json", "--targets",
+                 "dvclive/pretrain/plots/metrics"], project)
+    curves = json.loads(plots[plots.find("{"):])["data"]
+    points = curves["dvclive/pretrain/plots/metrics/train/loss.tsv"][0]["content"]["data"]
+    for name in names:
+        assert [int(p["step"]) for p in points["values"] if p["rev"] == name] == [1, 2]
