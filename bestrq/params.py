@@ -101,6 +101,13 @@ Schedule = Literal["inverse_sqrt", "cosine", "constant"]
 Text = Annotated[str, Field(min_length=1)]
 # A length in updates (>= 1) or a share of max_steps (below 1): `schedule.updates`.
 Length = Annotated[float, Field(ge=0, le=STEPS_MAX)]
+# Declared once for the knobs that several sections set (pre-training at the top level, the
+# fine-tune under `finetune:`, evaluation and features).
+BatchSize = Annotated[int, Field(ge=1, le=65536)]
+Accumulate = Annotated[int, Field(ge=1, le=2**20)]
+LearningRate = Annotated[float, Field(gt=0, le=10.0)]
+Ratio = Annotated[float, Field(ge=0, le=1)]
+ClipCount = Annotated[int, Field(ge=0, le=10**9)]  # 0: no limit
 
 _TRAIN = TrainConfig()
 _QUANTIZER = QuantizerConfig()
@@ -138,20 +145,20 @@ class SegmentParams(_Section):
 
 
 class FeaturesParams(_Section):
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = _FEATURES.batch_size
+    batch_size: BatchSize = _FEATURES.batch_size
     shard_size: Annotated[int, Field(ge=1, le=10**8)] = _FEATURES.shard_size
     dtype: Literal["float16", "float32"] = _FEATURES.dtype  # type: ignore[assignment]
     device: Text = _FEATURES.device
 
 
 class EvaluateParams(_Section):
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = _EVALUATE.batch_size
-    max_clips: Annotated[int, Field(ge=0, le=10**9)] = _EVALUATE.max_clips
+    batch_size: BatchSize = _EVALUATE.batch_size
+    max_clips: ClipCount = _EVALUATE.max_clips
     seed: Seed = _EVALUATE.seed
     num_workers: Workers = _EVALUATE.num_workers
     asr: bool = _EVALUATE.asr
-    asr_max_clips: Annotated[int, Field(ge=0, le=10**9)] = _EVALUATE.asr_max_clips
-    asr_batch_size: Annotated[int, Field(ge=1, le=65536)] = _EVALUATE.asr_batch_size
+    asr_max_clips: ClipCount = _EVALUATE.asr_max_clips
+    asr_batch_size: BatchSize = _EVALUATE.asr_batch_size
     language: Text = _EVALUATE.language
     bootstrap_samples: Annotated[int, Field(ge=100, le=10**7)] = _EVALUATE.bootstrap_samples
     probes: bool = _EVALUATE.probes
@@ -160,15 +167,15 @@ class EvaluateParams(_Section):
 
 
 class FinetuneParams(_Section):
-    max_clips: Annotated[int, Field(ge=0, le=10**9)] = _FINETUNE.max_clips
+    max_clips: ClipCount = _FINETUNE.max_clips
     max_minutes: Annotated[float, Field(ge=0, le=10**8)] = _FINETUNE.max_minutes
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = _FINETUNE.batch_size
-    accumulate_gradients: Annotated[int, Field(ge=1, le=2**20)] = _FINETUNE.accumulate_gradients
-    learning_rate: Annotated[float, Field(gt=0, le=10.0)] = _FINETUNE.learning_rate
+    batch_size: BatchSize = _FINETUNE.batch_size
+    accumulate_gradients: Accumulate = _FINETUNE.accumulate_gradients
+    learning_rate: LearningRate = _FINETUNE.learning_rate
     lr_schedule: Schedule = _FINETUNE.lr_schedule  # type: ignore[assignment]
     warmup_steps: Length = _FINETUNE.warmup_steps
     max_steps: Steps = _FINETUNE.max_steps
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = _FINETUNE.min_lr_ratio
+    min_lr_ratio: Ratio = _FINETUNE.min_lr_ratio
     checkpoint_every: Steps = _FINETUNE.checkpoint_every
 
 
@@ -189,13 +196,13 @@ class TopLevel(_Section):
     mask_target_share: Annotated[float, Field(gt=0, le=1)] = _MASKING.target_share
     quantizer_norm: Literal["utterance", "global"] = _QUANTIZER.norm  # type: ignore[assignment]
     distill_weight: Annotated[float, Field(ge=0, le=10**6)] = 0.0
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = _TRAIN.batch_size
-    accumulate_gradients: Annotated[int, Field(ge=1, le=2**20)] = _TRAIN.accumulate_gradients
-    learning_rate: Annotated[float, Field(gt=0, le=10.0)] = _TRAIN.learning_rate
+    batch_size: BatchSize = _TRAIN.batch_size
+    accumulate_gradients: Accumulate = _TRAIN.accumulate_gradients
+    learning_rate: LearningRate = _TRAIN.learning_rate
     lr_schedule: Schedule = _TRAIN.lr_schedule  # type: ignore[assignment]
     warmup_steps: Length = _TRAIN.warmup_steps
     max_steps: Steps = _TRAIN.max_steps
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = _TRAIN.min_lr_ratio
+    min_lr_ratio: Ratio = _TRAIN.min_lr_ratio
     heads_only_steps: Length = _TRAIN.heads_only_steps
     weight_decay: Annotated[float, Field(ge=0, le=100)] = _TRAIN.weight_decay
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = _TRAIN.adam_beta1
