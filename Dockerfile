@@ -1,5 +1,6 @@
-# CUDA-capable image for the pipeline. The base's torch matches the torch/torchaudio pair pinned
-# in pyproject.toml, so pip keeps it; change BASE to move to another CUDA build.
+# CUDA-capable image for the pipeline. Every package is installed at the version
+# requirements.lock pins (torch and torchaudio as one tested pair, CUDA libraries included),
+# whatever the base image holds; BASE only provides Python, CUDA's driver side and the OS.
 ARG BASE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime
 FROM ${BASE}
 
@@ -12,10 +13,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /workspace
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bestrq ./bestrq
 COPY stages ./stages
-RUN pip install -e .
+RUN pip install --no-deps -e . && pip check
 
 # The rest of the project (dvc.yaml, params.yaml, .dvc/, tests/) comes last so that editing it
 # does not re-install the dependencies.

@@ -204,20 +204,31 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     Global batch g of an epoch covers order[g * G:(g + 1) * G] with G = batch * accumulate *
     world; its micro-batch m of rank r is the slice starting at (m * world + r) * batch. An
     epoch's tail shorter than G is dropped so that every update sees a full global batch.
+
+    A dataset of fewer than G clips is cycled within an update instead: the clip orders of
+    consecutive epochs are read as one stream and each global batch takes the next G keys of
+    it, so a clip recurs about G / N times per update, each time as another (epoch, clip) key
+    (another mask); `epochs_per_update` says how many.
     """
 
     def __init__(self, num_clips: int, batch_size: int, accumulate: int, world_size: int,
                  rank: int, seed: int, start: DataPosition) -> None:
+        if num_clips < 1:
+            raise ValueError("the dataset has no clips")
         self.num_clips, self.batch_size, self.accumulate = num_clips, batch_size, accumulate
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.global_batch = batch_size * accumulate * world_size
-        if num_clips < self.global_batch:
-            raise ValueError(f"the dataset has {num_clips} clips, fewer than one global batch "
-                             f"of {self.global_batch} (batch_size * accumulate_gradients * "
-                             f"world size)")
+        self.cycles = num_clips < self.global_batch
         self.start = self.normalise(start)
 
+    @property
+    def epochs_per_update(self) -> float:
+        return self.global_batch / self.num_clips
+
     def normalise(self, pos: DataPosition) -> DataPosition:
+        if self.cycles:
+            extra, position = divmod(pos.position, self.num_clips)
+            return DataPosition(pos.epoch + extra, position)
         if pos.position + self.global_batch > self.num_clips:
             return DataPosition(pos.epoch + 1, 0)
         return pos
@@ -226,15 +237,26 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         """The position after one global batch."""
         return self.normalise(DataPosition(pos.epoch, pos.position + self.global_batch))
 
+    def _keys(self, pos: DataPosition, first: int, count: int,
+              orders: dict[int, Tensor]) -> list[tuple[int, int]]:
+        """`count` keys of the stream from `first` places after `pos`."""
+        keys = []
+        for offset in range(pos.position + first, pos.position + first + count):
+            epoch, index = pos.epoch + offset // self.num_clips, offset % self.num_clips
+            if epoch not in orders:
+                orders[epoch] = epoch_order(self.num_clips, self.seed, epoch)
+            keys.append((epoch, int(orders[epoch][index])))
+        return keys
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         pos = self.start
-        order, order_epoch = epoch_order(self.num_clips, self.seed, pos.epoch), pos.epoch
+        orders: dict[int, Tensor] = {}
         while True:
-            if order_epoch != pos.epoch:
-                order, order_epoch = epoch_order(self.num_clips, self.seed, pos.epoch), pos.epoch
+            for epoch in [e for e in orders if e < pos.epoch]:
+                del orders[epoch]
             for m in range(self.accumulate):
-                first = pos.position + (m * self.world_size + self.rank) * self.batch_size
-                yield [(pos.epoch, int(c)) for c in order[first:first + self.batch_size]]
+                first = (m * self.world_size + self.rank) * self.batch_size
+                yield self._keys(pos, first, self.batch_size, orders)
             pos = self.advance(pos)
 
 
@@ -468,6 +490,11 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
     sampler = GlobalBatchSampler(len(dataset), config.batch_size, config.accumulate_gradients,
                                  info.world_size, info.rank, config.seed, pos)
     pos = sampler.start
+    if sampler.cycles and info.rank == 0:
+        tqdm.write(f"{objective.name}: {len(dataset)} clips, fewer than one global batch of "
+                   f"{sampler.global_batch} (batch_size * accumulate_gradients * processes): "
+                   f"each update cycles through the data {sampler.epochs_per_update:.1f} times, "
+                   "each clip with a new mask every time")
     loader = DataLoader(
         objective.items(model, dataset, config.seed), batch_sampler=sampler,
         collate_fn=objective.collate,

@@ -101,12 +101,6 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
                  "(LibriSpeech-style *.trans.txt, transcripts.tsv or manifest.jsonl beside the "
                  "audio)", found, out_dir)
         return
-    if len(indices) < config.batch_size * config.accumulate_gradients * dist.world_size:
-        raise ValueError(
-            f"finetune: {len(indices)} labelled train clips, fewer than one global batch of "
-            f"{config.batch_size * config.accumulate_gradients * dist.world_size} "
-            "(finetune.batch_size * finetune.accumulate_gradients * processes): lower "
-            "finetune.batch_size or label more clips")
     vectors = start_vectors(adapter_dir)
     tensors, _ = read_adapter(adapter_dir / IA3_ONLY_NAME)
     base = load_whisper(p.model)

@@ -36,10 +36,14 @@ def _defaults(params_file: Path) -> dict[str, Any]:
 def _option(name: str, default: Any) -> inspect.Parameter:
     help_text = MODEL_HELP.get(name) or TRAIN_HELP.get(name, name.replace("_", " "))
     kind = TopLevel.model_fields[name].annotation
-    if get_origin(kind) is Literal or kind not in (int, float, str):
-        kind = str  # a choice: the parameter check names the key and the choices
     # The original CLI spells options with underscores; dashes work too.
-    flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+    spellings = dict.fromkeys([name, name.replace("_", "-")])
+    if kind is bool:
+        flags = [f"--{n}/--no-{n}" for n in spellings]
+    else:
+        if get_origin(kind) is Literal or kind not in (int, float, str):
+            kind = str  # a choice: the parameter check names the key and the choices
+        flags = [f"--{n}" for n in spellings]
     # None unless given: params.yaml's value then applies, checked as it is written there
     # (Click would turn a default of 2.5 for an integer option into 2).
     return inspect.Parameter(
@@ -75,7 +79,8 @@ def build_command(params_file: Path = Path("params.yaml")) -> typer.Typer:
     command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [_option(n, defaults[n]) for n in names] + extra)
     command.__doc__ = __doc__
-    app = typer.Typer(add_completion=False)
+    # Click's plain help: Typer's rich panel shows a type column even for flags and --help.
+    app = typer.Typer(add_completion=False, rich_markup_mode=None)
     app.command()(command)
     return app
 

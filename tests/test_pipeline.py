@@ -22,13 +22,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 PROJECT_FILES = ["bestrq", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-                 ".dvcignore", ".gitignore"]
-ALL_STAGES = ("download", "segment", "features", "pretrain", "evaluate", "finetune")
+                 ".dvc/plots", ".dvcignore", ".gitignore"]
+ALL_STAGES = ("download", "segment", "features", "pretrain", "evaluate", "finetune", "report")
 
 
-def run(cmd: list[str], cwd: Path) -> str:
+def run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(cwd), "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1"}
+           "PYTHONPATH": str(cwd), "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
+           **(extra_env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
@@ -74,9 +75,10 @@ SMALL = {
 
 
 def test_repro_then_experiment_with_16_codebooks(tmp_path):
-    ckpt = tmp_path / "random-whisper.pt"
-    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), ckpt)
-    project = make_project(tmp_path, str(ckpt), SMALL)
+    # A short model name, as `tiny.en` is: `dvc exp show` gives the first parameter's column
+    # the width of its value. The checkpoint lies in the project, ignored by git (/*.pt).
+    project = make_project(tmp_path, "w.pt", SMALL)
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), project / "w.pt")
 
     first = run(["dvc", "repro"], project)
     assert ran_stages(first) == set(ALL_STAGES)
@@ -106,25 +108,40 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     manifest = project / "data" / "raw" / "manifest.jsonl"
     before = manifest.stat().st_mtime_ns
     second = run(["dvc", "exp", "run", "-S", "num_codebooks=16"], project)
-    assert ran_stages(second) == {"pretrain", "evaluate", "finetune"}, second[-3000:]
+    assert ran_stages(second) == {"pretrain", "evaluate", "finetune", "report"}, second[-3000:]
     assert manifest.stat().st_mtime_ns == before
+    assert "No file hash info found" not in second and "WARNING" not in second, second[-3000:]
 
     shown = run(["dvc", "exp", "show", "--json"], project)
     payload = json.loads(shown[shown.find("["):])
     codebooks = set()
     for data in exp_metrics_from(payload):
         metrics = data["metrics"]
-        if "dvclive/evaluate/metrics.json" not in metrics:
+        # The report's answer is the only DVC metrics file: nothing else crowds the table.
+        assert set(metrics) <= {"dvclive/report/metrics.json"}
+        if not metrics:
             continue
         params = data["params"]["params.yaml"]["data"]
-        ev = metrics["dvclive/evaluate/metrics.json"]["data"]
-        pre = metrics["dvclive/pretrain/metrics.json"]["data"]
-        ft = metrics["dvclive/finetune/metrics.json"]["data"]
-        assert "loss" in ev["adapted"] and "loss" in ev["prior"]
-        assert pre["steps"] == 2 and "train" in pre
-        assert {"wer", "wer_low", "wer_high"} <= set(ft["delta"])
+        answer = metrics["dvclive/report/metrics.json"]["data"]
+        assert set(answer["wer"]) == {"stock", "bestrq", "ft_stock", "ft_bestrq"}
+        assert set(answer["diff"]) == {"zero_shot", "zs_low", "zs_high", "finetuned", "ft_low",
+                                       "ft_high"}
+        assert answer["diff"]["finetuned"] == pytest.approx(
+            answer["wer"]["ft_bestrq"] - answer["wer"]["ft_stock"], abs=0.011)
+        assert {"loss", "prior_loss", "train_loss"} <= set(answer["bestrq"])
         codebooks.add(params["num_codebooks"])
-    assert {1, 16} <= codebooks
+    assert {1, 16} <= codebooks, shown[:4000]
+
+    # A plain `dvc exp show` opens with the answer: its pager shows the table 1,024 characters
+    # wide, and the first 200 (a 200-column terminal's first screen) hold the ten numbers.
+    table = run(["dvc", "exp", "show"], project, {"DVC_PAGER": "cat", "COLUMNS": "200"})
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    assert header[:200].split() == ["Experiment", "Created", "wer.stock", "wer.bestrq",
+                                    "wer.ft_stock", "wer.ft_bestrq", "diff.zero_shot",
+                                    "diff.zs_low", "diff.zs_high", "diff.finetuned",
+                                    "diff.ft_low", "diff.ft_high", "bestrq.loss"], table[:3000]
+    row = next(line for line in table.splitlines() if "[" in line and "└──" in line)
+    assert all(c.replace(".", "").replace("-", "").isdigit() for c in row[:200].split()[5:15])
 
 
 def exp_metrics_from(payload) -> list[dict]:
@@ -217,7 +234,7 @@ def test_killed_pretrain_resumes_and_history_continues(tmp_path):
     assert read_steps(loss) == [1, 2, 3, 4]  # logged before the kill
 
     out = run(["dvc", "repro"], project)
-    assert ran_stages(out) == {"pretrain", "evaluate", "finetune"}
+    assert ran_stages(out) == {"pretrain", "evaluate", "finetune", "report"}
     assert "resuming from the checkpoint of step 2" in out
     assert read_steps(loss) == [1, 2, 3, 4]  # steps 3 and 4 trained again, logged once
     info = json.loads((project / "data" / "adapters" / "adapter.json").read_text())
@@ -234,6 +251,6 @@ def test_killed_pretrain_resumes_and_history_continues(tmp_path):
 
     # Two processes under torchrun (gloo on CPU) from the same dvc.yaml command.
     out = run(["dvc", "exp", "run", "-S", "nproc=2"], project)
-    assert ran_stages(out) == {"pretrain", "evaluate", "finetune"}
+    assert ran_stages(out) == {"pretrain", "evaluate", "finetune", "report"}
     pre = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
     assert pre["steps"] == 4

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -20,8 +19,7 @@ from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper, save_whisper_ch
 pytestmark = pytest.mark.slow
 
 # README "Sweeps": the columns that answer "which value is better", the rest dropped.
-KEEP = (r"Experiment|num_codebooks|train\.(loss|accuracy)$|adapted\.(loss|accuracy)$|"
-        r"prior\.loss$|delta\.loss_vs_prior$|dvclive/(evaluate|finetune)/metrics\.json:delta\.wer$")
+KEEP = r"Experiment|num_codebooks|wer\.|diff\.|bestrq\."
 
 
 def wait_for_queue(project: Path, timeout: float = 900) -> str:
@@ -59,33 +57,40 @@ def test_queued_sweep_runs_every_value_and_shows_them_side_by_side(tmp_path):
     shown = run(["dvc", "exp", "show", "--json"], project)
     runs = {}
     for data in exp_metrics_from(json.loads(shown[shown.find("["):])):
-        metrics = data["metrics"]
-        # The baseline commit has no pretrain metrics (an error entry in place of data).
-        if "data" in metrics.get("dvclive/pretrain/metrics.json", {}):
-            runs[data["params"]["params.yaml"]["data"]["num_codebooks"]] = {
-                stage: metrics[f"dvclive/{stage}/metrics.json"]["data"]
-                for stage in ("pretrain", "evaluate", "finetune")}
+        # The baseline commit has no report (an error entry in place of data).
+        if "data" in data["metrics"].get("dvclive/report/metrics.json", {}):
+            # Each run's commit holds every stage's numbers beside the report's answer.
+            found = {stage: json.loads(run(["git", "show", f"{data['rev']}:dvclive/{stage}/"
+                                                           "metrics.json"], project))
+                     for stage in ("pretrain", "evaluate", "finetune")}
+            found["report"] = data["metrics"]["dvclive/report/metrics.json"]["data"]
+            runs[data["params"]["params.yaml"]["data"]["num_codebooks"]] = found
     assert set(runs) == {1, 4}
     for codebooks, found in runs.items():
         assert found["pretrain"]["steps"] == 2
         # USM's multi-softmax reports one accuracy per codebook.
         accuracies = {f"accuracy_cb{i}" for i in range(codebooks)} if codebooks > 1 else set()
         assert {"loss", "accuracy", *accuracies} <= set(found["pretrain"]["train"])
-        assert math.isfinite(found["evaluate"]["adapted"]["loss"])
-        assert math.isfinite(found["evaluate"]["delta"]["loss_vs_prior"])
+        assert found["report"]["bestrq"]["loss"] == pytest.approx(
+            found["evaluate"]["adapted"]["loss"], abs=1e-4)
+        assert found["report"]["bestrq"]["prior_loss"] == pytest.approx(
+            found["evaluate"]["prior"]["loss"], abs=1e-4)
         delta = found["finetune"]["delta"]
         assert delta["wer_low"] <= delta["wer"] <= delta["wer_high"]
+        assert found["report"]["diff"]["finetuned"] == pytest.approx(100 * delta["wer"],
+                                                                     abs=0.006)
     assert runs[1]["evaluate"]["adapted"]["loss"] != runs[4]["evaluate"]["adapted"]["loss"]
 
-    # README's table: one row per run, the chosen columns only, best delta.loss_vs_prior first.
+    # README's table: one row per run, the chosen columns only, best fine-tuned difference
+    # first.
     table = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", KEEP, "--sort-by",
-                 "delta.loss_vs_prior", "--sort-order", "asc"], project)
+                 "diff.finetuned", "--sort-order", "asc"], project)
     rows = [r for r in csv.DictReader(io.StringIO(table[table.find("Experiment"):]))
-            if r["delta.loss_vs_prior"] != "!"]  # "!": the baseline has no such metric
-    assert {"train.loss", "adapted.loss", "prior.loss",
-            "dvclive/finetune/metrics.json:delta.wer"} <= set(rows[0])
-    assert len(rows) == 2 and "dvclive/pretrain/metrics.json:steps" not in rows[0]
-    gaps = [float(r["delta.loss_vs_prior"]) for r in rows]
+            if r["diff.finetuned"] != "!"]  # "!": the baseline has no such metric
+    assert {"wer.stock", "wer.ft_bestrq", "diff.finetuned", "diff.ft_low", "bestrq.loss",
+            "bestrq.prior_loss", "num_codebooks"} <= set(rows[0])
+    assert len(rows) == 2 and "seed" not in rows[0]
+    gaps = [float(r["diff.finetuned"]) for r in rows]
     assert gaps == sorted(gaps)
     assert {int(r["num_codebooks"]) for r in rows} == {1, 4}
 

@@ -79,8 +79,25 @@ def test_sampler_resumes_from_a_data_position():
     resumed = iter(sampler)
     assert [next(resumed) for _ in range(4)] == batches[3:]
     assert sampler.advance(DataPosition(0, 8)) == DataPosition(1, 0)
-    with pytest.raises(ValueError, match="global batch"):
-        GlobalBatchSampler(3, 2, 1, 2, 0, seed=0, start=DataPosition())
+
+
+def test_a_dataset_smaller_than_a_global_batch_is_cycled_within_an_update():
+    # The seed's command line on a small corpus: 3 clips, global batch 8 (2 x 2 x 2 ranks).
+    samplers = [GlobalBatchSampler(3, 2, 2, 2, r, seed=5, start=DataPosition()) for r in (0, 1)]
+    assert samplers[0].cycles and samplers[0].epochs_per_update == pytest.approx(8 / 3)
+    streams = [iter(s) for s in samplers]
+    updates = [[k for _ in range(2) for s in streams for k in next(s)] for _ in range(3)]
+    # The stream is the epochs' orders one after another: update u takes keys 8u .. 8u + 7.
+    stream = [(e, int(c)) for e in range(9) for c in epoch_order(3, 5, e)]
+    for u, keys in enumerate(updates):
+        assert sorted(keys) == sorted(stream[8 * u:8 * u + 8])
+        assert len(set(keys)) == 8  # a clip recurs only as another (epoch, clip): a new mask
+    assert samplers[0].advance(DataPosition()) == DataPosition(2, 2)
+    # Resuming from a checkpointed position continues the same stream.
+    resumed = [iter(GlobalBatchSampler(3, 2, 2, 2, r, seed=5, start=DataPosition(2, 2)))
+               for r in (0, 1)]
+    again = [k for _ in range(2) for s in resumed for k in next(s)]
+    assert sorted(again) == sorted(updates[1])
 
 
 def test_masks_come_from_the_clip_seed():
