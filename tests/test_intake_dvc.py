@@ -50,3 +50,20 @@ def test_dvc_repro_follows_a_folder_sources_audio(tmp_path: Path) -> None:
     manifest = (project / "data" / "raw" / "manifest.jsonl").read_text()
     assert '"u1"' not in manifest and '"u3"' in manifest
     assert not (project / "data" / "raw" / "spk").exists()  # the corpus is not copied
+
+
+def test_readmes_folder_source_command_runs_through_dvc_exp_run(tmp_path: Path) -> None:
+    # README "Real data": the folder-source line, as written there, with this corpus' path.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if "/data/my-recordings" in x
+                and x.startswith("dvc exp run"))
+    corpus = tmp_path / "corpus"
+    for i in range(3):
+        _clip(corpus / "spk" / f"u{i}.flac", seed=i)
+    project = make_project(tmp_path, "tiny.en", {})
+    cmd = line.split("#")[0].replace("/data/my-recordings", str(corpus)).split() + ["segment"]
+    assert cmd[:3] == ["dvc", "exp", "run"] and cmd.count("-S") == 2, line
+    out = run(cmd, project)
+    assert _ran(out) == ["download", "segment"]
+    manifest = (project / "data" / "raw" / "manifest.jsonl").read_text()
+    assert all(f'"u{i}"' in manifest for i in range(3))
