@@ -151,6 +151,21 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 # ----------------------------------------------------------------------------- the loop
 
 
+def test_the_seeds_command_line_runs_on_a_corpus_smaller_than_its_global_batch(tmp_path,
+                                                                             capsys):
+    # `train --batch_size 4 --num_codebooks 16 --accumulate_gradients 256` on 5 clips: one
+    # update of 1,024 clip passes, every clip about 205 times, each with its own mask.
+    model = small_model(num_codebooks=16)
+    start = {n: p.detach().clone() for n, p in model.trainable_parameters().items()}
+    result = train(model, RandomClips(5), fast_config(batch_size=4, accumulate_gradients=256,
+                                                      max_steps=1, warmup_steps=1), tmp_path)
+    assert result.step == 1 and result.skipped == 0
+    assert all(not torch.equal(p, start[n]) for n, p in model.trainable_parameters().items())
+    note = capsys.readouterr()
+    assert "5 clips, fewer than one global batch of 1024" in note.out + note.err
+    assert "cycles through the data 204.8 times" in note.out + note.err
+
+
 def test_train_updates_only_the_adapter_and_logs(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     model = small_model(num_codebooks=2)
