@@ -69,7 +69,8 @@ TRAIN_HELP: dict[str, str] = {
     "adam_beta2": "AdamW beta2",
     "adam_eps": "AdamW epsilon",
     "grad_clip": "max global gradient norm; 0 disables clipping",
-    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32",
+    "precision": "auto (bf16 autocast on CUDA and on CPUs with AVX-512 BF16 or AMX, fp32 "
+                 "elsewhere) | bf16 | fp32",
     "checkpoint_every": "optimiser updates between checkpoints",
     "keep_checkpoints": "checkpoints kept on disk",
     "log_every": "optimiser updates between logged steps",

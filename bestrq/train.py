@@ -64,7 +64,7 @@ class TrainConfig:
     adam_beta2: float = 0.98
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and bf16-capable CPUs | bf16 | fp32
     checkpoint_every: int = 25  # optimiser updates between checkpoints
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -155,6 +155,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # last logged
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
     seconds: float = 0.0  # wall time of this call
+    precision: str = "fp32"  # what autocast ran in (describe_precision)
 
 
 # ----------------------------------------------------------------------------- data
@@ -341,11 +342,32 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
                              fused=True)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), as PyTorch's build
+    reports it. Elsewhere bf16 is emulated and slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 for autocast, or None for plain fp32."""
-    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
+    """bf16 for autocast, or None for plain fp32. `auto`: bf16 on CUDA and on a CPU with bf16
+    hardware (`cpu_has_bf16`), fp32 elsewhere. Losses, softmaxes, the distillation MSE and
+    the optimiser state stay fp32 under autocast (the model computes them so)."""
+    if config.precision == "bf16":
+        return torch.bfloat16
+    if config.precision == "auto" and (device.type == "cuda" or
+                                       (device.type == "cpu" and cpu_has_bf16())):
         return torch.bfloat16
     return None
+
+
+def describe_precision(dtype: torch.dtype | None, device: torch.device) -> str:
+    """One line for logs: what autocast runs in, and why."""
+    if dtype is None:
+        return "fp32"
+    if device.type == "cpu":
+        return "bf16 autocast (CPU with AVX-512 BF16 / AMX)" if cpu_has_bf16() else \
+            "bf16 autocast (CPU without bf16 hardware: emulated, slow)"
+    return f"bf16 autocast ({device.type})"
 
 
 # ----------------------------------------------------------------------------- one update
@@ -476,7 +498,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
                  "nonfinite_in_a_row": in_a_row, "config": config.to_dict()}
         save_checkpoint(checkpoint_dir, step, state, keep=config.keep_checkpoints)
 
-    result = TrainResult(step=step, skipped=skipped)
+    result = TrainResult(step=step, skipped=skipped, precision=describe_precision(dtype, device))
     if step >= config.max_steps:
         result.seconds = time.perf_counter() - began
         return result
@@ -490,6 +512,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
     sampler = GlobalBatchSampler(len(dataset), config.batch_size, config.accumulate_gradients,
                                  info.world_size, info.rank, config.seed, pos)
     pos = sampler.start
+    if info.rank == 0:
+        tqdm.write(f"{objective.name}: precision {result.precision} on {device}")
     if sampler.cycles and info.rank == 0:
         tqdm.write(f"{objective.name}: {len(dataset)} clips, fewer than one global batch of "
                    f"{sampler.global_batch} (batch_size * accumulate_gradients * processes): "

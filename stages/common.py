@@ -77,10 +77,11 @@ def open_live(name: str, resume: bool = False) -> Live:
     return Live(dir=str(LIVE / name), resume=resume, save_dvc_exp=False, dvcyaml=None)
 
 
-def log_summary(live: Live, metrics: dict[str, float]) -> None:
-    """Stage-level numbers: into metrics.json (for `dvc exp show`), not into plots."""
+def log_summary(live: Live, metrics: dict[str, float | str]) -> None:
+    """Stage-level numbers (and labels, such as the precision a run used): into metrics.json,
+    not into plots."""
     for key, value in metrics.items():
-        live.log_metric(key, float(value), plot=False)
+        live.log_metric(key, value if isinstance(value, str) else float(value), plot=False)
     live.make_summary()
 
 

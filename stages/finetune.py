@@ -149,11 +149,12 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
         del model, finetuned
     if live is None:
         return
-    metrics: dict[str, float] = {
+    metrics: dict[str, float | str] = {
         **found, "labelled_minutes": data.minutes, "truncated_transcripts": data.truncated,
         "steps": float(config.max_steps)}
     for start, result in results.items():
         metrics[f"{start}/train_seconds"] = result.seconds
+        metrics[f"{start}/precision"] = result.precision
     metrics.update(compare_finetuned(p, features_dir, out_dir))
     log_summary(live, metrics)
     live.end()

@@ -85,7 +85,7 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     save_adapter(vectors_path, model, identity, extra, parts=("ia3",))
     # The last step's train/* values are already in the summary; add the run's totals.
     log_summary(live, {"steps": result.step, "nonfinite_skipped_total": result.skipped,
-                       "train_seconds": result.seconds,
+                       "train_seconds": result.seconds, "precision": result.precision,
                        "adapter_mb": adapter_path.stat().st_size / 2**20,
                        "ia3_file_kb": vectors_path.stat().st_size / 2**10,
                        "ia3_parameters": extra["ia3_parameters"]})

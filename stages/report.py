@@ -29,10 +29,11 @@ def read_sources(live_dir: Path = LIVE) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_record(model: str, adapter_json: Path) -> dict[str, Any]:
+def run_record(model: str, adapter_json: Path, sources: dict[str, dict[str, Any]]
+               ) -> dict[str, Any]:
     """What the run was made with, beside its metrics: the base model as named and the sha256
-    of the weights actually loaded (from the adapter's description), and the versions of the
-    packages that compute it (requirements.lock pins them)."""
+    of the weights actually loaded (from the adapter's description), the precision training
+    ran in, and the versions of the packages that compute it (requirements.lock pins them)."""
     base = json.loads(adapter_json.read_text()).get("base", {}) if adapter_json.is_file() else {}
     versions = {}
     for package in ("torch", "torchaudio", "openai-whisper", "numpy", "dvc", "dvclive"):
@@ -41,6 +42,8 @@ def run_record(model: str, adapter_json: Path) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {"command": "dvc repro", "model": model, "base_sha256": base.get("sha256"),
+            "precision": {"pretrain": sources["pretrain"].get("precision"),
+                          "finetune": sources["finetune"].get("adapted/precision")},
             "python": platform.python_version(), "packages": versions}
 
 
@@ -51,7 +54,7 @@ def report(params: str = typer.Option("params.yaml", help="parameters file")) ->
     with friendly_errors():
         sources = read_sources()
         metrics = summary(sources)
-        record = run_record(p.model, ADAPTER.with_suffix(".json"))
+        record = run_record(p.model, ADAPTER.with_suffix(".json"), sources)
     with open_live("report") as live:
         for key, value in metrics.items():
             live.log_metric(key, value, plot=False)

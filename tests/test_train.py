@@ -21,7 +21,9 @@ from bestrq.train import (
     MaskedClips,
     TrainConfig,
     accumulate_gradients,
+    autocast_dtype,
     clip_seed,
+    describe_precision,
     epoch_order,
     finish_gradients,
     train,
@@ -98,6 +100,43 @@ def test_a_dataset_smaller_than_a_global_batch_is_cycled_within_an_update():
                for r in (0, 1)]
     again = [k for _ in range(2) for s in resumed for k in next(s)]
     assert sorted(again) == sorted(updates[1])
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_bf16_hardware(monkeypatch, has_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    auto = TrainConfig(precision="auto")
+    assert autocast_dtype(auto, CPU) == (torch.bfloat16 if has_bf16 else None)
+    assert autocast_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype(TrainConfig(precision="fp32"), CPU) is None
+    assert autocast_dtype(TrainConfig(precision="bf16"), CPU) == torch.bfloat16
+    line = describe_precision(autocast_dtype(auto, CPU), CPU)
+    assert line == ("bf16 autocast (CPU with AVX-512 BF16 / AMX)" if has_bf16 else "fp32")
+    # AMX alone counts too.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert autocast_dtype(auto, CPU) == torch.bfloat16
+
+
+def test_loss_and_gradients_stay_fp32_under_cpu_bf16_autocast():
+    model = small_model(num_codebooks=2)
+    model.distill_weight = 1.0  # the stock forward and the MSE too
+    clips = MaskedClips(RandomClips(4), model.masking, seed=0)
+    batch = batch_of(clips, [(0, i) for i in range(4)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*batch, with_metrics=True)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.trainable_parameters().items():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, \
+            name
+    # bf16 matmuls change the loss only in its last digits of a fp32 run's.
+    with torch.no_grad():
+        reference = model(*batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(*batch).loss
+    assert float(low) == pytest.approx(float(reference), rel=2e-2)
+    assert float(low) != float(reference)
 
 
 def test_masks_come_from_the_clip_seed():
