@@ -56,10 +56,11 @@ class EvaluateConfig:
         return ProbeConfig(max_frames=self.probe_frames, clusters=self.probe_clusters,
                            seed=self.seed)
 
-    def asr_config(self) -> AsrConfig:
+    def asr_config(self, precision: str = "auto") -> AsrConfig:
+        """The WER settings; `precision` is the top-level knob's (decoding like training)."""
         return AsrConfig(max_clips=self.asr_max_clips, batch_size=self.asr_batch_size,
                          language=self.language, bootstrap_samples=self.bootstrap_samples,
-                         seed=self.seed)
+                         seed=self.seed, precision=precision)
 
     def validate(self) -> None:
         if self.batch_size < 1:

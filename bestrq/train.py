@@ -37,6 +37,7 @@ from tqdm import tqdm
 from bestrq.checkpoint import load_latest, save_checkpoint
 from bestrq.distributed import current, resolve_device
 from bestrq.masking import MaskingConfig, draw_sample_mask
+from bestrq.precision import describe_precision, wants_bf16
 from bestrq.schedule import SCHEDULES, frozen_for, lr_lambda, updates
 from bestrq.seeding import derived_seed, generator
 from bestrq.throughput import mfu, model_flops
@@ -342,32 +343,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
                              fused=True)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), as PyTorch's build
-    reports it. Elsewhere bf16 is emulated and slower than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 for autocast, or None for plain fp32. `auto`: bf16 on CUDA and on a CPU with bf16
-    hardware (`cpu_has_bf16`), fp32 elsewhere. Losses, softmaxes, the distillation MSE and
-    the optimiser state stay fp32 under autocast (the model computes them so)."""
-    if config.precision == "bf16":
-        return torch.bfloat16
-    if config.precision == "auto" and (device.type == "cuda" or
-                                       (device.type == "cpu" and cpu_has_bf16())):
-        return torch.bfloat16
-    return None
-
-
-def describe_precision(dtype: torch.dtype | None, device: torch.device) -> str:
-    """One line for logs: what autocast runs in, and why."""
-    if dtype is None:
-        return "fp32"
-    if device.type == "cpu":
-        return "bf16 autocast (CPU with AVX-512 BF16 / AMX)" if cpu_has_bf16() else \
-            "bf16 autocast (CPU without bf16 hardware: emulated, slow)"
-    return f"bf16 autocast ({device.type})"
+    """bf16 for autocast, or None for plain fp32 (`precision.wants_bf16`). Losses, softmaxes,
+    the distillation MSE and the optimiser state stay fp32 under autocast (the model computes
+    them so)."""
+    return torch.bfloat16 if wants_bf16(config.precision, device) else None
 
 
 # ----------------------------------------------------------------------------- one update

@@ -38,8 +38,8 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
             metrics.update(probe_encoders(model, dataset, p.evaluate, device))
         if p.evaluate.asr:
             del model, base  # compare_asr loads its own Whisper, one copy at a time
-            metrics.update(compare_asr(p.model, tensors, dataset, p.evaluate.asr_config(),
-                                       device))
+            asr = p.evaluate.asr_config(p.train.precision)
+            metrics.update(compare_asr(p.model, tensors, dataset, asr, device))
     metrics["eval_clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))
     with open_live("evaluate") as live:
         log_summary(live, metrics)

@@ -166,7 +166,7 @@ def compare_finetuned(p: Params, features_dir: Path, out_dir: Path) -> dict[str,
     stock) with its 95% paired bootstrap interval. Empty when no eval clip has a transcript."""
     systems = {start: read_adapter(out_dir / start / IA3_ONLY_NAME)[0] for start in STARTS}
     out = compare_wers(p.model, systems, FeatureDataset(features_dir / "eval"),
-                       p.evaluate.asr_config(), resolve_device(p.train.device),
+                       p.evaluate.asr_config(p.train.precision), resolve_device(p.train.device),
                        baseline="stock", other="adapted")
     if not out:
         typer.secho("finetune: no transcribed eval clips: no WER to compare",

@@ -219,3 +219,31 @@ def test_real_tiny_en_reads_synthetic_speech_and_a_broken_adapter_hurts(tiny_en_
     assert got["adapted/wer"] > got["stock/wer"] + 0.4
     assert got["delta/wer_low"] > 0.3  # worse on every clip: the whole interval is above 0
     assert got["delta/wer_relative"] == pytest.approx(got["delta/wer"] / got["stock/wer"])
+
+
+def test_bf16_decoding_reads_like_fp32_and_auto_decodes_in_fp32_on_cpu(tiny_en_path, monkeypatch):
+    data = spoken_windows(6)
+    model = load_whisper(str(tiny_en_path))
+    cpu = torch.device("cpu")
+    normalize = EnglishTextNormalizer()
+    wers, texts = {}, {}
+    for precision in ("fp32", "bf16"):
+        texts[precision] = transcribe(model, data, list(range(6)),
+                                      AsrConfig(batch_size=3, precision=precision), cpu)
+        wers[precision] = word_errors(data.transcripts, texts[precision], normalize)["wer"]
+    assert wers["fp32"] < 0.35 and wers["bf16"] <= wers["fp32"] + 0.05, (wers, texts)
+    # On a CPU, auto decodes in fp32 even with bf16 hardware (measured no faster); bf16 runs
+    # the encoder under autocast and hands the decoder fp32 features.
+    seen = []
+    real = whisper.decode
+
+    def spy(model, mel, options):
+        seen.append(tuple(mel.shape[-2:]) == (model.dims.n_audio_ctx, model.dims.n_audio_state))
+        assert not torch.is_autocast_enabled("cpu") and mel.dtype == torch.float32
+        return real(model, mel, options)
+
+    monkeypatch.setattr(whisper, "decode", spy)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert transcribe(model, data, [0], AsrConfig(precision="auto"), cpu) == texts["fp32"][:1]
+    assert transcribe(model, data, [0], AsrConfig(precision="bf16"), cpu) == texts["bf16"][:1]
+    assert seen == [False, True]

@@ -14,6 +14,7 @@ from whisper.model import MultiHeadAttention
 
 from bestrq.checkpoint import list_checkpoints, load_latest
 from bestrq.masking import draw_sample_mask
+from bestrq.precision import describe_precision
 from bestrq.throughput import encoder_flops, linear_flops, model_flops
 from bestrq.train import (
     DataPosition,
@@ -23,7 +24,6 @@ from bestrq.train import (
     accumulate_gradients,
     autocast_dtype,
     clip_seed,
-    describe_precision,
     epoch_order,
     finish_gradients,
     train,
