@@ -14,8 +14,9 @@ import typer
 from dvclive import Live
 
 from bestrq.checkpoint import CheckpointClaim, RunSignature, claim_checkpoints, run_signature
-from bestrq.distributed import launch_torchrun, nodes_from_env
+from bestrq.distributed import launch_torchrun, nodes_from_env, resolve_device
 from bestrq.params import SECTIONS, Params, load_params
+from bestrq.train import autocast_dtype
 
 # Must match dvc.yaml.
 DATA = Path("data")
@@ -112,6 +113,13 @@ SPEED_KEYS = ("num_workers", "prefetch_factor", "log_every", "checkpoint_every",
 def training_values(p: Params) -> dict[str, Any]:
     """The top-level parameters of a pre-training run."""
     return {k: v for k, v in p.raw.items() if k not in SECTIONS}
+
+
+def resolved_autocast(p: Params) -> str:
+    """What `precision` resolves to on this run's device: `auto` is bf16 on some CPUs and fp32
+    on others, and a run resumed in the other precision would give the bytes of neither, so
+    this, not the knob's value alone, belongs to a checkpoint's identity."""
+    return "bf16" if autocast_dtype(p.train, resolve_device(p.train.device)) else "fp32"
 
 
 def checkpoint_key(values: dict[str, Any], features_dir: Path, schedule: str,

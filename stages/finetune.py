@@ -46,6 +46,7 @@ from stages.common import (
     open_live,
     params_or_exit,
     relaunch_under_torchrun,
+    resolved_autocast,
     step_logger,
     truncate_history,
 )
@@ -61,7 +62,7 @@ ENGINE_KEYS = ("model", "n_mels", "seed", "precision", "weight_decay", "adam_bet
 def run_values(p: Params, start: str) -> dict[str, Any]:
     """What one fine-tune run's checkpoints must have been made with."""
     return {**{k: p.raw.get(k) for k in ENGINE_KEYS}, "finetune": p.finetune.to_dict(),
-            "language": p.evaluate.language, "start": start}
+            "language": p.evaluate.language, "start": start, "autocast": resolved_autocast(p)}
 
 
 def start_vectors(adapter_dir: Path) -> bytes:

@@ -29,6 +29,7 @@ from stages.common import (
     open_live,
     params_or_exit,
     relaunch_under_torchrun,
+    resolved_autocast,
     step_logger,
     training_values,
     truncate_history,
@@ -48,7 +49,8 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     if not (features_dir / "train" / "index.json").is_file():
         raise FileNotFoundError(f"no training features in {features_dir}/train: run "
                                 "`dvc repro features` first")
-    key = checkpoint_key(training_values(p), features_dir, p.train.lr_schedule)
+    key = checkpoint_key({**training_values(p), "autocast": resolved_autocast(p)}, features_dir,
+                         p.train.lr_schedule)
     same_on_every_rank(key.fingerprint, "the parameters or training features")
     base = load_whisper(p.model)
     if base.dims.n_mels != p.n_mels:

@@ -414,3 +414,21 @@ def hold_lock(directory: Path):
     with open(directory / LOCK, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_precision_auto_is_keyed_by_what_it_resolves_to(tmp_path, monkeypatch, has_bf16):
+    # `auto` is fp32 on one CPU and bf16 on another: a checkpoint made in one must not be
+    # resumed in the other (it was, before the resolved precision entered the key).
+    from bestrq.params import load_params
+    from stages.common import resolved_autocast
+    from stages.finetune import run_values
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    p = load_params(REPO / "params.yaml", {"device": "cpu"})
+    assert p.raw["precision"] == "auto"
+    assert resolved_autocast(p) == ("bf16" if has_bf16 else "fp32")
+    assert run_values(p, "stock")["autocast"] == resolved_autocast(p)
+    forced = load_params(REPO / "params.yaml", {"device": "cpu", "precision": "fp32"})
+    assert resolved_autocast(forced) == "fp32"
