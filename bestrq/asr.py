@@ -15,16 +15,19 @@ much the difference depends on which clips were drawn, not the (shared) difficul
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jiwer
 import numpy as np
 import torch
 import whisper
+from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 from whisper.model import Whisper
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
+
+from bestrq.seeding import derived_seed
 
 
 @dataclass
@@ -36,6 +39,10 @@ class AsrConfig:
     language: str = "en"  # the eval audio's language (ignored by English-only models)
     bootstrap_samples: int = 1000  # resamples of the WER interval
     seed: int = 0  # of the bootstrap resampling
+    # What the intervals resample: speakers (then their windows), or windows as independent.
+    bootstrap_unit: str = "speaker"
+    # fallback: whisper.transcribe's temperature fallback, as users decode; greedy: temperature 0
+    decoding: str = "fallback"
     # The top-level `precision`. On a CPU, bf16 runs the encoder under bf16 autocast and the
     # decoder in fp32; auto and fp32 decode in fp32 (bf16 measured no faster: README). On CUDA,
     # whisper's own fp16.
@@ -49,6 +56,12 @@ class AsrConfig:
         if self.bootstrap_samples < 100:
             raise ValueError(f"evaluate.bootstrap_samples must be >= 100 for a 95% interval, "
                              f"got {self.bootstrap_samples}")
+        if self.decoding not in ("fallback", "greedy"):
+            raise ValueError(f"evaluate.decoding must be fallback or greedy, got "
+                             f"{self.decoding!r}")
+        if self.bootstrap_unit not in ("speaker", "window"):
+            raise ValueError(f"evaluate.bootstrap_unit must be speaker or window, got "
+                             f"{self.bootstrap_unit!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.language not in whisper.tokenizer.LANGUAGES:
@@ -72,16 +85,67 @@ def transcribed_clips(dataset: Dataset, config: AsrConfig) -> list[int]:
     return chosen[:config.max_clips] if config.max_clips else chosen
 
 
+# whisper.transcribe's defaults: the temperatures it retries a window at, and when it does.
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+COMPRESSION_RATIO_THRESHOLD = 2.4  # gzip ratio of the text above this: a loop
+LOGPROB_THRESHOLD = -1.0  # mean token log-probability below this: a guess
+NO_SPEECH_THRESHOLD = 0.6  # with a low log-probability: silence, transcribed as nothing
+
+
+def needs_fallback(result: whisper.DecodingResult) -> bool:
+    """whisper.transcribe's rule for decoding a window again at the next temperature."""
+    failed = (result.compression_ratio > COMPRESSION_RATIO_THRESHOLD
+              or result.avg_logprob < LOGPROB_THRESHOLD)
+    silent = result.no_speech_prob > NO_SPEECH_THRESHOLD and \
+        result.avg_logprob < LOGPROB_THRESHOLD
+    return failed and not silent
+
+
+def is_silence(result: whisper.DecodingResult) -> bool:
+    """whisper.transcribe skips such a window: no text."""
+    return result.no_speech_prob > NO_SPEECH_THRESHOLD and \
+        not result.avg_logprob > LOGPROB_THRESHOLD
+
+
+def fallback_seed(seed: int, clip: int) -> int:
+    """The seed of clip `clip`'s sampled re-decodings (temperatures above 0)."""
+    return derived_seed(seed, clip, 0, STREAM_FALLBACK)
+
+
+STREAM_FALLBACK = 0x66616C6C  # "fall": the seed stream of the sampled re-decodings
+
+
+def decode_with_fallback(model: Whisper, mel: Tensor, options: whisper.DecodingOptions,
+                         seed: int) -> whisper.DecodingResult:
+    """One window (1, n_mels, frames) or its features, as whisper.transcribe decodes it: at
+    each temperature in turn until the result is neither a loop nor a guess. Sampling draws
+    from torch's RNG, seeded with `seed` for this window and restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for temperature in FALLBACK_TEMPERATURES:
+            result = whisper.decode(model, mel, replace(options, temperature=temperature))[0]
+            if not needs_fallback(result):
+                break
+    return result
+
+
 @torch.no_grad()
 def transcribe(model: Whisper, dataset: Dataset, indices: list[int], config: AsrConfig,
-               device: torch.device, desc: str = "transcribe") -> list[str]:
-    """Whisper's greedy transcripts of `dataset[i]` (stored log-mel windows) for i in indices."""
+               device: torch.device, desc: str = "transcribe",
+               stats: dict[str, int] | None = None) -> list[str]:
+    """Whisper's transcripts of `dataset[i]` (stored log-mel windows) for i in indices: greedy,
+    or (`config.decoding` fallback) with whisper.transcribe's temperature fallback and silence
+    rule. `stats`, when given, counts the windows decoded again (`fallbacks`) and those taken
+    for silence (`silent`)."""
     model.eval().to(device)
     options = whisper.DecodingOptions(
         task="transcribe", language=config.language if model.is_multilingual else "en",
         temperature=0.0, without_timestamps=True, fp16=device.type == "cuda")
     # auto stays fp32 on a CPU: bf16 decoding measured no faster there (bench/decode_speed.py)
     bf16 = device.type == "cpu" and config.precision == "bf16"
+    counts = stats if stats is not None else {}
+    counts.setdefault("fallbacks", 0)
+    counts.setdefault("silent", 0)
     texts: list[str] = []
     for start in tqdm(range(0, len(indices), config.batch_size), desc=desc):
         batch = indices[start:start + config.batch_size]
@@ -93,7 +157,18 @@ def transcribe(model: Whisper, dataset: Dataset, indices: list[int], config: Asr
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 features = model.encoder(mel)  # (batch, audio ctx, d_model)
             mel = features.float()
-        texts.extend(r.text for r in whisper.decode(model, mel, options))
+        results = whisper.decode(model, mel, options)
+        for j, clip in enumerate(batch):
+            if config.decoding == "fallback":
+                if needs_fallback(results[j]):
+                    counts["fallbacks"] += 1
+                    results[j] = decode_with_fallback(model, mel[j:j + 1], options,
+                                                      fallback_seed(config.seed, clip))
+                if is_silence(results[j]):
+                    counts["silent"] += 1
+                    texts.append("")
+                    continue
+            texts.append(results[j].text)
     return texts
 
 
@@ -136,11 +211,16 @@ def clip_errors(references: list[str], hypotheses: list[str],
 
 
 def paired_bootstrap(edits: np.ndarray, words: np.ndarray, samples: int = 1000,
-                     seed: int = 0) -> np.ndarray:
+                     seed: int = 0, groups: np.ndarray | list | None = None) -> np.ndarray:
     """Corpus WER of `samples` resamples of the clips, drawn with replacement and shared by all
     systems: edits (systems, clips), words (clips,) -> WER (samples, systems).
 
     A resample's WER is sum(edits) / sum(words) over its clips (a corpus rate, like jiwer's).
+    With `groups` (clips,), the speaker (or recording) of each clip, the resampling follows the
+    data's nesting: a resample draws as many speakers as there are, with replacement, then for
+    each drawn speaker as many of its clips as it has, with replacement (a two-stage cluster
+    bootstrap). Clips of one speaker share its voice and errors, so resampling clips alone
+    treats them as independent and gives intervals that are too narrow.
     """
     edits = np.atleast_2d(np.asarray(edits, dtype=np.float64))  # (systems, clips)
     words = np.asarray(words, dtype=np.float64)  # (clips,)
@@ -151,10 +231,22 @@ def paired_bootstrap(edits: np.ndarray, words: np.ndarray, samples: int = 1000,
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     rng = np.random.default_rng(seed)
+    out = np.empty((samples, edits.shape[0]))
+    if groups is not None:
+        labels = np.asarray(groups)
+        if labels.shape != (clips,):
+            raise ValueError(f"groups {labels.shape} must give one speaker per clip ({clips})")
+        members = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+        for s in range(samples):
+            drawn = rng.integers(0, len(members), size=len(members))
+            idx = np.concatenate([m[rng.integers(0, len(m), size=len(m))]
+                                  for m in (members[g] for g in drawn)])  # (clips drawn,)
+            total = max(words[idx].sum(), 1.0)
+            out[s] = edits[:, idx].sum(axis=1) / total
+        return out
     # Resample in blocks so that the (block, clips) index matrix stays near 2M entries
     # whatever the number of clips.
     block = max(1, (1 << 21) // clips)
-    out = np.empty((samples, edits.shape[0]))
     for start in range(0, samples, block):
         idx = rng.integers(0, clips, size=(min(block, samples - start), clips))  # (b, clips)
         # A resample with no reference words (only empty references) would divide by zero.
@@ -165,12 +257,14 @@ def paired_bootstrap(edits: np.ndarray, words: np.ndarray, samples: int = 1000,
 
 def wer_comparison(references: list[str], hypotheses: dict[str, list[str]],
                    normalize: Callable[[str], str], baseline: str, other: str,
-                   samples: int = 1000, seed: int = 0) -> dict[str, float]:
+                   samples: int = 1000, seed: int = 0,
+                   groups: list[str] | None = None) -> dict[str, float]:
     """Corpus WER of each system in `hypotheses` with its 95% bootstrap interval and error
     counts (`{name}/wer`, `/wer_low`, `/wer_high`, `/substitutions`, `/deletions`,
     `/insertions`, `/reference_words`), and `delta/wer` = WER(other) - WER(baseline) on all
     clips with its paired 95% interval (`delta/wer_low`, `delta/wer_high`) and
-    `delta/wer_relative` (delta / baseline WER; 0 when that is 0)."""
+    `delta/wer_relative` (delta / baseline WER; 0 when that is 0). `groups`: each clip's
+    speaker, for intervals that resample speakers (`paired_bootstrap`); None: clips."""
     for name in (baseline, other):
         if name not in hypotheses:
             raise ValueError(f"no hypotheses for {name!r}; have {sorted(hypotheses)}")
@@ -179,7 +273,7 @@ def wer_comparison(references: list[str], hypotheses: dict[str, list[str]],
     counts = [_clip_counts(o) for o in outputs]
     words = counts[0][1]  # (clips,) the same references for every system
     edits = np.stack([e for e, _ in counts])  # (systems, clips)
-    wer = paired_bootstrap(edits, words, samples, seed)  # (samples, systems)
+    wer = paired_bootstrap(edits, words, samples, seed, groups)  # (samples, systems)
     result: dict[str, float] = {}
     for s, (name, o) in enumerate(zip(names, outputs, strict=True)):
         low, high = np.percentile(wer[:, s], [2.5, 97.5])

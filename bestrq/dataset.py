@@ -37,6 +37,8 @@ class FeatureDataset(Dataset):
             shards = index["shards"]
             self.ids: list[str] = list(index["ids"])
             self.transcripts: list[str | None] = list(index["transcripts"])
+            # Each clip's speaker or recording; indexes written before groups were kept: None.
+            self.groups: list[str | None] = list(index.get("groups") or [None] * len(self.ids))
         except KeyError as e:
             raise ValueError(f"{index_path}: missing key {e}") from e
         if num_frames != N_FRAMES:
@@ -46,7 +48,7 @@ class FeatureDataset(Dataset):
         # starts[k] is the global row of shard k's first clip; bisect finds an item's shard.
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64).tolist()
         self._len = self._starts[-1]
-        if not (len(self.ids) == len(self.transcripts) == self._len):
+        if not (len(self.ids) == len(self.transcripts) == len(self.groups) == self._len):
             raise ValueError(
                 f"{index_path}: {len(self.ids)} ids and {len(self.transcripts)} transcripts "
                 f"for {self._len} rows"

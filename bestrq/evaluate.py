@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from bestrq.adapter import merge_vectors
-from bestrq.asr import AsrConfig, normalizer_for, transcribe, transcribed_clips, wer_comparison
+from bestrq.asr import (
+    AsrConfig,
+    clip_errors,
+    normalizer_for,
+    transcribe,
+    transcribed_clips,
+    wer_comparison,
+)
 from bestrq.dataset import collate
 from bestrq.ia3 import ia3_disabled
 from bestrq.masking import target_valid
@@ -48,6 +55,8 @@ class EvaluateConfig:
     asr_batch_size: int = 8
     language: str = "en"
     bootstrap_samples: int = 1000  # resamples of the 95% WER intervals
+    bootstrap_unit: str = "speaker"  # speaker (then their windows) | window
+    decoding: str = "fallback"  # whisper.transcribe's temperature fallback | greedy
     probes: bool = True  # label-free probes of the stock and adapted encoder's output
     probe_frames: int = 20_000  # encoder frames they use, drawn from the eval clips
     probe_clusters: int = 32  # k-means clusters of the Davies-Bouldin index
@@ -60,7 +69,8 @@ class EvaluateConfig:
         """The WER settings; `precision` is the top-level knob's (decoding like training)."""
         return AsrConfig(max_clips=self.asr_max_clips, batch_size=self.asr_batch_size,
                          language=self.language, bootstrap_samples=self.bootstrap_samples,
-                         seed=self.seed, precision=precision)
+                         seed=self.seed, precision=precision,
+                         bootstrap_unit=self.bootstrap_unit, decoding=self.decoding)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -228,17 +238,21 @@ def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
 
 def compare_wers(base_model: str, systems: dict[str, dict[str, torch.Tensor] | None],
                  dataset: Dataset, config: AsrConfig, device: torch.device, baseline: str,
-                 other: str) -> dict[str, float]:
+                 other: str, windows: list[dict] | None = None) -> dict[str, float]:
     """WER of each system on the transcribed clips of `dataset`: Whisper `base_model` with that
     system's IA^3 vectors merged (None: stock Whisper), through `wer_comparison`:
     `<name>/...` (WER, 95% interval, error counts), `delta/wer` (other - baseline) with its
-    paired 95% interval and `delta/wer_relative`. Empty when no clip has a transcript."""
+    paired 95% interval and `delta/wer_relative`. Empty when no clip has a transcript.
+    `windows`, when given, receives one row per clip: its id, speaker, reference and each
+    system's hypothesis and word errors, so that a user sees which windows drive a
+    difference."""
     config.validate()
     indices = transcribed_clips(dataset, config)
     if not indices:
         return {}
     references = [dataset.transcripts[i] or "" for i in indices]  # type: ignore[attr-defined]
     hypotheses: dict[str, list[str]] = {}
+    redecoded: dict[str, dict[str, int]] = {}
     model = None
     for name, tensors in systems.items():
         if model is None:
@@ -246,19 +260,51 @@ def compare_wers(base_model: str, systems: dict[str, dict[str, torch.Tensor] | N
         normalize = normalizer_for(model, config.language)
         if tensors is not None:
             merge_vectors(model.cpu(), tensors)
-        hypotheses[name] = transcribe(model, dataset, indices, config, device, desc=f"asr {name}")
+        counts: dict[str, int] = {}
+        hypotheses[name] = transcribe(model, dataset, indices, config, device, desc=f"asr {name}",
+                                      stats=counts)
+        redecoded[name] = counts
         if tensors is not None:
             model = None  # merged: the next system starts from the base again
-    out: dict[str, float] = {"asr_clips": float(len(indices))}
+    groups = speaker_groups(dataset, indices) if config.bootstrap_unit == "speaker" else None
+    out: dict[str, float] = {"asr_clips": float(len(indices)),
+                             "asr_speakers": float(len(set(groups))) if groups else 0.0}
     out.update(wer_comparison(references, hypotheses, normalize, baseline=baseline, other=other,
-                              samples=config.bootstrap_samples, seed=config.seed))
+                              samples=config.bootstrap_samples, seed=config.seed, groups=groups))
+    for name, counts in redecoded.items():  # windows whisper.transcribe's rules decoded again
+        out[f"{name}/fallback_windows"] = float(counts["fallbacks"])
+        out[f"{name}/silent_windows"] = float(counts["silent"])
+    if windows is not None:
+        errors = {name: clip_errors(references, texts, normalize)[0]
+                  for name, texts in hypotheses.items()}
+        ids = getattr(dataset, "ids", None)
+        speakers = getattr(dataset, "groups", None)
+        for row, clip in enumerate(indices):
+            windows.append({
+                "id": ids[clip] if ids is not None else str(clip),
+                "speaker": speakers[clip] if speakers is not None else None,
+                "reference": references[row],
+                **{name: hypotheses[name][row] for name in hypotheses},
+                **{f"{name}_errors": int(errors[name][row]) for name in hypotheses}})
     return out
 
 
+def speaker_groups(dataset: Dataset, indices: list[int]) -> list[str]:
+    """The speaker (or recording) of each clip in `indices`, for speaker-level intervals."""
+    groups = getattr(dataset, "groups", None)
+    if groups is None or any(groups[i] is None for i in indices):
+        raise ValueError("evaluate.bootstrap_unit is speaker but the eval features record no "
+                         "speaker for some clips (features made before speakers were kept: "
+                         "re-run `dvc repro segment features`, or set evaluate.bootstrap_unit: "
+                         "window)")
+    return [str(groups[i]) for i in indices]
+
+
 def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Dataset,
-                config: AsrConfig, device: torch.device) -> dict[str, float]:
+                config: AsrConfig, device: torch.device,
+                windows: list[dict] | None = None) -> dict[str, float]:
     """Zero-shot: stock Whisper (`base_model`) against Whisper with the adapter's IA^3 vectors
     merged (`compare_wers` with `stock` and `adapted`); stock is decoded first and the vectors
     are then merged into the same copy, so one model is held at a time."""
     return compare_wers(base_model, {"stock": None, "adapted": tensors}, dataset, config,
-                        device, baseline="stock", other="adapted")
+                        device, baseline="stock", other="adapted", windows=windows)

@@ -57,6 +57,7 @@ class Clip:
     id: str
     path: Path
     transcript: str | None
+    group: str | None = None  # the speaker or recording (segment's split and bootstrap unit)
 
 
 def validate(cfg: FeatureConfig) -> None:
@@ -128,8 +129,10 @@ def read_manifest(path: Path) -> list[Clip]:
     clips: list[Clip] = []
     for line_no, row in read_jsonl(path):
         try:
+            group = row.get("group")
             clip = Clip(id=str(row["id"]), path=path.parent / row["path"],
-                        transcript=row.get("transcript"))
+                        transcript=row.get("transcript"),
+                        group=None if group is None else str(group))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}:{line_no}: bad manifest row ({e!r})") from e
         clips.append(clip)
@@ -281,6 +284,7 @@ def _write_split(
         ],
         "ids": [clip.id for clip in clips],
         "transcripts": [clip.transcript for clip in clips],
+        "groups": [clip.group for clip in clips],
     }
     # The index is written last: its presence marks a complete split.
     (split_dir / INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")

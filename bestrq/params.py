@@ -162,6 +162,8 @@ class EvaluateParams(_Section):
     asr_batch_size: BatchSize = _EVALUATE.asr_batch_size
     language: Text = _EVALUATE.language
     bootstrap_samples: Annotated[int, Field(ge=100, le=10**7)] = _EVALUATE.bootstrap_samples
+    bootstrap_unit: Literal["speaker", "window"] = _EVALUATE.bootstrap_unit  # type: ignore
+    decoding: Literal["fallback", "greedy"] = _EVALUATE.decoding  # type: ignore
     probes: bool = _EVALUATE.probes
     probe_frames: Annotated[int, Field(ge=1, le=10**7)] = _EVALUATE.probe_frames
     probe_clusters: Annotated[int, Field(ge=2, le=10**5)] = _EVALUATE.probe_clusters

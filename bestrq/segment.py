@@ -368,9 +368,8 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
 
     train, evals = split_train_eval(windows, cfg.eval_fraction, cfg.seed)
     for name, records in (("train", train), ("eval", evals)):
-        write_jsonl(out_dir / f"{name}.jsonl",
-                    ({k: v for k, v in rec.items() if k != "group"}
-                     for rec in sorted(records, key=lambda r: r["id"])))
+        # "group" (speaker or recording) stays: features keeps it for speaker-level intervals.
+        write_jsonl(out_dir / f"{name}.jsonl", sorted(records, key=lambda r: r["id"]))
     listed = download_skipped + tally.skipped
     write_jsonl(out_dir / "skipped.jsonl", listed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -84,6 +85,18 @@ def log_summary(live: Live, metrics: dict[str, float | str]) -> None:
     for key, value in metrics.items():
         live.log_metric(key, value if isinstance(value, str) else float(value), plot=False)
     live.make_summary()
+
+
+def write_windows(path: Path, windows: list[dict]) -> None:
+    """The per-window WER table (reference, each system's hypothesis and word errors), worst
+    difference first, beside the stage's DVCLive summary."""
+    systems = [k[:-len("_errors")] for k in (windows[0] if windows else {}) if
+               k.endswith("_errors")]
+    if len(systems) == 2:
+        windows = sorted(windows, key=lambda w: -abs(w[f"{systems[1]}_errors"] -
+                                                     w[f"{systems[0]}_errors"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(windows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def finish_stage(name: str, stats: dict[str, float]) -> None:

@@ -11,7 +11,16 @@ from bestrq.dataset import FeatureDataset
 from bestrq.distributed import resolve_device
 from bestrq.evaluate import compare_asr, evaluate_adapter, probe_encoders
 from bestrq.whisper_model import load_whisper
-from stages.common import ADAPTER, FEATURES, friendly_errors, log_summary, open_live, params_or_exit
+from stages.common import (
+    ADAPTER,
+    FEATURES,
+    LIVE,
+    friendly_errors,
+    log_summary,
+    open_live,
+    params_or_exit,
+    write_windows,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -25,6 +34,7 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
     label-free probes (effective rank, Davies-Bouldin index) of the stock and adapted
     encoder's output on the eval clips."""
     p = params_or_exit("evaluate", params)
+    windows: list[dict] = []  # per eval window: reference, both hypotheses, word errors
     with friendly_errors():
         tensors, info = read_adapter(ADAPTER)
         base = load_whisper(p.model)
@@ -39,10 +49,11 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
         if p.evaluate.asr:
             del model, base  # compare_asr loads its own Whisper, one copy at a time
             asr = p.evaluate.asr_config(p.train.precision)
-            metrics.update(compare_asr(p.model, tensors, dataset, asr, device))
+            metrics.update(compare_asr(p.model, tensors, dataset, asr, device, windows))
     metrics["eval_clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))
     with open_live("evaluate") as live:
         log_summary(live, metrics)
+    write_windows(LIVE / "evaluate" / "windows.json", windows)
     typer.echo(json.dumps(metrics, indent=2))
 
 

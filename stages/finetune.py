@@ -49,6 +49,7 @@ from stages.common import (
     resolved_autocast,
     step_logger,
     truncate_history,
+    write_windows,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -80,6 +81,7 @@ def skip(reason: str, metrics: dict[str, float], out_dir: Path) -> None:
     (out_dir / "skipped.json").write_text(json.dumps({"reason": reason}, indent=2) + "\n")
     with open_live("finetune") as live:
         log_summary(live, metrics)
+    write_windows(LIVE / "finetune" / "windows.json", [])  # a declared output: present, empty
 
 
 def run_finetune(p: Params, features_dir: Path = FEATURES, adapter_dir: Path = ADAPTER.parent,
@@ -166,9 +168,11 @@ def compare_finetuned(p: Params, features_dir: Path, out_dir: Path) -> dict[str,
     """WER of both fine-tuned models on the transcribed eval clips, and `delta/wer` (adapted -
     stock) with its 95% paired bootstrap interval. Empty when no eval clip has a transcript."""
     systems = {start: read_adapter(out_dir / start / IA3_ONLY_NAME)[0] for start in STARTS}
+    windows: list[dict] = []
     out = compare_wers(p.model, systems, FeatureDataset(features_dir / "eval"),
                        p.evaluate.asr_config(p.train.precision), resolve_device(p.train.device),
-                       baseline="stock", other="adapted")
+                       baseline="stock", other="adapted", windows=windows)
+    write_windows(LIVE / "finetune" / "windows.json", windows)
     if not out:
         typer.secho("finetune: no transcribed eval clips: no WER to compare",
                     fg=typer.colors.YELLOW, err=True)

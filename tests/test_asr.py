@@ -1,5 +1,7 @@
 """ASR evaluation: WER counting, Whisper decoding of stored windows, stock vs adapted."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,119 @@ def test_bf16_decoding_reads_like_fp32_and_auto_decodes_in_fp32_on_cpu(tiny_en_p
     assert transcribe(model, data, [0], AsrConfig(precision="auto"), cpu) == texts["fp32"][:1]
     assert transcribe(model, data, [0], AsrConfig(precision="bf16"), cpu) == texts["bf16"][:1]
     assert seen == [False, True]
+
+
+def test_speaker_bootstrap_covers_the_population_wer_where_window_resampling_does_not():
+    # Clustered data as an eval split is: 8 speakers drawn from a population whose error rates
+    # differ by speaker, 5 windows of 60 words each. The population WER is 0.2.
+    rng = np.random.default_rng(0)
+    speakers, windows, words_per = 8, 5, 60
+    groups = np.repeat(np.arange(speakers), windows)  # (clips,)
+    words = np.full(speakers * windows, words_per)
+    covered = {"speaker": 0, "window": 0}
+    reps = 300
+    for rep in range(reps):
+        rates = rng.beta(2.0, 8.0, size=speakers)  # mean 0.2, wide spread between speakers
+        edits = rng.binomial(words_per, rates[groups])[None]  # (1 system, clips)
+        for unit, g in (("speaker", groups), ("window", None)):
+            wer = paired_bootstrap(edits, words, samples=300, seed=rep, groups=g)[:, 0]
+            low, high = np.percentile(wer, [2.5, 97.5])
+            covered[unit] += low <= 0.2 <= high
+    coverage = {unit: n / reps for unit, n in covered.items()}
+    assert coverage["speaker"] >= 0.85, coverage
+    assert coverage["window"] <= 0.70 and coverage["speaker"] > coverage["window"] + 0.2, \
+        coverage
+
+
+def test_identical_systems_have_a_zero_interval_under_both_units():
+    refs = ["the cat sat", "a dog ran far", "birds fly", "fish swim deep"]
+    hyps = ["the cat sat down", "a dog ran", "words fly", "fish swim deep"]
+    for groups in (None, ["a", "a", "b", "b"]):
+        got = wer_comparison(refs, {"x": hyps, "y": list(hyps)}, EnglishTextNormalizer(),
+                             baseline="x", other="y", samples=200, seed=1, groups=groups)
+        assert got["delta/wer"] == got["delta/wer_low"] == got["delta/wer_high"] == 0.0
+    with pytest.raises(ValueError, match="one speaker per clip"):
+        paired_bootstrap(np.ones((1, 4)), np.ones(4), groups=["a", "b"])
+
+
+def test_speaker_resamples_draw_whole_speakers_with_their_windows():
+    # Speaker a: every word wrong in both windows; b: none. A resample is a's share of the
+    # draw, so its WER is k/2 (k speakers a among 2 draws) when both have equal words.
+    edits = np.array([[10, 10, 0, 0]])
+    words = np.array([10, 10, 10, 10])
+    wer = paired_bootstrap(edits, words, samples=2000, seed=0, groups=["a", "a", "b", "b"])
+    assert set(np.round(wer[:, 0], 6)) == {0.0, 0.5, 1.0}
+    assert abs(float((wer[:, 0] == 0.5).mean()) - 0.5) < 0.05
+    by_window = paired_bootstrap(edits, words, samples=2000, seed=0)
+    assert len(set(np.round(by_window[:, 0], 6))) == 5  # 0, 1/4, ..., 1: windows independent
+
+
+def _result(text: str, compression: float, logprob: float, no_speech: float = 0.01):
+    return whisper.DecodingResult(audio_features=torch.zeros(1), language="en", text=text,
+                                  avg_logprob=logprob, no_speech_prob=no_speech,
+                                  compression_ratio=compression, temperature=0.0)
+
+
+def test_fallback_decodes_a_looping_window_again_at_higher_temperatures(monkeypatch):
+    # A crafted decoder: window 0 loops at temperatures 0 and 0.2, reads well at 0.4; window 1
+    # reads well at once; window 2 is silence (no speech, a low log-prob): no text.
+    calls = []
+
+    def decode(model, mel, options):
+        calls.append((mel.shape[0], options.temperature))
+        if mel.shape[0] == 3:  # the batched first pass at temperature 0
+            return [_result("la la la la", 5.0, -0.2), _result("fine", 1.2, -0.3),
+                    _result("um", 1.0, -1.5, no_speech=0.9)]
+        if options.temperature < 0.4:
+            return [_result("la la la la", 4.0, -0.2)]
+        return [_result("the real words", 1.3, -0.4)]
+
+    monkeypatch.setattr(whisper, "decode", decode)
+    model = random_whisper(TINY_TEST_DIMS)
+    data = Windows([torch.zeros(80, 3000)] * 3, ["the real words", "fine", ""])
+    stats: dict[str, int] = {}
+    got = transcribe(model, data, [0, 1, 2], AsrConfig(batch_size=3), torch.device("cpu"),
+                     stats=stats)
+    assert got == ["the real words", "fine", ""]
+    assert calls == [(3, 0.0), (1, 0.0), (1, 0.2), (1, 0.4)]
+    assert stats == {"fallbacks": 1, "silent": 1}
+    calls.clear()
+    greedy = transcribe(model, data, [0, 1, 2], AsrConfig(batch_size=3, decoding="greedy"),
+                        torch.device("cpu"))
+    assert greedy == ["la la la la", "fine", "um"] and calls == [(3, 0.0)]
+
+
+def test_fallback_equals_whisper_transcribe_on_a_window_where_greedy_loops(tiny_en_path):
+    # A window of the default corpus on which tiny.en's greedy decoding loops (gzip ratio 7.9).
+    import soundfile as sf
+    from whisper.audio import N_FRAMES, N_SAMPLES
+
+    from bestrq.asr import COMPRESSION_RATIO_THRESHOLD, fallback_seed
+
+    here = Path(__file__).with_name("data")
+    audio, rate = sf.read(here / "loop-window.flac", dtype="float32")
+    reference = (here / "loop-window.txt").read_text().strip()
+    assert rate == 16000
+    model = load_whisper(str(tiny_en_path))
+    # The window as whisper.transcribe cuts it: the mel of the audio, padded to 30 s.
+    mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), padding=N_SAMPLES)
+    mel = whisper.pad_or_trim(mel[:, :len(audio) // 160], N_FRAMES)  # (80, 3000)
+    data = Windows([mel], [reference])
+    cpu = torch.device("cpu")
+    options = whisper.DecodingOptions(language="en", temperature=0.0, without_timestamps=True,
+                                      fp16=False)
+    assert whisper.decode(model, mel[None], options)[0].compression_ratio > \
+        COMPRESSION_RATIO_THRESHOLD
+    stats: dict[str, int] = {}
+    fallback = transcribe(model, data, [0], AsrConfig(seed=3), cpu, stats=stats)[0]
+    greedy = transcribe(model, data, [0], AsrConfig(decoding="greedy"), cpu)[0]
+    assert stats["fallbacks"] == 1
+    torch.manual_seed(fallback_seed(3, 0))
+    users = whisper.transcribe(model, audio, language="en", condition_on_previous_text=False,
+                               without_timestamps=True, fp16=False, verbose=None)["text"]
+    assert fallback == users.strip()
+    normalize = EnglishTextNormalizer()
+    errors = {name: word_errors([reference], [text], normalize)
+              for name, text in (("fallback", fallback), ("greedy", greedy))}
+    assert errors["greedy"]["insertions"] > errors["fallback"]["insertions"] + 20
+    assert errors["fallback"]["wer"] < errors["greedy"]["wer"]

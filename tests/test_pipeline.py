@@ -91,6 +91,15 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     assert "wer" in evaluation["adapted"] and "wer" in evaluation["stock"]
     assert evaluation["delta"]["wer_low"] <= evaluation["delta"]["wer"] <= \
         evaluation["delta"]["wer_high"]
+    # Intervals resample the eval speakers; the table shows each window's errors.
+    from bestrq.dataset import FeatureDataset
+    groups = FeatureDataset(project / "data" / "features" / "eval").groups
+    assert None not in groups and evaluation["asr_speakers"] == len(set(groups)) >= 1
+    windows = json.loads((project / "dvclive" / "evaluate" / "windows.json").read_text())
+    assert len(windows) == evaluation["asr_clips"]
+    assert {w["speaker"] for w in windows} <= set(groups)
+    assert sum(w["stock_errors"] for w in windows) == evaluation["stock"]["substitutions"] + \
+        evaluation["stock"]["deletions"] + evaluation["stock"]["insertions"]
     # Both fine-tunes ran on the same labelled clips and are compared with an interval.
     finetuned = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
     assert finetuned["labelled_clips"] >= 1 and finetuned["steps"] == 2
