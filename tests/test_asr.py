@@ -194,7 +194,8 @@ def test_identity_adapter_gives_stock_transcripts(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = Windows([torch.randn(80, 3000, generator=g) * 0.5 for _ in range(3)],
                    ["red green", "blue", "cat dog fish"])
-    got = compare_asr(str(path), identity_vectors(), data, AsrConfig(batch_size=2),
+    config = AsrConfig(batch_size=2, decoding="greedy", bootstrap_unit="window")
+    got = compare_asr(str(path), identity_vectors(), data, config,
                       torch.device("cpu"))
     assert got["asr_clips"] == 3 and got["stock/reference_words"] == 6
     assert got["adapted/wer"] == got["stock/wer"] and got["delta/wer"] == 0.0
@@ -206,7 +207,8 @@ def test_identity_adapter_gives_stock_transcripts(tmp_path):
 def test_real_tiny_en_reads_synthetic_speech_and_a_broken_adapter_hurts(tiny_en_path):
     data = spoken_windows(4)
     model = load_whisper(str(tiny_en_path))
-    hyps = transcribe(model, data, [0, 1, 2, 3], AsrConfig(batch_size=4), torch.device("cpu"))
+    greedy = AsrConfig(batch_size=4, decoding="greedy", bootstrap_unit="window")
+    hyps = transcribe(model, data, [0, 1, 2, 3], greedy, torch.device("cpu"))
     stock = word_errors(data.transcripts, hyps, EnglishTextNormalizer())
     assert stock["wer"] < 0.35 and stock["reference_words"] > 20
 
@@ -215,7 +217,7 @@ def test_real_tiny_en_reads_synthetic_speech_and_a_broken_adapter_hurts(tiny_en_
     add_ia3(encoder)
     vectors = {f"ia3.encoder.{k}": (torch.zeros_like(v) if k.endswith("attn.value") else v)
                for k, v in ia3_state_dict(encoder).items()}
-    got = compare_asr(str(tiny_en_path), vectors, data, AsrConfig(batch_size=4),
+    got = compare_asr(str(tiny_en_path), vectors, data, greedy,
                       torch.device("cpu"))
     assert got["stock/wer"] == pytest.approx(stock["wer"])
     assert got["adapted/wer"] > got["stock/wer"] + 0.4
@@ -231,7 +233,8 @@ def test_bf16_decoding_reads_like_fp32_and_auto_decodes_in_fp32_on_cpu(tiny_en_p
     wers, texts = {}, {}
     for precision in ("fp32", "bf16"):
         texts[precision] = transcribe(model, data, list(range(6)),
-                                      AsrConfig(batch_size=3, precision=precision), cpu)
+                                      AsrConfig(batch_size=3, precision=precision,
+                                                decoding="greedy"), cpu)
         wers[precision] = word_errors(data.transcripts, texts[precision], normalize)["wer"]
     assert wers["fp32"] < 0.35 and wers["bf16"] <= wers["fp32"] + 0.05, (wers, texts)
     # On a CPU, auto decodes in fp32 even with bf16 hardware (measured no faster); bf16 runs
@@ -246,8 +249,10 @@ def test_bf16_decoding_reads_like_fp32_and_auto_decodes_in_fp32_on_cpu(tiny_en_p
 
     monkeypatch.setattr(whisper, "decode", spy)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert transcribe(model, data, [0], AsrConfig(precision="auto"), cpu) == texts["fp32"][:1]
-    assert transcribe(model, data, [0], AsrConfig(precision="bf16"), cpu) == texts["bf16"][:1]
+    assert transcribe(model, data, [0], AsrConfig(precision="auto", decoding="greedy"), cpu) \
+        == texts["fp32"][:1]
+    assert transcribe(model, data, [0], AsrConfig(precision="bf16", decoding="greedy"), cpu) \
+        == texts["bf16"][:1]
     assert seen == [False, True]
 
 
