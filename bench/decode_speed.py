@@ -9,7 +9,7 @@ bootstrap interval over windows, side by side, and the goal: the project's faste
 least half of faster-whisper int8's speed.
 
     python bench/decode_speed.py --model ~/.cache/whisper/tiny.en.pt \
-        --segments data/segments --features data/features/eval
+        --segments data/segments --features data/features/test
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Whisper name or checkpoint path")
     parser.add_argument("--segments", type=Path, default=Path("data/segments"))
-    parser.add_argument("--features", type=Path, default=Path("data/features/eval"))
+    parser.add_argument("--features", type=Path, default=Path("data/features/test"))
     parser.add_argument("--batch-size", type=int, default=8, help="the project's decoding")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in
-            (args.segments / "eval.jsonl").read_text().splitlines() if line.strip()]
+            (args.segments / f"{args.features.name}.jsonl").read_text().splitlines()
+            if line.strip()]
     dataset = FeatureDataset(args.features)
     ids = dataset.ids
     by_id = {r["id"]: r for r in rows}

@@ -44,9 +44,14 @@ def run_one(mode: str, path: str, out: str) -> dict[str, float]:
     elif mode == "stream":
         Path(out).mkdir(parents=True, exist_ok=True)
         manifest = Path(out) / "raw.jsonl"
-        write_jsonl(manifest, [{"id": "long", "path": path, "transcript": None}])
-        stats = segment_corpus(manifest, Path(out) / "seg", SegmentConfig(eval_fraction=0.1))
-        pieces = int(stats["num_train"] + stats["num_eval"])
+        # Two 1 s voices more: three splits need three speakers/recordings.
+        short = Path(out) / "short.flac"
+        sf.write(short, np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE)
+        write_jsonl(manifest, [{"id": "long", "path": path, "transcript": None},
+                               *({"id": f"short{i}", "path": str(short), "transcript": None}
+                                 for i in range(2))])
+        stats = segment_corpus(manifest, Path(out) / "seg", SegmentConfig())
+        pieces = int(stats["num_train"] + stats["num_dev"] + stats["num_test"]) - 2
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"peak_mb": peak_mb, "seconds": seconds, "pieces": pieces}

@@ -31,8 +31,8 @@ def main() -> None:
             start = time.perf_counter()
             stats = segment_corpus(args.manifest, out, SegmentConfig(num_workers=workers))
             seconds = time.perf_counter() - start
-            hours = stats["hours_train"] + stats["hours_eval"]
-            windows = sorted(r["id"] for name in ("train", "eval")
+            hours = stats["hours_train"] + stats["hours_dev"] + stats["hours_test"]
+            windows = sorted(r["id"] for name in ("train", "dev", "test")
                              for _, r in read_jsonl(out / f"{name}.jsonl"))
             results[workers] = (seconds, hours, windows)
             print(f"{workers:3d} worker(s): {seconds:6.1f} s, {hours * 60 / seconds:6.2f} h of "

@@ -257,17 +257,26 @@ def paired_bootstrap(edits: np.ndarray, words: np.ndarray, samples: int = 1000,
 
 def wer_comparison(references: list[str], hypotheses: dict[str, list[str]],
                    normalize: Callable[[str], str], baseline: str, other: str,
-                   samples: int = 1000, seed: int = 0,
-                   groups: list[str] | None = None) -> dict[str, float]:
+                   samples: int = 1000, seed: int = 0, groups: list[str] | None = None,
+                   repeats: list[str] | None = None) -> dict[str, float]:
     """Corpus WER of each system in `hypotheses` with its 95% bootstrap interval and error
     counts (`{name}/wer`, `/wer_low`, `/wer_high`, `/substitutions`, `/deletions`,
     `/insertions`, `/reference_words`), and `delta/wer` = WER(other) - WER(baseline) on all
     clips with its paired 95% interval (`delta/wer_low`, `delta/wer_high`) and
     `delta/wer_relative` (delta / baseline WER; 0 when that is 0). `groups`: each clip's
-    speaker, for intervals that resample speakers (`paired_bootstrap`); None: clips."""
-    for name in (baseline, other):
-        if name not in hypotheses:
-            raise ValueError(f"no hypotheses for {name!r}; have {sorted(hypotheses)}")
+    speaker, for intervals that resample speakers (`paired_bootstrap`); None: clips.
+
+    `repeats` (e.g. fine-tune seeds): the systems were run once per repeat r, keyed
+    `{name}@{r}`. Each repeat's figures come as `seed_{r}/...`; the unprefixed ones are pooled:
+    the mean over repeats of each figure, with intervals from the same resamples of speakers
+    (and their clips) for every repeat, the statistic averaged across repeats before the
+    percentiles are taken."""
+    runs = repeats or [""]
+    key = (lambda name, r: f"{name}@{r}") if repeats else (lambda name, r: name)
+    for r in runs:
+        for name in (baseline, other):
+            if key(name, r) not in hypotheses:
+                raise ValueError(f"no hypotheses for {key(name, r)!r}; have {sorted(hypotheses)}")
     names = list(hypotheses)
     outputs = [_process(references, hypotheses[name], normalize) for name in names]
     counts = [_clip_counts(o) for o in outputs]
@@ -279,10 +288,32 @@ def wer_comparison(references: list[str], hypotheses: dict[str, list[str]],
         low, high = np.percentile(wer[:, s], [2.5, 97.5])
         result.update({f"{name}/{k}": v for k, v in _corpus_counts(o).items()})
         result.update({f"{name}/wer_low": float(low), f"{name}/wer_high": float(high)})
-    b, o = names.index(baseline), names.index(other)
-    low, high = np.percentile(wer[:, o] - wer[:, b], [2.5, 97.5])
-    delta = result[f"{other}/wer"] - result[f"{baseline}/wer"]
-    base = result[f"{baseline}/wer"]
-    result.update({"delta/wer": delta, "delta/wer_low": float(low), "delta/wer_high": float(high),
-                   "delta/wer_relative": delta / base if base else 0.0})
-    return result
+    deltas = []  # (samples,) per repeat
+    for r in runs:
+        b, o = names.index(key(baseline, r)), names.index(key(other, r))
+        deltas.append(wer[:, o] - wer[:, b])
+        low, high = np.percentile(deltas[-1], [2.5, 97.5])
+        delta = result[f"{key(other, r)}/wer"] - result[f"{key(baseline, r)}/wer"]
+        base = result[f"{key(baseline, r)}/wer"]
+        prefix = f"seed_{r}/" if repeats else ""
+        result.update({f"{prefix}delta/wer": delta, f"{prefix}delta/wer_low": float(low),
+                       f"{prefix}delta/wer_high": float(high),
+                       f"{prefix}delta/wer_relative": delta / base if base else 0.0})
+    if not repeats:
+        return result
+    per_seed = {f"seed_{r}/{name}/{k[len(key(name, r)) + 1:]}": v
+                for name in (baseline, other) for r in runs
+                for k, v in result.items() if k.startswith(f"{key(name, r)}/")}
+    pooled: dict[str, float] = {}
+    for name in (baseline, other):
+        columns = [names.index(key(name, r)) for r in runs]
+        low, high = np.percentile(wer[:, columns].mean(axis=1), [2.5, 97.5])
+        for k in _corpus_counts(outputs[columns[0]]):
+            pooled[f"{name}/{k}"] = float(np.mean([result[f"{key(name, r)}/{k}"] for r in runs]))
+        pooled.update({f"{name}/wer_low": float(low), f"{name}/wer_high": float(high)})
+    low, high = np.percentile(np.mean(deltas, axis=0), [2.5, 97.5])
+    delta = pooled[f"{other}/wer"] - pooled[f"{baseline}/wer"]
+    base = pooled[f"{baseline}/wer"]
+    pooled.update({"delta/wer": delta, "delta/wer_low": float(low), "delta/wer_high": float(high),
+                   "delta/wer_relative": delta / base if base else 0.0, "seeds": float(len(runs))})
+    return {**pooled, **per_seed, **{k: v for k, v in result.items() if k.startswith("seed_")}}

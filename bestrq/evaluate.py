@@ -19,6 +19,7 @@ beside a label-prior baseline, and the word error rate of Whisper with and witho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +205,31 @@ def evaluate_adapter(model: BestRQModel, dataset: Dataset, train_dataset: Datase
     return out
 
 
+def heldout_tracker(model: BestRQModel, dataset: Dataset, train_dataset: Dataset,
+                    config: EvaluateConfig, device: torch.device
+                    ) -> Callable[[], dict[str, float]]:
+    """A function giving the BEST-RQ loss and masked accuracy of `model` as it is now, on the
+    held-out `dataset` with the evaluation's seeded masks, beside the label prior's on the same
+    targets (`loss`, `accuracy`, `prior_loss`, `prior_accuracy`): called during pre-training
+    it draws the curve that shows whether the heads learn something the prior does not. The
+    prior is counted once (the quantizer and the masks do not change); the model's train/eval
+    mode is restored after each call. At the last step its numbers are the evaluate stage's."""
+    prior: dict[str, float] = {}
+
+    def measure() -> dict[str, float]:
+        training = model.training
+        adapted, masked_counts = _bestrq_pass(model, dataset, config, device, progress=False)
+        if not prior:
+            prior.update(prior_metrics(
+                train_label_counts(model, train_dataset, config, device, progress=False),
+                masked_counts))
+        model.train(training)
+        return {"loss": adapted["loss"], "accuracy": adapted["accuracy"],
+                "prior_loss": prior["loss"], "prior_accuracy": prior["accuracy"]}
+
+    return measure
+
+
 @torch.no_grad()
 def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
                    device: torch.device, progress: bool = True) -> dict[str, float]:
@@ -238,14 +264,16 @@ def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
 
 def compare_wers(base_model: str, systems: dict[str, dict[str, torch.Tensor] | None],
                  dataset: Dataset, config: AsrConfig, device: torch.device, baseline: str,
-                 other: str, windows: list[dict] | None = None) -> dict[str, float]:
+                 other: str, windows: list[dict] | None = None,
+                 repeats: list[str] | None = None) -> dict[str, float]:
     """WER of each system on the transcribed clips of `dataset`: Whisper `base_model` with that
     system's IA^3 vectors merged (None: stock Whisper), through `wer_comparison`:
     `<name>/...` (WER, 95% interval, error counts), `delta/wer` (other - baseline) with its
     paired 95% interval and `delta/wer_relative`. Empty when no clip has a transcript.
     `windows`, when given, receives one row per clip: its id, speaker, reference and each
     system's hypothesis and word errors, so that a user sees which windows drive a
-    difference."""
+    difference. `repeats`: the systems are `{name}@{r}` per repeat (fine-tune seeds), pooled
+    as `wer_comparison` does."""
     config.validate()
     indices = transcribed_clips(dataset, config)
     if not indices:
@@ -270,7 +298,8 @@ def compare_wers(base_model: str, systems: dict[str, dict[str, torch.Tensor] | N
     out: dict[str, float] = {"asr_clips": float(len(indices)),
                              "asr_speakers": float(len(set(groups))) if groups else 0.0}
     out.update(wer_comparison(references, hypotheses, normalize, baseline=baseline, other=other,
-                              samples=config.bootstrap_samples, seed=config.seed, groups=groups))
+                              samples=config.bootstrap_samples, seed=config.seed, groups=groups,
+                              repeats=repeats))
     for name, counts in redecoded.items():  # windows whisper.transcribe's rules decoded again
         out[f"{name}/fallback_windows"] = float(counts["fallbacks"])
         out[f"{name}/silent_windows"] = float(counts["silent"])

@@ -32,7 +32,7 @@ from whisper.audio import (
 from bestrq.distributed import resolve_device
 from bestrq.jsonl import read_jsonl
 
-SPLITS: tuple[str, ...] = ("train", "eval")
+SPLITS: tuple[str, ...] = ("train", "dev", "test")  # segment's
 SUPPORTED_N_MELS: frozenset[int] = frozenset({80, 128})
 SUPPORTED_DTYPES: frozenset[str] = frozenset({"float16", "float32"})
 STD_EPSILON = 1e-5
@@ -340,15 +340,13 @@ def compute_features(
     (out_dir / STATS_FILE).write_text(json.dumps(stats_json), encoding="utf-8")
 
     num_train = len(splits["train"])
-    num_eval = len(splits.get("eval", []))
     train_frames = frames_per_split["train"]
     return {
-        "num_train_clips": num_train,
-        "num_eval_clips": num_eval,
+        **{f"num_{split}_clips": len(splits.get(split, [])) for split in SPLITS},
         "train_frames": train_frames,
         "padding_fraction_train": 1.0 - train_frames / (num_train * N_FRAMES),
         "seconds": seconds,
-        "clips_per_second": (num_train + num_eval) / max(seconds, 1e-9),
+        "clips_per_second": sum(map(len, splits.values())) / max(seconds, 1e-9),
     }
 
 

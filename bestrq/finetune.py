@@ -55,6 +55,9 @@ class FinetuneConfig:
     max_steps: int = 10
     min_lr_ratio: float = 0.0
     checkpoint_every: int = 5
+    # Both fine-tunes are repeated per seed (labelled draw and data order); figures are given
+    # per seed and pooled. The first seed's adapters are the stage's main outputs.
+    seeds: list[int] = field(default_factory=lambda: [0])
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """The engine's config: pre-training's, with this section's knobs in place (and no
@@ -64,6 +67,11 @@ class FinetuneConfig:
 
     def validate(self, base: TrainConfig) -> None:
         """Raise ValueError naming the first invalid `finetune.` parameter."""
+        seeds = self.seeds
+        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds):
+            raise ValueError(f"finetune.seeds must be a non-empty list of distinct integers "
+                             f">= 0, got {seeds!r}")
         for name in ("max_clips", "max_minutes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:

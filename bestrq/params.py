@@ -39,6 +39,8 @@ MODEL_HELP: dict[str, str] = {
     "nproc": "training processes on this machine (torchrun); 1 runs without torchrun",
     "nnodes": "machines in the run, nproc processes each (torchrun; this machine's rank and "
               "node 0's address: BESTRQ_NODE_RANK, BESTRQ_MASTER_ADDR)",
+    "heldout_every": "every this many updates (and at the last), the BEST-RQ loss and accuracy "
+                     "on the dev split beside the label prior's (dev/ curves); 0: never",
     "num_codebooks": "codebooks N (1: BEST-RQ; >1: USM multi-softmax)",
     "codebook_size": "codes per codebook (paper: 8192)",
     "code_dim": "dimension of the random projection and codes (paper: 16)",
@@ -140,7 +142,9 @@ class SegmentParams(_Section):
     max_seconds: Annotated[float, Field(gt=0, le=30.0)] = _SEGMENT.max_seconds
     min_seconds: Annotated[float, Field(ge=0, lt=30.0)] = _SEGMENT.min_seconds
     pack: bool = _SEGMENT.pack
-    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = _SEGMENT.eval_fraction
+    dev_fraction: Annotated[float, Field(gt=0, lt=1)] = _SEGMENT.dev_fraction
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = _SEGMENT.test_fraction
+    transcribed_share: Ratio = _SEGMENT.transcribed_share
     seed: Seed = _SEGMENT.seed
     num_workers: Workers = _SEGMENT.num_workers
 
@@ -180,6 +184,7 @@ class FinetuneParams(_Section):
     max_steps: Steps = _FINETUNE.max_steps
     min_lr_ratio: Ratio = _FINETUNE.min_lr_ratio
     checkpoint_every: Steps = _FINETUNE.checkpoint_every
+    seeds: Annotated[list[Seed], Field(min_length=1, max_length=100)] = _FINETUNE.seeds
 
 
 class TopLevel(_Section):
@@ -189,6 +194,7 @@ class TopLevel(_Section):
     n_mels: Annotated[int, Field(ge=1, le=1024)] = _QUANTIZER.n_mels
     nproc: Annotated[int, Field(ge=1, le=1024)] = 1
     nnodes: Annotated[int, Field(ge=1, le=65536)] = 1
+    heldout_every: Annotated[int, Field(ge=0, le=STEPS_MAX)] = 5
     num_codebooks: Annotated[int, Field(ge=1, le=64)] = _QUANTIZER.num_codebooks
     codebook_size: Annotated[int, Field(ge=1, le=2**20)] = _QUANTIZER.codebook_size
     code_dim: Annotated[int, Field(ge=1, le=4096)] = _QUANTIZER.code_dim
@@ -240,6 +246,8 @@ def expected(model: type[BaseModel], name: str) -> str:
     kind = info.annotation
     if get_origin(kind) is Literal:
         return "one of " + ", ".join(str(v) for v in get_args(kind))
+    if get_origin(kind) is list:
+        return "a list of 1 to 100 distinct integers >= 0"
     if kind is bool:
         return "true or false"
     if isinstance(kind, type) and issubclass(kind, BaseModel):
@@ -328,6 +336,7 @@ class Params:
     n_mels: int
     nproc: int
     nnodes: int
+    heldout_every: int
     distill_weight: float
     quantizer: QuantizerConfig
     masking: MaskingConfig
@@ -356,7 +365,8 @@ def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
     masking = MaskingConfig(**{MASKING_KEYS[k]: top[k] for k in MASKING_KEYS})
     sections = {name: cls(**top[name]) for name, cls in SECTIONS.items()}
     return Params(model=top["model"], n_mels=top["n_mels"], nproc=top["nproc"],
-                  nnodes=top["nnodes"], distill_weight=top["distill_weight"],
+                  nnodes=top["nnodes"], heldout_every=top["heldout_every"],
+                  distill_weight=top["distill_weight"],
                   quantizer=quantizer, masking=masking,
                   train=TrainConfig(**train_values), raw=top, **sections)
 

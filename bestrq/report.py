@@ -11,25 +11,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# The four systems: (summary key, label in the plot, source, key prefix in that source).
+# The held-out splits, test first: the figures a run reports; dev is where knobs are chosen.
+SPLITS = ("test", "dev")
+# The four systems: (short name, label in the plot, source, key prefix in that source).
 SYSTEMS = (
-    ("wer/stock", "zero-shot: stock Whisper", "evaluate", "stock"),
-    ("wer/bestrq", "zero-shot: BEST-RQ adapter", "evaluate", "adapted"),
-    ("wer/ft_stock", "fine-tuned from stock", "finetune", "stock"),
-    ("wer/ft_bestrq", "fine-tuned from the adapter", "finetune", "adapted"),
+    ("stock", "zero-shot: stock Whisper", "evaluate", "stock"),
+    ("bestrq", "zero-shot: BEST-RQ adapter", "evaluate", "adapted"),
+    ("ft_stock", "fine-tuned from stock", "finetune", "stock"),
+    ("ft_bestrq", "fine-tuned from the adapter", "finetune", "adapted"),
 )
 # The two differences (adapter minus stock): (summary key, low, high, label, source).
 DIFFERENCES = (
     ("diff/zero_shot", "diff/zs_low", "diff/zs_high", "zero-shot", "evaluate"),
     ("diff/finetuned", "diff/ft_low", "diff/ft_high", "fine-tuned", "finetune"),
 )
-# BEST-RQ itself on the held-out clips, beside the label prior (nats, share).
+# Per system, after the answer: its interval and word error counts (summary group, source key).
+DETAILS = (("wer_low", "wer_low"), ("wer_high", "wer_high"), ("sub", "substitutions"),
+           ("del", "deletions"), ("ins", "insertions"))
+# BEST-RQ itself on a held-out split, beside the label prior (nats, share).
 BESTRQ = (
-    ("bestrq/loss", "evaluate", "adapted/loss"),
-    ("bestrq/prior_loss", "evaluate", "prior/loss"),
-    ("bestrq/accuracy", "evaluate", "adapted/accuracy"),
-    ("bestrq/prior_accuracy", "evaluate", "prior/accuracy"),
-    ("bestrq/train_loss", "pretrain", "train/loss"),
+    ("bestrq/loss", "adapted/loss"),
+    ("bestrq/prior_loss", "prior/loss"),
+    ("bestrq/accuracy", "adapted/accuracy"),
+    ("bestrq/prior_accuracy", "prior/accuracy"),
 )
 
 
@@ -50,48 +54,68 @@ def _points(fraction: float) -> float:
 
 
 def summary(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The answer columns in the order `dvc exp show` should show them: the four WERs (%), the
-    two differences with their 95% paired intervals (points), then BEST-RQ's held-out loss and
-    accuracy beside the label prior's. `sources` maps "evaluate", "finetune", "pretrain" to
-    their flattened summaries; a number a source lacks (no transcripts, a skipped stage) is
-    left out rather than invented."""
+    """The answer columns in the order `dvc exp show` should show them, test first, then dev:
+    the four WERs (%), the two differences with their 95% paired intervals (points), each
+    system's 95% interval and substitution, deletion and insertion counts, BEST-RQ's held-out
+    loss and accuracy beside the label prior's; last, pre-training's final train loss.
+    `sources` maps "evaluate", "finetune", "pretrain" to their flattened summaries (keys
+    `<split>/...`); a number a source lacks (no transcripts, a skipped stage) is left out
+    rather than invented."""
     out: dict[str, float] = {}
-    for key, _, source, prefix in SYSTEMS:
-        value = sources.get(source, {}).get(f"{prefix}/wer")
-        if value is not None:
-            out[key] = _points(value)
-    for key, low, high, _, source in DIFFERENCES:
-        found = sources.get(source, {})
-        if "delta/wer" in found:
-            out[key] = _points(found["delta/wer"])
-            out[low] = _points(found["delta/wer_low"])
-            out[high] = _points(found["delta/wer_high"])
-    for key, source, name in BESTRQ:
-        value = sources.get(source, {}).get(name)
-        if value is not None:
-            out[key] = round(float(value), 4)
+    for split in SPLITS:
+        def get(source: str, key: str, split: str = split) -> Any:
+            return sources.get(source, {}).get(f"{split}/{key}")
+
+        for name, _, source, prefix in SYSTEMS:
+            if (value := get(source, f"{prefix}/wer")) is not None:
+                out[f"{split}/wer/{name}"] = _points(value)
+        for key, low, high, _, source in DIFFERENCES:
+            if (value := get(source, "delta/wer")) is not None:
+                out[f"{split}/{key}"] = _points(value)
+                out[f"{split}/{low}"] = _points(get(source, "delta/wer_low"))
+                out[f"{split}/{high}"] = _points(get(source, "delta/wer_high"))
+        # With several fine-tune seeds, each seed's difference (the one above is pooled).
+        for key, value in sources.get("finetune", {}).items():
+            seed = key.removeprefix(f"{split}/seed_").removesuffix("/delta/wer")
+            if key == f"{split}/seed_{seed}/delta/wer":
+                out[f"{split}/diff/ft_seed_{seed}"] = _points(value)
+        for group, found in DETAILS:
+            for name, _, source, prefix in SYSTEMS:
+                if (value := get(source, f"{prefix}/{found}")) is not None:
+                    out[f"{split}/{group}/{name}"] = _points(value) if group.startswith("wer") \
+                        else float(value)
+        for key, found in BESTRQ:
+            if (value := get("evaluate", found)) is not None:
+                out[f"{split}/{key}"] = round(float(value), 4)
+    if (value := sources.get("pretrain", {}).get("train/loss")) is not None:
+        out["bestrq/train_loss"] = round(float(value), 4)
     return out
 
 
-def wer_records(sources: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per system with a WER: its label, WER and 95% bootstrap interval (%)."""
+def wer_records(sources: Mapping[str, Mapping[str, Any]], split: str = "test"
+                ) -> list[dict[str, Any]]:
+    """One record per system with a WER on `split`: its label, WER and 95% interval (%)."""
     records = []
     for _, label, source, prefix in SYSTEMS:
         found = sources.get(source, {})
-        if f"{prefix}/wer" in found:
-            records.append({"system": label, "wer": _points(found[f"{prefix}/wer"]),
-                            "low": _points(found[f"{prefix}/wer_low"]),
-                            "high": _points(found[f"{prefix}/wer_high"])})
+        key = f"{split}/{prefix}/wer"
+        if key in found:
+            records.append({"system": label, "wer": _points(found[key]),
+                            "low": _points(found[f"{key}_low"]),
+                            "high": _points(found[f"{key}_high"])})
     return records
 
 
-def difference_records(sources: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per comparison: adapter minus stock WER (points), 95% paired interval."""
+def difference_records(sources: Mapping[str, Mapping[str, Any]], split: str = "test"
+                       ) -> list[dict[str, Any]]:
+    """One record per comparison on `split`: adapter minus stock WER (points), 95% paired
+    interval."""
     records = []
     for _, _, _, label, source in DIFFERENCES:
         found = sources.get(source, {})
-        if "delta/wer" in found:
-            records.append({"comparison": label, "difference": _points(found["delta/wer"]),
-                            "low": _points(found["delta/wer_low"]),
-                            "high": _points(found["delta/wer_high"])})
+        key = f"{split}/delta/wer"
+        if key in found:
+            records.append({"comparison": label, "difference": _points(found[key]),
+                            "low": _points(found[f"{key}_low"]),
+                            "high": _points(found[f"{key}_high"])})
     return records

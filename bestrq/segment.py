@@ -1,9 +1,12 @@
 """The "segment" stage: decode, cut and pack raw recordings into Whisper-sized windows.
 
 Reads a raw manifest (id, path, transcript, group), writes 16 kHz mono FLAC windows of at most
-`max_seconds`, and splits them into train/eval by speaker/recording group. Every file of the
-manifest ends up in a window or in `skipped.jsonl` with a reason (undecodable, too short, ...);
-what the download stage left aside (`raw/skipped.jsonl`) is copied there too.
+`max_seconds`, and splits them into train, dev and test by speaker/recording group: no voice is
+in two splits, dev and test are drawn from groups with transcripts, and knobs are chosen on dev
+so that test reports. Only `transcribed_share` of the transcribed train windows keep their text
+(the fine-tune's labelled set); BEST-RQ pre-trains on all of train. Every file of the manifest
+ends up in a window or in `skipped.jsonl` with a reason (undecodable, too short, ...); what the
+download stage left aside (`raw/skipped.jsonl`) is copied there too.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from whisper.audio import N_SAMPLES, SAMPLE_RATE
 from bestrq.audio import AudioDecodeError, split_stream, stream_audio, write_audio
 from bestrq.jsonl import read_jsonl, write_jsonl
 
-__all__ = ["SegmentConfig", "Unit", "pack_units", "segment_corpus", "split_train_eval", "validate"]
+__all__ = ["SPLITS", "SegmentConfig", "Unit", "check_splittable", "hide_transcripts", "pack_units",
+           "segment_corpus", "split_corpus", "validate"]
 
 # Whisper's encoder sees exactly N_SAMPLES (30 s); longer windows would be truncated.
 WHISPER_WINDOW_SECONDS = N_SAMPLES / SAMPLE_RATE
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 
 @dataclass
@@ -41,7 +46,9 @@ class SegmentConfig:
     max_seconds: float = 30.0  # Whisper's window
     min_seconds: float = 0.5  # drop shorter pieces
     pack: bool = True  # pack short utterances of one group into windows <= max_seconds
-    eval_fraction: float = 0.1
+    dev_fraction: float = 0.1  # share of the windows, drawn by speaker/recording group
+    test_fraction: float = 0.2
+    transcribed_share: float = 1.0  # of the transcribed train windows, those that keep their text
     seed: int = 0
     num_workers: int = 1  # decoding processes; 0: one per CPU core
 
@@ -58,8 +65,16 @@ def validate(cfg: SegmentConfig) -> None:
             f"segment.min_seconds: must be >= 0 and < max_seconds ({cfg.max_seconds}), "
             f"got {cfg.min_seconds}"
         )
-    if not 0 < cfg.eval_fraction < 1:
-        raise ValueError(f"segment.eval_fraction: must be in (0, 1), got {cfg.eval_fraction}")
+    for name in ("dev_fraction", "test_fraction"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+            raise ValueError(f"segment.{name}: must be in (0, 1), got {value!r}")
+    if cfg.dev_fraction + cfg.test_fraction >= 1:
+        raise ValueError(f"segment.dev_fraction + segment.test_fraction: must be < 1 (train needs "
+                         f"the rest), got {cfg.dev_fraction} + {cfg.test_fraction}")
+    share = cfg.transcribed_share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ValueError(f"segment.transcribed_share: must be in [0, 1], got {share!r}")
     if not isinstance(cfg.pack, bool):
         raise ValueError(f"segment.pack: must be true or false, got {cfg.pack!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
@@ -108,42 +123,80 @@ def _stable_hash(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _greedy_eval_set(
-    keys: list[str], sizes: dict[str, int], fraction: float, seed: int
-) -> set[str]:
-    """Keys (taken in seeded-hash order) whose total size comes closest to `fraction` of all."""
-    target = fraction * sum(sizes[k] for k in keys)
-    chosen: set[str] = set()
+def _seeded_order(keys: Iterable[str], seed: int, salt: str) -> list[str]:
+    return sorted(keys, key=lambda k: (_stable_hash(seed, salt, k), k))
+
+
+def _greedy_set(keys: list[str], sizes: dict[str, int], target: float) -> list[str]:
+    """Keys, taken in the given order, whose total size comes closest to `target`; at least one."""
+    chosen: list[str] = []
     total = 0
-    for key in sorted(keys, key=lambda k: (_stable_hash(seed, k), k)):
-        if abs(total + sizes[key] - target) < abs(total - target):
-            chosen.add(key)
+    for key in keys:
+        if not chosen or abs(total + sizes[key] - target) < abs(total - target):
+            chosen.append(key)
             total += sizes[key]
     return chosen
 
 
-def split_train_eval(
-    windows: list[dict], fraction: float, seed: int
-) -> tuple[list[dict], list[dict]]:
-    """Split window records (with "id" and "group") into (train, eval) by a hash of the group.
+class SplitError(ValueError):
+    """The corpus has too few speakers/recordings (or transcribed ones) for three splits."""
 
-    A group never straddles both sets. With >= 2 groups each set gets at least one group; with a
-    single group the windows themselves are split by hash, so both sets exist when >= 2 windows.
-    """
-    field = "group" if len({w["group"] for w in windows}) >= 2 else "id"
-    sizes = dict(Counter(w[field] for w in windows))  # windows per key
-    keys = sorted(sizes)
-    eval_keys = _greedy_eval_set(keys, sizes, fraction, seed)
-    if len(keys) >= 2:
-        order = sorted(keys, key=lambda k: (_stable_hash(seed, k), k))
-        if not eval_keys:
-            eval_keys = {order[0]}
-        if len(eval_keys) == len(keys):
-            eval_keys.discard(order[-1])
-    in_eval = [w[field] in eval_keys for w in windows]
-    train = [w for w, e in zip(windows, in_eval, strict=True) if not e]
-    evals = [w for w, e in zip(windows, in_eval, strict=True) if e]
-    return train, evals
+
+def _too_few(groups: int, labelled: int) -> SplitError:
+    return SplitError(
+        f"segment: the corpus has {groups} speakers/recordings, {labelled} of them with "
+        "transcripts; train, dev and test need one each, dev and test one with transcripts "
+        "(no voice is in two splits). Add speakers (download.num_speakers for the synthetic "
+        "source; a folder source's speakers are its folders, one per speaker) or transcripts")
+
+
+def check_splittable(group_labelled: dict[str, bool]) -> None:
+    """Raise SplitError (one line: the counts, the knobs) unless three speaker-disjoint splits
+    exist: >= 3 groups, and >= 2 with transcripts when the corpus has any. `group_labelled`
+    maps each group to whether one of its files has a transcript. Checked on the manifest,
+    before any audio is decoded, and again on the windows."""
+    labelled = sum(group_labelled.values())
+    if len(group_labelled) < 3 or (labelled and labelled < 2):
+        raise _too_few(len(group_labelled), labelled)
+
+
+def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float, seed: int
+                 ) -> dict[str, list[dict]]:
+    """Window records (with "id", "group", "transcript") split into train, dev and test by a
+    seeded hash of the group, so that no group (speaker or recording) is in two splits.
+
+    Test, then dev, take the groups (in seeded order) whose window counts come closest to their
+    share of all windows, at least one group each and never the last one train needs. When the
+    corpus has transcripts, dev and test are drawn from groups with some, so that both can
+    measure WER; a corpus without any is split over all groups (only label-free figures)."""
+    sizes = dict(Counter(w["group"] for w in windows))  # windows per group
+    labelled_groups = {w["group"] for w in windows if w["transcript"] is not None}
+    check_splittable({g: g in labelled_groups for g in sizes})
+    candidates = _seeded_order(labelled_groups or sizes, seed, "split")
+    # Train keeps one group when every group is a candidate; test leaves one for dev.
+    pool = candidates[:-1] if len(candidates) == len(sizes) else candidates
+    test = _greedy_set(pool[:-1], sizes, test_fraction * len(windows))
+    dev = _greedy_set([g for g in pool if g not in test], sizes, dev_fraction * len(windows))
+    of = {**{g: "test" for g in test}, **{g: "dev" for g in dev}}
+    return {split: [w for w in windows if of.get(w["group"], "train") == split]
+            for split in SPLITS}
+
+
+def hide_transcripts(train: list[dict], share: float, seed: int) -> int:
+    """Keep the text of `share` of the transcribed train windows (a seeded draw; at least one
+    when share > 0), so the fine-tune's labelled set is a part of BEST-RQ's pool, as in the
+    user's case of much audio and a few transcripts; the others become unlabelled. Returns how
+    many were hidden."""
+    labelled = [w["id"] for w in train if w["transcript"] is not None]
+    keep = round(share * len(labelled))
+    keep = max(keep, 1) if share > 0 and labelled else keep
+    kept = set(_seeded_order(labelled, seed, "labelled")[:keep])
+    hidden = 0
+    for window in train:
+        if window["transcript"] is not None and window["id"] not in kept:
+            window["transcript"] = None
+            hidden += 1
+    return hidden
 
 
 def _read_manifest(raw_manifest: Path) -> list[dict]:
@@ -318,19 +371,26 @@ def _run_jobs(jobs: list[_GroupJob], num_workers: int) -> Iterator[tuple[list[di
 
 
 def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dict[str, float]:
-    """Decode, cut, pack and split a raw corpus into `out_dir/{audio/,train.jsonl,eval.jsonl}`.
+    """Decode, cut, pack and split a raw corpus into `out_dir/{audio/,train,dev,test.jsonl}`.
 
     Groups (speakers or recordings) are segmented in parallel by `cfg.num_workers` processes;
     the output does not depend on their number. Files that give no window (undecodable, too
     short, ...) and other losses (short pieces, unused transcripts) are listed with a reason in
-    `out_dir/skipped.jsonl`, after what the download stage listed. Returns stats: num_train,
-    num_eval, hours_train, hours_eval, num_skipped (files without any window),
+    `out_dir/skipped.jsonl`, after what the download stage listed. Returns stats: per split
+    num_, hours_, speakers_ and transcribed_ (windows with text), num_hidden_transcripts (train
+    windows whose text `transcribed_share` hid), num_skipped (files without any window),
     padding_fraction, mean_window_seconds (plus num_dropped_short, num_cut_recordings,
-    num_listed: lines of skipped.jsonl).
+    num_listed: lines of skipped.jsonl). SplitError, before any decoding, when the corpus has
+    too few speakers for three splits.
     """
     validate(cfg)
     raw_manifest, out_dir = Path(raw_manifest), Path(out_dir)
     entries = _read_manifest(raw_manifest)
+    labelled: dict[str, bool] = {}
+    for entry in entries:
+        labelled[entry["group"]] = labelled.get(entry["group"], False) \
+            or entry["transcript"] is not None
+    check_splittable(labelled)  # before any audio is decoded
     download_skipped = _read_download_skipped(raw_manifest.parent)
     max_samples = int(round(cfg.max_seconds * SAMPLE_RATE))
     min_samples = int(round(cfg.min_seconds * SAMPLE_RATE))
@@ -340,6 +400,7 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     for stale in (audio_dir, work_dir):  # windows of an earlier run would linger otherwise
         if stale.exists():
             shutil.rmtree(stale)
+    (out_dir / "eval.jsonl").unlink(missing_ok=True)  # the two-split layout of earlier versions
     audio_dir.mkdir(parents=True)
 
     jobs = [_GroupJob(group, list(members), raw_manifest.parent, work_dir / f"{i:06d}",
@@ -366,22 +427,26 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
                 windows.append({"id": window_id, "path": f"audio/{window_id}.flac", **record})
     shutil.rmtree(work_dir, ignore_errors=True)
 
-    train, evals = split_train_eval(windows, cfg.eval_fraction, cfg.seed)
-    for name, records in (("train", train), ("eval", evals)):
+    splits = split_corpus(windows, cfg.dev_fraction, cfg.test_fraction, cfg.seed)
+    hidden = hide_transcripts(splits["train"], cfg.transcribed_share, cfg.seed)
+    for name, records in splits.items():
         # "group" (speaker or recording) stays: features keeps it for speaker-level intervals.
         write_jsonl(out_dir / f"{name}.jsonl", sorted(records, key=lambda r: r["id"]))
     listed = download_skipped + tally.skipped
     write_jsonl(out_dir / "skipped.jsonl", listed)
 
-    seconds_train = sum(w["duration"] for w in train)
-    seconds_eval = sum(w["duration"] for w in evals)
+    seconds = {name: sum(w["duration"] for w in records) for name, records in splits.items()}
+    total = sum(seconds.values())
     n_windows = len(windows)
-    total = seconds_train + seconds_eval
+    stats: dict[str, float] = {}
+    for name, records in splits.items():
+        stats[f"num_{name}"] = len(records)
+        stats[f"hours_{name}"] = seconds[name] / 3600
+        stats[f"speakers_{name}"] = len({w["group"] for w in records})
+        stats[f"transcribed_{name}"] = sum(w["transcript"] is not None for w in records)
     return {
-        "num_train": len(train),
-        "num_eval": len(evals),
-        "hours_train": seconds_train / 3600,
-        "hours_eval": seconds_eval / 3600,
+        **stats,
+        "num_hidden_transcripts": hidden,
         "num_skipped": tally.lost,
         "num_dropped_short": tally.short,
         "num_cut_recordings": tally.cut,

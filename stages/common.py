@@ -24,6 +24,9 @@ DATA = Path("data")
 RAW = DATA / "raw"
 SEGMENTS = DATA / "segments"
 FEATURES = DATA / "features"
+# The held-out splits every figure is reported on, test first (what `dvc exp show` opens with);
+# knobs are chosen on dev.
+REPORTED = ("test", "dev")
 ADAPTER = DATA / "adapters" / "adapter.safetensors"
 IA3_ONLY_NAME = "ia3.safetensors"  # beside ADAPTER: the IA^3 vectors alone
 CHECKPOINTS = DATA / "checkpoints"
@@ -120,7 +123,7 @@ def step_logger(live: Live, prefix: str = "train") -> Callable[[int, dict[str, f
 # Knobs that change how fast a run goes, not what it computes: a checkpoint made under other
 # values of these is still resumed. Matched on the last part of a dotted name (finetune.*).
 SPEED_KEYS = ("num_workers", "prefetch_factor", "log_every", "checkpoint_every",
-              "keep_checkpoints", "device")
+              "keep_checkpoints", "device", "heldout_every")
 
 
 def training_values(p: Params) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from stages.common import (
     ADAPTER,
     FEATURES,
     LIVE,
+    REPORTED,
     friendly_errors,
     log_summary,
     open_live,
@@ -27,30 +28,39 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
-    """BEST-RQ loss, masked accuracy and codebook utilisation of the adapted encoder on
-    data/features/eval, beside the label prior of data/features/train scored on the same masked
-    targets; with evaluate.asr, the WER of stock and adapted Whisper on the transcribed eval
-    clips with a 95% paired bootstrap interval of their difference; with evaluate.probes, the
+    """On data/features/test and data/features/dev (metrics `test/...`, `dev/...`; knobs are
+    chosen on dev, test reports): BEST-RQ loss, masked accuracy and codebook utilisation of
+    the adapted encoder beside the label prior of data/features/train scored on the same masked
+    targets; with evaluate.asr, the WER of stock and adapted Whisper on the transcribed clips
+    with a 95% paired bootstrap interval of their difference; with evaluate.probes, the
     label-free probes (effective rank, Davies-Bouldin index) of the stock and adapted
-    encoder's output on the eval clips."""
+    encoder's output."""
     p = params_or_exit("evaluate", params)
-    windows: list[dict] = []  # per eval window: reference, both hypotheses, word errors
+    windows: list[dict] = []  # per window: split, reference, both hypotheses, word errors
+    metrics: dict[str, float] = {}
     with friendly_errors():
         tensors, info = read_adapter(ADAPTER)
         base = load_whisper(p.model)
         check_base(base, info, ADAPTER, p.model)
         model = build_model(base, info, tensors)
-        dataset = FeatureDataset(FEATURES / "eval")
+        del base
         train = FeatureDataset(FEATURES / "train")  # the label prior's frequencies
         device = resolve_device(p.train.device)
-        metrics = evaluate_adapter(model, dataset, train, p.evaluate, device)
-        if p.evaluate.probes:
-            metrics.update(probe_encoders(model, dataset, p.evaluate, device))
-        if p.evaluate.asr:
-            del model, base  # compare_asr loads its own Whisper, one copy at a time
-            asr = p.evaluate.asr_config(p.train.precision)
-            metrics.update(compare_asr(p.model, tensors, dataset, asr, device, windows))
-    metrics["eval_clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))
+        asr = p.evaluate.asr_config(p.train.precision)
+        datasets = {split: FeatureDataset(FEATURES / split) for split in REPORTED}
+        found: dict[str, dict[str, float]] = {split: {} for split in REPORTED}
+        for split, dataset in datasets.items():
+            found[split].update(evaluate_adapter(model, dataset, train, p.evaluate, device))
+            if p.evaluate.probes:
+                found[split].update(probe_encoders(model, dataset, p.evaluate, device))
+        del model  # compare_asr loads its own Whisper, one copy at a time
+        for split, dataset in datasets.items():
+            if p.evaluate.asr:
+                rows: list[dict] = []
+                found[split].update(compare_asr(p.model, tensors, dataset, asr, device, rows))
+                windows += [{"split": split, **row} for row in rows]
+            found[split]["clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))
+            metrics.update({f"{split}/{key}": value for key, value in found[split].items()})
     with open_live("evaluate") as live:
         log_summary(live, metrics)
     write_windows(LIVE / "evaluate" / "windows.json", windows)

@@ -1,9 +1,11 @@
-"""Stage 6: supervised IA^3 fine-tune from stock Whisper and from the BEST-RQ adapter, and the
-WER of both on the held-out clips, with a 95% paired bootstrap interval of their difference."""
+"""Stage 6: supervised IA^3 fine-tune from stock Whisper and from the BEST-RQ adapter (per
+seed), and the WER of both on the test and dev clips, with a 95% paired bootstrap interval of
+their difference."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from stages.common import (
     FINETUNED,
     IA3_ONLY_NAME,
     LIVE,
+    REPORTED,
     checkpoint_key,
     friendly_errors,
     hold_checkpoints,
@@ -60,10 +63,22 @@ ENGINE_KEYS = ("model", "n_mels", "seed", "precision", "weight_decay", "adam_bet
                "adam_beta2", "adam_eps", "grad_clip", "max_nonfinite", "deterministic")
 
 
-def run_values(p: Params, start: str) -> dict[str, Any]:
+def run_values(p: Params, start: str, seed: int) -> dict[str, Any]:
     """What one fine-tune run's checkpoints must have been made with."""
     return {**{k: p.raw.get(k) for k in ENGINE_KEYS}, "finetune": p.finetune.to_dict(),
-            "language": p.evaluate.language, "start": start, "autocast": resolved_autocast(p)}
+            "language": p.evaluate.language, "start": start, "autocast": resolved_autocast(p),
+            "finetune_seed": seed}
+
+
+def run_dir(root: Path, p: Params, seed: int, start: str) -> Path:
+    """Where one (seed, start) run lives under `root`: the first seed's at root/<start> (the
+    stage's main outputs), the others' at root/seed-<seed>/<start>."""
+    return root / start if seed == p.finetune.seeds[0] else root / f"seed-{seed}" / start
+
+
+def curve(p: Params, seed: int, start: str) -> str:
+    """The DVCLive name prefix of one run's step curves (and its checkpoint history)."""
+    return start if seed == p.finetune.seeds[0] else f"seed_{seed}/{start}"
 
 
 def start_vectors(adapter_dir: Path) -> bytes:
@@ -94,70 +109,79 @@ def run_finetune(p: Params, features_dir: Path = FEATURES, adapter_dir: Path = A
 def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, out_dir: Path,
               checkpoint_root: Path) -> None:
     train_split = FeatureDataset(features_dir / "train")
-    indices = select_labelled(train_split.transcripts, train_split.num_frames,
-                              p.finetune.max_clips, p.finetune.max_minutes, p.train.seed)
-    config = p.finetune.train_config(p.train)
-    found = {"labelled_clips": float(len(indices))}
-    if not indices:
+    seeds = p.finetune.seeds
+    draws = {seed: select_labelled(train_split.transcripts, train_split.num_frames,
+                                   p.finetune.max_clips, p.finetune.max_minutes, seed)
+             for seed in seeds}
+    found = {"labelled_clips": float(len(draws[seeds[0]]))}
+    if not draws[seeds[0]]:
         if is_main():
             skip(f"no transcribed clips in {features_dir / 'train'}: the fine-tune needs some "
                  "(LibriSpeech-style *.trans.txt, transcripts.tsv or manifest.jsonl beside the "
-                 "audio)", found, out_dir)
+                 "audio; segment.transcribed_share above 0)", found, out_dir)
         return
     vectors = start_vectors(adapter_dir)
     tensors, _ = read_adapter(adapter_dir / IA3_ONLY_NAME)
     base = load_whisper(p.model)
     identity = model_identity(p.model, base)
-    data = LabelledClips(train_split, indices, tokenizer_for(base, p.evaluate.language),
-                         max_decoder_tokens(base))
+    tokenizer, max_tokens = tokenizer_for(base, p.evaluate.language), max_decoder_tokens(base)
     del base
+    runs = [(seed, start) for seed in seeds for start in STARTS]
 
     # nproc, nnodes: the global batch is batch_size * accumulate_gradients * processes.
-    keys = {start: checkpoint_key({**run_values(p, start), "nproc": p.nproc, "nnodes": p.nnodes},
-                                  features_dir, p.finetune.lr_schedule, "finetune.max_steps",
-                                  vectors if start == "adapted" else None)
-            for start in STARTS}
+    keys = {run: checkpoint_key({**run_values(p, run[1], run[0]), "nproc": p.nproc,
+                                 "nnodes": p.nnodes},
+                                features_dir, p.finetune.lr_schedule, "finetune.max_steps",
+                                vectors if run[1] == "adapted" else None)
+            for run in runs}
     same_on_every_rank([k.fingerprint for k in keys.values()],
                        "the parameters, training features or BEST-RQ adapter")
-    starts: dict[str, int] = {}
+    starts: dict[tuple[int, str], int] = {}
     if is_main():
-        for start in STARTS:
-            starts[start] = hold_checkpoints(checkpoint_root / start, keys[start])
+        for run in runs:
+            starts[run] = hold_checkpoints(run_dir(checkpoint_root, p, *run), keys[run])
     barrier()  # rank 0 may have moved stale checkpoints aside
     live = open_live("finetune", resume=any(starts.values())) if is_main() else None
-    if live is not None:
-        for start, step in starts.items():
-            truncate_history(LIVE / "finetune", step, under=start)
-        typer.echo(f"finetune: {p.model} on {dist.device} x{dist.world_size}, "
-                   f"{len(data)} labelled clips ({data.minutes:.1f} min, {data.truncated} cut "
-                   f"to the decoder's context), {config.max_steps} updates from each start")
-    results: dict[str, TrainResult] = {}
-    for start in STARTS:
-        model = load_whisper(p.model)
-        if start == "adapted":
-            load_vectors(model, tensors)  # the BEST-RQ encoder vectors; decoder's at one
-        finetuned = FinetuneModel(model)
-        if live is not None and starts[start]:
-            typer.echo(f"finetune: {start}: resuming from the checkpoint of step "
-                       f"{starts[start]}")
-        results[start] = train(finetuned, data, config, checkpoint_root / start,
-                               log=step_logger(live, f"{start}/train") if live else None,
-                               objective=FINETUNE)
+    results: dict[tuple[int, str], TrainResult] = {}
+    first: dict[str, float] = {}  # the first seed's labelled set, as the stage reports it
+    for seed in seeds:
+        data = LabelledClips(train_split, draws[seed], tokenizer, max_tokens)
+        config = replace(p.finetune.train_config(p.train), seed=seed)
+        first = first or {"labelled_minutes": data.minutes,
+                          "truncated_transcripts": float(data.truncated)}
         if live is not None:
-            save_vectors(out_dir / start / IA3_ONLY_NAME, model, identity,
-                         {"start": start, "step": results[start].step,
-                          "finetune": p.finetune.to_dict(), "labelled_clips": len(data),
-                          "labelled_minutes": data.minutes,
-                          "ia3_parameters": count_ia3_parameters(model)})
-        del model, finetuned
+            typer.echo(f"finetune: {p.model} on {dist.device} x{dist.world_size}, seed {seed}: "
+                       f"{len(data)} labelled clips ({data.minutes:.1f} min, {data.truncated} "
+                       f"cut to the decoder's context), {config.max_steps} updates from each "
+                       "start")
+        for start in STARTS:
+            run = (seed, start)
+            if live is not None:
+                truncate_history(LIVE / "finetune", starts[run], under=curve(p, *run))
+                if starts[run]:
+                    typer.echo(f"finetune: {curve(p, *run)}: resuming from the checkpoint of "
+                               f"step {starts[run]}")
+            model = load_whisper(p.model)
+            if start == "adapted":
+                load_vectors(model, tensors)  # the BEST-RQ encoder vectors; decoder's at one
+            results[run] = train(FinetuneModel(model), data, config,
+                                 run_dir(checkpoint_root, p, *run),
+                                 log=step_logger(live, f"{curve(p, *run)}/train") if live
+                                 else None, objective=FINETUNE)
+            if live is not None:
+                save_vectors(run_dir(out_dir, p, *run) / IA3_ONLY_NAME, model, identity,
+                             {"start": start, "seed": seed, "step": results[run].step,
+                              "finetune": p.finetune.to_dict(), "labelled_clips": len(data),
+                              "labelled_minutes": data.minutes,
+                              "ia3_parameters": count_ia3_parameters(model)})
+            del model
     if live is None:
         return
     metrics: dict[str, float | str] = {
-        **found, "labelled_minutes": data.minutes, "truncated_transcripts": data.truncated,
-        "steps": float(config.max_steps)}
-    for start, result in results.items():
-        metrics[f"{start}/train_seconds"] = result.seconds
-        metrics[f"{start}/precision"] = result.precision
+        **found, **first, "steps": float(p.finetune.max_steps)}
+    for run, result in results.items():
+        metrics[f"{curve(p, *run)}/train_seconds"] = result.seconds
+        metrics[f"{curve(p, *run)}/precision"] = result.precision
     metrics.update(compare_finetuned(p, features_dir, out_dir))
     log_summary(live, metrics)
     live.end()
@@ -165,25 +189,38 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
 
 
 def compare_finetuned(p: Params, features_dir: Path, out_dir: Path) -> dict[str, float]:
-    """WER of both fine-tuned models on the transcribed eval clips, and `delta/wer` (adapted -
-    stock) with its 95% paired bootstrap interval. Empty when no eval clip has a transcript."""
-    systems = {start: read_adapter(out_dir / start / IA3_ONLY_NAME)[0] for start in STARTS}
+    """WER of both fine-tuned models on the transcribed test and dev clips (`test/...`,
+    `dev/...`), and `delta/wer` (adapted - stock) with its 95% paired bootstrap interval;
+    with several finetune.seeds, each seed's (`seed_<s>/...`) and the pooled figures. A split
+    without transcribed clips gives nothing."""
+    seeds = p.finetune.seeds
+    many = len(seeds) > 1
+    systems = {f"{start}@{seed}" if many else start:
+               read_adapter(run_dir(out_dir, p, seed, start) / IA3_ONLY_NAME)[0]
+               for seed in seeds for start in STARTS}
     windows: list[dict] = []
-    out = compare_wers(p.model, systems, FeatureDataset(features_dir / "eval"),
-                       p.evaluate.asr_config(p.train.precision), resolve_device(p.train.device),
-                       baseline="stock", other="adapted", windows=windows)
+    out: dict[str, float] = {}
+    for split in REPORTED:
+        rows: list[dict] = []
+        found = compare_wers(p.model, systems, FeatureDataset(features_dir / split),
+                             p.evaluate.asr_config(p.train.precision),
+                             resolve_device(p.train.device), baseline="stock", other="adapted",
+                             windows=rows, repeats=[str(s) for s in seeds] if many else None)
+        if not found:
+            typer.secho(f"finetune: no transcribed {split} clips: no WER to compare",
+                        fg=typer.colors.YELLOW, err=True)
+        out.update({f"{split}/{key}": value for key, value in found.items()})
+        windows += [{"split": split, **row} for row in rows]
     write_windows(LIVE / "finetune" / "windows.json", windows)
-    if not out:
-        typer.secho("finetune: no transcribed eval clips: no WER to compare",
-                    fg=typer.colors.YELLOW, err=True)
     return out
 
 
 @app.command()
 def finetune(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
     """Fine-tune IA^3 vectors (encoder and decoder) on the transcribed train clips from stock
-    Whisper and from data/adapters; write data/finetune/{stock,adapted}/ia3.safetensors and
-    their WERs on the eval clips."""
+    Whisper and from data/adapters, once per finetune.seeds; write
+    data/finetune/{stock,adapted}/ia3.safetensors (the first seed; the others' under
+    data/finetune/seed-<s>/) and their WERs on the test and dev clips."""
     p = params_or_exit("finetune", params)
     relaunch_under_torchrun(p, "stages.finetune")
     with friendly_errors():

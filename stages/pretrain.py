@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from dvclive import Live
 
 from bestrq.adapter import save_adapter
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import DistInfo, barrier, distributed_session, is_main, same_on_every_rank
+from bestrq.evaluate import heldout_tracker
 from bestrq.features import load_stats
 from bestrq.ia3 import count_ia3_parameters
 from bestrq.model import BestRQModel
@@ -76,7 +79,7 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
                    f"{len(dataset)} training clips")
     barrier()  # rank 0 may have moved stale checkpoints aside
     result = train(model, dataset, p.train, checkpoint_dir,
-                   log=step_logger(live) if live is not None else None)
+                   log=_logger(p, live, model, dataset, features_dir, dist) if live else None)
     if live is None:
         return
     extra = {"step": result.step, "params": p.raw,
@@ -94,6 +97,28 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     live.end()
     typer.echo(f"pretrain: wrote {adapter_path} and {vectors_path} (IA^3 vectors only) after "
                f"{result.step} steps ({result.seconds:.0f} s)")
+
+
+def _logger(p: Params, live: Live, model: BestRQModel, train_split: FeatureDataset,
+            features_dir: Path, dist: DistInfo) -> Callable[[int, dict[str, float]], None]:
+    """The step logger, with every `heldout_every` updates (and at the last) the BEST-RQ loss
+    and accuracy on the dev split beside the label prior's (`dev/...`): the curve that shows
+    whether pre-training learns more than the label frequencies."""
+    log = step_logger(live)
+    dev_dir = features_dir / "dev"
+    if not p.heldout_every or not (dev_dir / "index.json").is_file():
+        return log
+    heldout = heldout_tracker(model, FeatureDataset(dev_dir), train_split, p.evaluate,
+                              dist.device)
+
+    def both(step: int, metrics: dict[str, float]) -> None:
+        if step % p.heldout_every == 0 or step == p.train.max_steps:
+            live.step = step
+            for key, value in heldout().items():
+                live.log_metric(f"dev/{key}", value)
+        log(step, metrics)
+
+    return both
 
 
 @app.command()

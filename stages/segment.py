@@ -12,7 +12,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def segment(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
-    """Write data/segments/{train,eval}.jsonl, the window audio and skipped.jsonl."""
+    """Write data/segments/{train,dev,test}.jsonl, the window audio and skipped.jsonl."""
     p = params_or_exit("segment", params)
     with friendly_errors():
         stats = segment_corpus(RAW / "manifest.jsonl", SEGMENTS, p.segment)

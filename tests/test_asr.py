@@ -370,3 +370,37 @@ def test_fallback_equals_whisper_transcribe_on_a_window_where_greedy_loops(tiny_
               for name, text in (("fallback", fallback), ("greedy", greedy))}
     assert errors["greedy"]["insertions"] > errors["fallback"]["insertions"] + 20
     assert errors["fallback"]["wer"] < errors["greedy"]["wer"]
+
+
+def test_seeds_are_pooled_over_the_same_speaker_resamples():
+    # Two fine-tune seeds: each seed's figures equal a one-seed comparison on its own (the
+    # resamples do not depend on how many systems share them); the pooled difference is their
+    # mean, its interval that of the per-resample mean of the two differences.
+    refs, a, b = varied_clips(24, seed=3)
+    _, c, d = varied_clips(24, seed=3)
+    d = [x if i % 3 else a[i] for i, x in enumerate(d)]  # seed 1 helps on fewer clips
+    groups = [f"spk{i % 6}" for i in range(24)]
+    runs = {"stock@0": a, "adapted@0": b, "stock@1": c, "adapted@1": d}
+    got = wer_comparison(refs, runs, str, "stock", "adapted", samples=400, seed=5, groups=groups,
+                         repeats=["0", "1"])
+    singles = [wer_comparison(refs, {"stock": s, "adapted": t}, str, "stock", "adapted",
+                              samples=400, seed=5, groups=groups) for s, t in ((a, b), (c, d))]
+    for r, single in enumerate(singles):
+        for key in ("delta/wer", "delta/wer_low", "delta/wer_high", "stock/wer",
+                    "adapted/wer_low", "adapted/insertions"):
+            assert got[f"seed_{r}/{key}"] == pytest.approx(single[key]), key
+    assert singles[0]["delta/wer"] != pytest.approx(singles[1]["delta/wer"])
+    assert got["delta/wer"] == pytest.approx((singles[0]["delta/wer"] +
+                                              singles[1]["delta/wer"]) / 2)
+    assert got["stock/wer"] == pytest.approx((singles[0]["stock/wer"] +
+                                              singles[1]["stock/wer"]) / 2)
+    # The pooled interval: from the same resamples, the mean of both seeds' differences.
+    edits = np.stack([clip_errors(refs, runs[k], str)[0] for k in runs])
+    words = clip_errors(refs, a, str)[1]
+    wer = paired_bootstrap(edits, words, 400, 5, groups)
+    low, high = np.percentile(((wer[:, 1] - wer[:, 0]) + (wer[:, 3] - wer[:, 2])) / 2,
+                              [2.5, 97.5])
+    assert (got["delta/wer_low"], got["delta/wer_high"]) == pytest.approx((low, high))
+    assert got["seeds"] == 2.0
+    with pytest.raises(ValueError, match="stock@2"):
+        wer_comparison(refs, runs, str, "stock", "adapted", repeats=["0", "2"])

@@ -181,8 +181,8 @@ def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
     (features / "train" / "index.json").write_text("[]")
     p = load_params(REPO / "params.yaml")
 
-    def key(start: str, nproc: int = 1):
-        return checkpoint_key({**run_values(p, start), "nproc": nproc}, features,
+    def key(start: str, nproc: int = 1, seed: int = 0):
+        return checkpoint_key({**run_values(p, start, seed), "nproc": nproc}, features,
                               p.finetune.lr_schedule, "finetune.max_steps",
                               b"vectors" if start == "adapted" else None)
 
@@ -190,7 +190,8 @@ def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
     assert stock.extendable == ("finetune.max_steps",)  # its schedule is constant
     assert "finetune.checkpoint_every" not in stock.values  # a speed knob
     assert "starting adapter" in key("adapted").inputs
-    assert len({stock.fingerprint, key("adapted").fingerprint, key("stock", 2).fingerprint}) == 3
+    assert len({stock.fingerprint, key("adapted").fingerprint, key("stock", 2).fingerprint,
+                key("stock", seed=1).fingerprint}) == 4  # each seed's run is its own
     pretrain = checkpoint_key(training_values(p), features, p.train.lr_schedule)
     assert pretrain.extendable == ("max_steps",) and "nproc" in pretrain.values
     assert not {"num_workers", "device", "log_every", "download.source"} & set(pretrain.values)
@@ -333,7 +334,7 @@ def project(tmp_path_factory):
     from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper, save_whisper_checkpoint
 
     root = tmp_path_factory.mktemp("project")
-    write_segments(root / "segments", {"train": [2.0, 2.5, 3.0, 2.0], "eval": [2.0]})
+    write_segments(root / "segments", {"train": [2.0, 2.5, 3.0, 2.0], "test": [2.0]})
     compute_features(root / "segments", root / "features", 80, FeatureConfig(device="cpu"))
     save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), root / "whisper.pt")
     return root
@@ -429,6 +430,6 @@ def test_precision_auto_is_keyed_by_what_it_resolves_to(tmp_path, monkeypatch, h
     p = load_params(REPO / "params.yaml", {"device": "cpu"})
     assert p.raw["precision"] == "auto"
     assert resolved_autocast(p) == ("bf16" if has_bf16 else "fp32")
-    assert run_values(p, "stock")["autocast"] == resolved_autocast(p)
+    assert run_values(p, "stock", 0)["autocast"] == resolved_autocast(p)
     forced = load_params(REPO / "params.yaml", {"device": "cpu", "precision": "fp32"})
     assert resolved_autocast(forced) == "fp32"

@@ -138,7 +138,7 @@ def test_wrong_type_stops_the_first_stage_naming_the_key(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("stage, key, value, message", [
     ("segment", "finetune.batch_size", 2.5, "finetune.batch_size: must be an integer"),
     ("features", "download.num_speakers", True, "download.num_speakers: must be an integer"),
-    ("pretrain", "segment.eval_fraction", "0.2", "segment.eval_fraction: must be a number"),
+    ("pretrain", "segment.dev_fraction", "0.2", "segment.dev_fraction: must be a number"),
     ("evaluate", "features.shard_size", "big", "features.shard_size: must be an integer"),
     ("finetune", "evaluate.bootstrap_samples", 99.5, "evaluate.bootstrap_samples: must be an "
                                                      "integer in [100, 10000000]"),

@@ -10,6 +10,7 @@ from bestrq.evaluate import (
     EvaluateConfig,
     bestrq_metrics,
     evaluate_adapter,
+    heldout_tracker,
     label_counts,
     prior_metrics,
     train_label_counts,
@@ -145,7 +146,15 @@ def test_trained_heads_beat_the_label_prior_on_held_out_clips(tiny_whisper):
         opt.zero_grad()
         model.loss(h, labels, loss_mask).loss.backward()
         opt.step()
+    # The held-out curve pre-training logs: the evaluate stage's numbers, at each point.
+    curve = heldout_tracker(model, held_out, train, cfg, cpu)
+    model.train()
+    point = curve()
+    assert model.training  # the trainer's mode is given back
     after = evaluate_adapter(model, held_out, train, cfg, cpu, progress=False)
+    assert point == {"loss": after["adapted/loss"], "accuracy": after["adapted/accuracy"],
+                     "prior_loss": after["prior/loss"], "prior_accuracy": after["prior/accuracy"]}
+    assert point["prior_loss"] == before["prior/loss"]
     assert {k: after[k] for k in after if k.startswith("prior/")} == {
         k: before[k] for k in before if k.startswith("prior/")}  # same targets, same prior
     assert after["delta/loss_vs_prior"] < -0.3

@@ -118,7 +118,8 @@ def test_validate_names_bad_parameter(field: str, value: object) -> None:
 
 def test_compute_features_float32_matches_whisper_and_stats(tmp_path: Path) -> None:
     segments = tmp_path / "segments"
-    audio = write_segments(segments, {"train": [3.0, 30.0, 1.01, 12.5], "eval": [2.0, 5.5]})
+    audio = write_segments(segments, {"train": [3.0, 30.0, 1.01, 12.5], "test": [2.0, 5.5],
+                                        "dev": [4.0]})
     out = tmp_path / "features"
     cfg = FeatureConfig(batch_size=3, shard_size=2, dtype="float32", device="cpu")
 
@@ -127,7 +128,7 @@ def test_compute_features_float32_matches_whisper_and_stats(tmp_path: Path) -> N
     expected_frames = [num_valid_frames(len(w)) for w in audio["train"]]
     assert expected_frames == [300, 3000, 101, 1250]
     assert result["num_train_clips"] == 4
-    assert result["num_eval_clips"] == 2
+    assert result["num_test_clips"] == 2 and result["num_dev_clips"] == 1
     assert result["train_frames"] == sum(expected_frames)
     assert result["padding_fraction_train"] == pytest.approx(1 - sum(expected_frames) / 12000)
     assert result["seconds"] > 0 and result["clips_per_second"] > 0
@@ -161,12 +162,13 @@ def test_compute_features_float32_matches_whisper_and_stats(tmp_path: Path) -> N
     everything = np.concatenate(references, axis=1).astype(np.float64)
     assert np.abs(everything.mean(axis=1) - np.asarray(stats["mean"])).max() > 0.05
 
-    # The eval split is written too, and does not feed the statistics.
-    eval_index, eval_mels, eval_frames = _read_split(out / "eval")
-    assert eval_index["ids"] == ["eval-0", "eval-1"]
+    # The test and dev splits are written too, and do not feed the statistics.
+    eval_index, eval_mels, eval_frames = _read_split(out / "test")
+    assert eval_index["ids"] == ["test-0", "test-1"]
     assert eval_frames.tolist() == [200, 550]
-    for k, wave in enumerate(audio["eval"]):
+    for k, wave in enumerate(audio["test"]):
         np.testing.assert_allclose(eval_mels[k], _reference_mel(wave, 80), atol=1e-5, rtol=0)
+    assert _read_split(out / "dev")[2].tolist() == [400]
 
 
 def test_compute_features_float16_stats_of_stored_values(tmp_path: Path) -> None:
@@ -176,8 +178,8 @@ def test_compute_features_float16_stats_of_stored_values(tmp_path: Path) -> None
 
     result = compute_features(segments, out, 80, FeatureConfig(batch_size=2, device="cpu"))
 
-    assert result["num_eval_clips"] == 0
-    assert not (out / "eval").exists()
+    assert result["num_test_clips"] == result["num_dev_clips"] == 0
+    assert not (out / "test").exists() and not (out / "dev").exists()
     index, mels, frames = _read_split(out / "train")
     assert mels.dtype == np.float16 and index["dtype"] == "float16"
     assert len(index["shards"]) == 1 and index["shards"][0]["count"] == 3

@@ -199,8 +199,8 @@ def test_stage_without_transcripts_skips_with_a_clear_message(tmp_path: Path, mo
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     segments = tmp_path / "segments"
-    write_segments(segments, {"train": [2.0, 3.0], "eval": [2.0]})
-    for split in ("train", "eval"):  # unlabelled audio only, the project's main use
+    write_segments(segments, {"train": [2.0, 3.0], "test": [2.0], "dev": [2.0]})
+    for split in ("train", "test", "dev"):  # unlabelled audio only, the project's main use
         manifest = segments / f"{split}.jsonl"
         rows = [{**json.loads(line), "transcript": None}
                 for line in manifest.read_text().splitlines()]

@@ -149,10 +149,10 @@ def test_odd_corpus_is_accounted_for_file_by_file(tmp_path: Path) -> None:
     assert _inputs(root) == sorted(EXPECTED)
     acquire(SourceConfig(source=str(root)), raw)
     stats = segment_corpus(raw / "manifest.jsonl", seg,
-                           SegmentConfig(eval_fraction=0.3, num_workers=1))
+                           SegmentConfig(dev_fraction=0.2, test_fraction=0.2, num_workers=1))
 
     entries = _jsonl(raw / "manifest.jsonl")
-    windows = [w | {"split": name} for name in ("train", "eval")
+    windows = [w | {"split": name} for name in ("train", "dev", "test")
                for w in _jsonl(seg / f"{name}.jsonl")]
     listed = _jsonl(seg / "skipped.jsonl")
     assert listed[: len(_jsonl(raw / "skipped.jsonl"))] == [
@@ -216,7 +216,7 @@ def test_odd_corpus_gives_the_same_output_with_worker_processes(tmp_path: Path,
     for n in (1, workers):
         out = tmp_path / f"seg{n}"
         stats = segment_corpus(raw / "manifest.jsonl", out,
-                               SegmentConfig(eval_fraction=0.3, num_workers=n))
-        outputs.append((stats, *((out / f).read_text() for f in ("train.jsonl", "eval.jsonl",
-                                                                 "skipped.jsonl"))))
+                               SegmentConfig(dev_fraction=0.2, test_fraction=0.2, num_workers=n))
+        names = ("train.jsonl", "dev.jsonl", "test.jsonl", "skipped.jsonl")
+        outputs.append((stats, *((out / f).read_text() for f in names)))
     assert outputs[0] == outputs[1]

@@ -26,30 +26,31 @@ def _clip(path: Path, seed: int) -> None:
 
 def test_dvc_repro_follows_a_folder_sources_audio(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
-    for i in range(3):
-        _clip(corpus / "spk" / f"u{i}.flac", seed=i)
+    for i in range(3):  # three speakers: train, dev and test need one each
+        _clip(corpus / f"spk{i}" / f"u{i}.flac", seed=i)
     project = make_project(tmp_path, "tiny.en",
                            {"download": {"source": str(corpus), "watch": str(corpus)}})
 
     assert _ran(run(["dvc", "repro", "segment"], project)) == ["download", "segment"]
     assert _ran(run(["dvc", "repro", "segment"], project)) == []
     # Same bytes, new mtime: DVC hashes content, so nothing re-runs.
-    os.utime(corpus / "spk" / "u0.flac", ns=(10**18, 10**18))
+    os.utime(corpus / "spk0" / "u0.flac", ns=(10**18, 10**18))
     assert _ran(run(["dvc", "repro", "segment"], project)) == []
     # New bytes in place, an added file, a removed file: each re-runs both stages.
-    _clip(corpus / "spk" / "u0.flac", seed=99)
+    _clip(corpus / "spk0" / "u0.flac", seed=99)
     assert _ran(run(["dvc", "repro", "segment"], project)) == ["download", "segment"]
-    _clip(corpus / "spk" / "u3.flac", seed=3)
+    _clip(corpus / "spk1" / "u3.flac", seed=3)
     out = run(["dvc", "repro", "segment"], project)
     assert _ran(out) == ["download", "segment"]
     train = (project / "data" / "segments" / "train.jsonl").read_text()
-    evals = (project / "data" / "segments" / "eval.jsonl").read_text()
-    assert "u3" in train + evals
-    (corpus / "spk" / "u1.flac").unlink()
+    held_out = "".join((project / "data" / "segments" / f"{split}.jsonl").read_text()
+                       for split in ("dev", "test"))
+    assert "u3" in train + held_out
+    (corpus / "spk1" / "u1.flac").unlink()  # spk1 keeps u3
     assert _ran(run(["dvc", "repro", "segment"], project)) == ["download", "segment"]
     manifest = (project / "data" / "raw" / "manifest.jsonl").read_text()
     assert '"u1"' not in manifest and '"u3"' in manifest
-    assert not (project / "data" / "raw" / "spk").exists()  # the corpus is not copied
+    assert not (project / "data" / "raw" / "spk0").exists()  # the corpus is not copied
 
 
 def test_readmes_folder_source_command_runs_through_dvc_exp_run(tmp_path: Path) -> None:
@@ -58,8 +59,8 @@ def test_readmes_folder_source_command_runs_through_dvc_exp_run(tmp_path: Path) 
     line = next(x for x in readme.splitlines() if "/data/my-recordings" in x
                 and x.startswith("dvc exp run"))
     corpus = tmp_path / "corpus"
-    for i in range(3):
-        _clip(corpus / "spk" / f"u{i}.flac", seed=i)
+    for i in range(3):  # three speakers: train, dev and test need one each
+        _clip(corpus / f"spk{i}" / f"u{i}.flac", seed=i)
     project = make_project(tmp_path, "tiny.en", {})
     cmd = line.split("#")[0].replace("/data/my-recordings", str(corpus)).split() + ["segment"]
     assert cmd[:3] == ["dvc", "exp", "run"] and cmd.count("-S") == 2, line

@@ -26,7 +26,9 @@ def test_repo_params_are_complete_and_valid():
 
 def test_dvc_yaml_tracks_every_hyperparameter_for_pretrain():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(stages["pretrain"]["params"]) == set(hyperparameter_names())
+    # ... and the evaluation knobs that fix the dev curves' masks (heldout_every).
+    assert set(stages["pretrain"]["params"]) == set(hyperparameter_names()) | {
+        "evaluate.seed", "evaluate.batch_size", "evaluate.max_clips", "evaluate.num_workers"}
     # upstream stages do not depend on training knobs: changing them re-runs only pretrain on
     assert not set(hyperparameter_names()) & set(stages["download"]["params"])
     assert stages["features"]["params"] == ["n_mels", "features"]
@@ -51,7 +53,11 @@ def test_overrides_apply(tmp_path):
     ({"nproc": 0}, "nproc"),
     ({"num_codebook": 4}, "num_codebook"),
     ({"download": {"source": "/no/such/folder"}}, "download.source"),
-    ({"segment": {"eval_fraction": 2.0}}, "eval_fraction"),
+    ({"segment": {"test_fraction": 2.0}}, "test_fraction"),
+    ({"segment": {"eval_fraction": 0.2}}, "unknown parameter segment.eval_fraction"),
+    ({"finetune": {"seeds": []}}, "finetune.seeds"),
+    ({"finetune": {"seeds": [1, 1]}}, "finetune.seeds"),
+    ({"finetune": {"seeds": 3}}, "finetune.seeds"),
     ({"features": {"dtype": "int8"}}, "features.dtype"),
     ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size"),
     ({"evaluate": {"batchsize": 1}}, "evaluate.batchsize"),

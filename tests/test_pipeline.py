@@ -67,7 +67,7 @@ def ran_stages(output: str) -> set[str]:
 
 SMALL = {
     "download": {"num_utterances": 24, "num_speakers": 3},
-    "segment": {"eval_fraction": 0.3},
+    "segment": {"dev_fraction": 0.3, "test_fraction": 0.3},  # a voice each
     "codebook_size": 256, "max_steps": 2, "warmup_steps": 1, "batch_size": 2,
     "accumulate_gradients": 1, "checkpoint_every": 1, "num_workers": 0,
     "finetune": {"batch_size": 1, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 1},
@@ -85,24 +85,33 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     adapter = project / "data" / "adapters" / "adapter.safetensors"
     info = json.loads(adapter.with_suffix(".json").read_text())
     assert info["quantizer"]["num_codebooks"] == 1 and info["step"] == 2
-    evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
-    assert {"adapted", "stock", "delta", "prior"} <= set(evaluation)
+    both = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
+    assert set(both) == {"test", "dev"}  # every figure on both held-out splits
+    evaluation = both["test"]
+    assert {"adapted", "stock", "delta", "prior"} <= set(evaluation) <= set(both["dev"])
     assert 0.0 < evaluation["adapted"]["mask_fraction"] < 1.0
     assert "wer" in evaluation["adapted"] and "wer" in evaluation["stock"]
     assert evaluation["delta"]["wer_low"] <= evaluation["delta"]["wer"] <= \
         evaluation["delta"]["wer_high"]
     # Intervals resample the eval speakers; the table shows each window's errors.
     from bestrq.dataset import FeatureDataset
-    groups = FeatureDataset(project / "data" / "features" / "eval").groups
+    groups = FeatureDataset(project / "data" / "features" / "test").groups
     assert None not in groups and evaluation["asr_speakers"] == len(set(groups)) >= 1
+    dev_groups = FeatureDataset(project / "data" / "features" / "dev").groups
+    train_groups = FeatureDataset(project / "data" / "features" / "train").groups
+    assert not set(groups) & set(dev_groups) and not set(train_groups) & set(groups + dev_groups)
     windows = json.loads((project / "dvclive" / "evaluate" / "windows.json").read_text())
+    assert {w["split"] for w in windows} == {"test", "dev"}
+    windows = [w for w in windows if w["split"] == "test"]
     assert len(windows) == evaluation["asr_clips"]
     assert {w["speaker"] for w in windows} <= set(groups)
     assert sum(w["stock_errors"] for w in windows) == evaluation["stock"]["substitutions"] + \
         evaluation["stock"]["deletions"] + evaluation["stock"]["insertions"]
     # Both fine-tunes ran on the same labelled clips and are compared with an interval.
-    finetuned = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
-    assert finetuned["labelled_clips"] >= 1 and finetuned["steps"] == 2
+    stage = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
+    assert stage["labelled_clips"] >= 1 and stage["steps"] == 2
+    finetuned = stage["test"]
+    assert {"stock", "adapted", "delta"} <= set(stage["dev"])
     assert finetuned["delta"]["wer_low"] <= finetuned["delta"]["wer"] <= \
         finetuned["delta"]["wer_high"]
     assert finetuned["delta"]["wer"] == pytest.approx(
@@ -116,7 +125,9 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
     manifest = project / "data" / "raw" / "manifest.jsonl"
     before = manifest.stat().st_mtime_ns
-    second = run(["dvc", "exp", "run", "-S", "num_codebooks=16"], project)
+    # Two fine-tune seeds: each seed's difference and one pooled over both.
+    second = run(["dvc", "exp", "run", "-S", "num_codebooks=16", "-S", "finetune.seeds=[0,1]"],
+                 project)
     assert ran_stages(second) == {"pretrain", "evaluate", "finetune", "report"}, second[-3000:]
     assert manifest.stat().st_mtime_ns == before
     assert "No file hash info found" not in second and "WARNING" not in second, second[-3000:]
@@ -131,13 +142,21 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
         if not metrics:
             continue
         params = data["params"]["params.yaml"]["data"]
-        answer = metrics["dvclive/report/metrics.json"]["data"]
-        assert set(answer["wer"]) == {"stock", "bestrq", "ft_stock", "ft_bestrq"}
-        assert set(answer["diff"]) == {"zero_shot", "zs_low", "zs_high", "finetuned", "ft_low",
-                                       "ft_high"}
-        assert answer["diff"]["finetuned"] == pytest.approx(
-            answer["wer"]["ft_bestrq"] - answer["wer"]["ft_stock"], abs=0.011)
-        assert {"loss", "prior_loss", "train_loss"} <= set(answer["bestrq"])
+        report = metrics["dvclive/report/metrics.json"]["data"]
+        assert list(report)[:2] == ["test", "dev"]
+        for answer in (report["test"], report["dev"]):
+            systems = {"stock", "bestrq", "ft_stock", "ft_bestrq"}
+            for group in ("wer", "wer_low", "wer_high", "sub", "del", "ins"):
+                assert set(answer[group]) == systems, group
+            assert set(answer["diff"]) == {"zero_shot", "zs_low", "zs_high", "finetuned",
+                                           "ft_low", "ft_high"}
+            assert answer["diff"]["finetuned"] == pytest.approx(
+                answer["wer"]["ft_bestrq"] - answer["wer"]["ft_stock"], abs=0.011)
+            assert {"loss", "prior_loss"} <= set(answer["bestrq"])
+        assert "train_loss" in report["bestrq"]
+        seeds = params["finetune"]["seeds"]
+        assert sorted(k for k in report["test"]["diff"] if "seed" in k) == (
+            [f"ft_seed_{s}" for s in seeds] if len(seeds) > 1 else [])
         codebooks.add(params["num_codebooks"])
     assert {1, 16} <= codebooks, shown[:4000]
 
@@ -145,10 +164,10 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     # wide, and the first 200 (a 200-column terminal's first screen) hold the ten numbers.
     table = run(["dvc", "exp", "show"], project, {"DVC_PAGER": "cat", "COLUMNS": "200"})
     header = next(line for line in table.splitlines() if "Experiment" in line)
-    assert header[:200].split() == ["Experiment", "Created", "wer.stock", "wer.bestrq",
-                                    "wer.ft_stock", "wer.ft_bestrq", "diff.zero_shot",
-                                    "diff.zs_low", "diff.zs_high", "diff.finetuned",
-                                    "diff.ft_low", "diff.ft_high", "bestrq.loss"], table[:3000]
+    assert header[:200].split()[:12] == [
+        "Experiment", "Created", "test.wer.stock", "test.wer.bestrq", "test.wer.ft_stock",
+        "test.wer.ft_bestrq", "test.diff.zero_shot", "test.diff.zs_low", "test.diff.zs_high",
+        "test.diff.finetuned", "test.diff.ft_low", "test.diff.ft_high"], table[:3000]
     row = next(line for line in table.splitlines() if "[" in line and "└──" in line)
     assert all(c.replace(".", "").replace("-", "").isdigit() for c in row[:200].split()[5:15])
 
@@ -184,7 +203,7 @@ def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
     assert 9216 * 4 < vectors.stat().st_size < 9216 * 4 + 16_384
     pretrain = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
     assert pretrain["ia3_file_kb"] == pytest.approx(vectors.stat().st_size / 1024)
-    evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
+    evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())["test"]
     # The label prior is the baseline to beat, and it is far below a uniform guess.
     assert evaluation["prior"]["loss"] < math.log(256) - 0.5
     assert math.isfinite(evaluation["delta"]["loss_vs_prior"])
@@ -193,7 +212,7 @@ def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
     assert evaluation["stock"]["wer"] < 0.5
     assert evaluation["delta"]["wer"] == pytest.approx(
         evaluation["adapted"]["wer"] - evaluation["stock"]["wer"])
-    finetuned = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
+    finetuned = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())["test"]
     assert finetuned["stock"]["wer"] < 0.5 and finetuned["adapted"]["wer"] < 0.5
     assert finetuned["delta"]["wer_low"] <= finetuned["delta"]["wer"] <= \
         finetuned["delta"]["wer_high"]

@@ -13,17 +13,24 @@ from bestrq.report import difference_records, flatten, summary, wer_records
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _system(wer: float) -> dict[str, float]:
-    return {"wer": wer, "wer_low": wer - 0.05, "wer_high": wer + 0.05}
+def _system(wer: float, errors: float = 10.0) -> dict[str, float]:
+    return {"wer": wer, "wer_low": wer - 0.05, "wer_high": wer + 0.05,
+            "substitutions": errors, "deletions": errors + 1, "insertions": errors + 2}
 
 
-SOURCES = {
-    "evaluate": flatten({"stock": _system(0.429),
-                         "adapted": {**_system(0.233), "loss": 7.81, "accuracy": 0.015},
+def _split(shift: float) -> dict:
+    return {"evaluate": {"stock": _system(0.429 + shift),
+                         "adapted": {**_system(0.233 + shift), "loss": 7.81, "accuracy": 0.015},
                          "delta": {"wer": -0.196, "wer_low": -0.562, "wer_high": -0.006},
-                         "prior": {"loss": 7.30, "accuracy": 0.005}}),
-    "finetune": flatten({"stock": _system(0.364), "adapted": _system(0.348),
-                         "delta": {"wer": -0.016, "wer_low": -0.037, "wer_high": -0.002}}),
+                         "prior": {"loss": 7.30, "accuracy": 0.005}},
+            "finetune": {"stock": _system(0.364 + shift), "adapted": _system(0.348 + shift),
+                         "delta": {"wer": -0.016, "wer_low": -0.037, "wer_high": -0.002}}}
+
+
+TEST, DEV = _split(0.0), _split(0.1)
+SOURCES = {
+    "evaluate": flatten({"test": TEST["evaluate"], "dev": DEV["evaluate"]}),
+    "finetune": flatten({"test": TEST["finetune"], "dev": DEV["finetune"]}),
     "pretrain": flatten({"train": {"loss": 6.3}}),
 }
 
@@ -32,37 +39,57 @@ def test_flatten_joins_dvclive_nesting_with_slashes():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a/b": 1, "a/c/d": 2, "e": 3}
 
 
-def test_summary_puts_the_answer_first_in_wer_points():
+def test_summary_puts_the_test_answer_first_in_wer_points_then_dev():
     out = summary(SOURCES)
-    assert list(out)[:10] == ["wer/stock", "wer/bestrq", "wer/ft_stock", "wer/ft_bestrq",
-                              "diff/zero_shot", "diff/zs_low", "diff/zs_high",
-                              "diff/finetuned", "diff/ft_low", "diff/ft_high"]
-    assert out["wer/stock"] == 42.9 and out["wer/ft_bestrq"] == 34.8
-    assert out["diff/zero_shot"] == -19.6 and out["diff/zs_low"] == -56.2
-    assert out["diff/finetuned"] == -1.6 and out["diff/ft_high"] == -0.2
-    assert out["bestrq/loss"] == 7.81 and out["bestrq/prior_loss"] == 7.3
+    assert list(out)[:10] == ["test/wer/stock", "test/wer/bestrq", "test/wer/ft_stock",
+                              "test/wer/ft_bestrq", "test/diff/zero_shot", "test/diff/zs_low",
+                              "test/diff/zs_high", "test/diff/finetuned", "test/diff/ft_low",
+                              "test/diff/ft_high"]
+    assert out["test/wer/stock"] == 42.9 and out["test/wer/ft_bestrq"] == 34.8
+    assert out["dev/wer/stock"] == 52.9 and out["dev/wer/ft_bestrq"] == 44.8
+    assert out["test/diff/zero_shot"] == -19.6 and out["test/diff/zs_low"] == -56.2
+    assert out["test/diff/finetuned"] == -1.6 and out["test/diff/ft_high"] == -0.2
+    # Every system's interval and S/D/I counts, for both splits.
+    assert out["test/wer_low/bestrq"] == 18.3 and out["dev/wer_high/ft_stock"] == 51.4
+    assert (out["test/sub/stock"], out["test/del/stock"], out["test/ins/stock"]) == (10, 11, 12)
+    assert all(f"{s}/{g}/{n}" in out for s in ("test", "dev")
+               for g in ("wer", "wer_low", "wer_high", "sub", "del", "ins")
+               for n in ("stock", "bestrq", "ft_stock", "ft_bestrq"))
+    assert out["test/bestrq/loss"] == 7.81 and out["dev/bestrq/prior_loss"] == 7.3
     assert out["bestrq/train_loss"] == 6.3
+    keys = list(out)
+    assert max(i for i, k in enumerate(keys) if k.startswith("test/")) < \
+        min(i for i, k in enumerate(keys) if k.startswith("dev/"))
+
+
+def test_each_seeds_difference_is_reported_beside_the_pooled_one():
+    finetune = {**SOURCES["finetune"], "test/seed_0/delta/wer": -0.01,
+                "test/seed_7/delta/wer": -0.022}
+    out = summary({**SOURCES, "finetune": finetune})
+    assert out["test/diff/ft_seed_0"] == -1.0 and out["test/diff/ft_seed_7"] == -2.2
+    assert out["test/diff/finetuned"] == -1.6
 
 
 def test_a_missing_source_leaves_its_numbers_out():
     out = summary({"evaluate": SOURCES["evaluate"], "finetune": {}, "pretrain": {}})
-    assert "wer/ft_stock" not in out and "diff/finetuned" not in out
-    assert "bestrq/train_loss" not in out and out["wer/bestrq"] == 23.3
+    assert "test/wer/ft_stock" not in out and "test/diff/finetuned" not in out
+    assert "bestrq/train_loss" not in out and out["test/wer/bestrq"] == 23.3
     assert difference_records({"evaluate": {}, "finetune": {}}) == []
 
 
-def test_plot_records_hold_the_metrics_numbers():
+def test_plot_records_hold_the_test_metrics_numbers():
     out = summary(SOURCES)
     wers = wer_records(SOURCES)
     assert [r["system"] for r in wers] == ["zero-shot: stock Whisper",
                                            "zero-shot: BEST-RQ adapter",
                                            "fine-tuned from stock", "fine-tuned from the adapter"]
-    assert [r["wer"] for r in wers] == [out["wer/stock"], out["wer/bestrq"],
-                                        out["wer/ft_stock"], out["wer/ft_bestrq"]]
+    assert [r["wer"] for r in wers] == [out["test/wer/stock"], out["test/wer/bestrq"],
+                                        out["test/wer/ft_stock"], out["test/wer/ft_bestrq"]]
     assert wers[0]["low"] == pytest.approx(37.9) and wers[0]["high"] == pytest.approx(47.9)
     diffs = difference_records(SOURCES)
     assert [(r["comparison"], r["difference"], r["low"], r["high"]) for r in diffs] == [
         ("zero-shot", -19.6, -56.2, -0.6), ("fine-tuned", -1.6, -3.7, -0.2)]
+    assert wer_records(SOURCES, "dev")[0]["wer"] == out["dev/wer/stock"]
 
 
 def test_committed_run_plot_files_hold_its_metrics():
@@ -72,13 +99,17 @@ def test_committed_run_plot_files_hold_its_metrics():
         pytest.skip("no committed run in this checkout")
     metrics = flatten(json.loads((live / "metrics.json").read_text()))
     wers = json.loads((live / "plots" / "custom" / "wer.json").read_text())
-    assert [r["wer"] for r in wers] == [metrics[k] for k in
-                                        ("wer/stock", "wer/bestrq", "wer/ft_stock",
-                                         "wer/ft_bestrq")]
+    assert [r["wer"] for r in wers] == [metrics[f"test/wer/{k}"] for k in
+                                        ("stock", "bestrq", "ft_stock", "ft_bestrq")]
+    assert [(r["low"], r["high"]) for r in wers] == [
+        (metrics[f"test/wer_low/{k}"], metrics[f"test/wer_high/{k}"])
+        for k in ("stock", "bestrq", "ft_stock", "ft_bestrq")]
     diffs = json.loads((live / "plots" / "custom" / "difference.json").read_text())
     assert [(r["difference"], r["low"], r["high"]) for r in diffs] == [
-        (metrics["diff/zero_shot"], metrics["diff/zs_low"], metrics["diff/zs_high"]),
-        (metrics["diff/finetuned"], metrics["diff/ft_low"], metrics["diff/ft_high"])]
+        (metrics["test/diff/zero_shot"], metrics["test/diff/zs_low"],
+         metrics["test/diff/zs_high"]),
+        (metrics["test/diff/finetuned"], metrics["test/diff/ft_low"],
+         metrics["test/diff/ft_high"])]
 
 
 def test_the_committed_plots_page_is_the_bundle_vl_convert_writes():

@@ -1,4 +1,4 @@
-"""Tests for bestrq.segment: cutting, packing, skipping, resampling and the train/eval split."""
+"""Tests for bestrq.segment: cutting, packing, skipping, resampling and the train/dev/test split."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ import pytest
 import soundfile as sf
 from whisper.audio import SAMPLE_RATE
 
-from bestrq.segment import SegmentConfig, segment_corpus, split_train_eval, validate
+from bestrq.segment import (
+    SPLITS,
+    SegmentConfig,
+    SplitError,
+    hide_transcripts,
+    segment_corpus,
+    split_corpus,
+    validate,
+)
+
+# Three splits need three voices, two with transcripts: the corpora of tests about cutting and
+# packing get two extra transcribed voices of one 1 s utterance each, left out by _windows.
+PAD = 2
 
 
 def _noise(seconds: float, rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
@@ -18,10 +30,14 @@ def _noise(seconds: float, rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray
     return (0.2 * rng.standard_normal(int(round(seconds * rate)))).astype(np.float32)
 
 
-def _corpus(tmp_path: Path, items: list[tuple[str, str, float, str | None]], rate: int = 16000):
-    """Write (id, group, seconds, transcript) utterances and a raw manifest; returns its path."""
+def _corpus(tmp_path: Path, items: list[tuple[str, str, float, str | None]], rate: int = 16000,
+            pad: bool = True):
+    """Write (id, group, seconds, transcript) utterances and a raw manifest; returns its path.
+    With `pad`, PAD more voices ("zpad<i>", one transcribed 1 s utterance each) follow."""
     raw = tmp_path / "raw"
     lines = []
+    if pad:
+        items = items + [(f"zpad{i}", f"zpad{i}", 1.0, "pad") for i in range(PAD)]
     for i, (utt, group, seconds, text) in enumerate(items):
         path = raw / group / f"{utt}.flac"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,12 +49,24 @@ def _corpus(tmp_path: Path, items: list[tuple[str, str, float, str | None]], rat
     return manifest
 
 
-def _windows(out: Path) -> list[dict]:
+def _windows(out: Path, pad: bool = False) -> list[dict]:
+    """Every window of the three splits (the padding voices' only with `pad`)."""
     recs = []
-    for name in ("train", "eval"):
+    for name in SPLITS:
         for line in (out / f"{name}.jsonl").read_text().splitlines():
-            recs.append(json.loads(line) | {"split": name})
+            rec = json.loads(line) | {"split": name}
+            if pad or not rec["group"].startswith("zpad"):
+                recs.append(rec)
     return recs
+
+
+def _count(stats: dict) -> float:
+    """Windows of the three splits, without the padding voices'."""
+    return sum(stats[f"num_{name}"] for name in SPLITS) - PAD
+
+
+def _hours(stats: dict) -> float:
+    return sum(stats[f"hours_{name}"] for name in SPLITS) - PAD / 3600
 
 
 def test_validate_names_the_parameter() -> None:
@@ -48,8 +76,11 @@ def test_validate_names_the_parameter() -> None:
         (SegmentConfig(max_seconds=0), "segment.max_seconds"),
         (SegmentConfig(min_seconds=-1), "segment.min_seconds"),
         (SegmentConfig(min_seconds=40, max_seconds=30), "segment.min_seconds"),
-        (SegmentConfig(eval_fraction=0), "segment.eval_fraction"),
-        (SegmentConfig(eval_fraction=1.0), "segment.eval_fraction"),
+        (SegmentConfig(dev_fraction=0), "segment.dev_fraction"),
+        (SegmentConfig(test_fraction=1.0), "segment.test_fraction"),
+        (SegmentConfig(dev_fraction=0.5, test_fraction=0.5), "dev_fraction \\+ segment.test"),
+        (SegmentConfig(transcribed_share=1.5), "segment.transcribed_share"),
+        (SegmentConfig(transcribed_share=True), "segment.transcribed_share"),
     ]:
         with pytest.raises(ValueError, match=name):
             validate(cfg)
@@ -72,11 +103,11 @@ def test_packing_respects_max_seconds_and_joins_transcripts(tmp_path: Path) -> N
         assert w["duration"] <= 30.0
         audio, rate = sf.read(out / w["path"])
         assert rate == SAMPLE_RATE and len(audio) == round(w["duration"] * SAMPLE_RATE)
-    assert stats["num_train"] + stats["num_eval"] == 3
-    total = 24 + 16 + 6
-    assert stats["padding_fraction"] == pytest.approx(1 - total / (3 * 30))
-    assert stats["mean_window_seconds"] == pytest.approx(total / 3)
-    assert stats["hours_train"] + stats["hours_eval"] == pytest.approx(total / 3600)
+    assert _count(stats) == 3
+    total = 24 + 16 + 6 + PAD
+    assert stats["padding_fraction"] == pytest.approx(1 - total / ((3 + PAD) * 30))
+    assert stats["mean_window_seconds"] == pytest.approx(total / (3 + PAD))
+    assert _hours(stats) == pytest.approx((total - PAD) / 3600)
 
 
 def test_no_packing_gives_one_window_per_utterance(tmp_path: Path) -> None:
@@ -86,7 +117,7 @@ def test_no_packing_gives_one_window_per_utterance(tmp_path: Path) -> None:
     wins = _windows(tmp_path / "seg")
     assert sorted(w["id"] for w in wins) == ["a-0", "a-1", "a-2", "b-0"]
     assert all(len(w["sources"]) == 1 for w in wins)
-    assert stats["num_train"] + stats["num_eval"] == 4
+    assert _count(stats) == 4
 
 
 def test_transcribed_and_untranscribed_are_never_packed_together(tmp_path: Path) -> None:
@@ -205,7 +236,7 @@ def test_absurd_sample_rate_header_is_skipped_not_allocated(tmp_path: Path) -> N
     (listed,) = [json.loads(x) for x in (tmp_path / "seg" / "skipped.jsonl").read_text()
                  .splitlines()]
     assert listed["id"] == "ghz" and "sample rate of 2000000000 Hz" in listed["reason"]
-    assert stats["num_train"] + stats["num_eval"] == 1
+    assert _count(stats) == 1
 
 
 def test_what_download_left_aside_is_listed_first(tmp_path: Path) -> None:
@@ -223,31 +254,81 @@ def test_what_download_left_aside_is_listed_first(tmp_path: Path) -> None:
 
 def test_split_by_group_and_deterministic(tmp_path: Path) -> None:
     items = [(f"spk{g}-{i}", f"spk{g}", 1.0, f"t{g}{i}") for g in range(10) for i in range(3)]
-    manifest = _corpus(tmp_path, items)
-    cfg = SegmentConfig(pack=False, eval_fraction=0.2, seed=1)
+    manifest = _corpus(tmp_path, items, pad=False)
+    cfg = SegmentConfig(pack=False, dev_fraction=0.2, test_fraction=0.3, seed=1)
     stats = segment_corpus(manifest, tmp_path / "a", cfg)
     wins = _windows(tmp_path / "a")
-    groups = {split: {w["id"].split("-")[0] for w in wins if w["split"] == split}
-              for split in ("train", "eval")}  # fmt: skip
-    assert groups["train"] and groups["eval"]
-    assert not groups["train"] & groups["eval"]
-    assert stats["num_eval"] == 6 and stats["num_train"] == 24  # 2 of 10 groups
+    groups = {split: {w["group"] for w in wins if w["split"] == split} for split in SPLITS}
+    assert all(groups.values())
+    assert not groups["train"] & groups["dev"] and not groups["train"] & groups["test"]
+    assert not groups["dev"] & groups["test"]
+    # 3 and 2 of 10 voices: the shares of the windows, whole voices each.
+    assert (stats["num_test"], stats["num_dev"], stats["num_train"]) == (9, 6, 15)
+    assert (stats["speakers_test"], stats["speakers_dev"], stats["speakers_train"]) == (3, 2, 5)
     segment_corpus(manifest, tmp_path / "b", cfg)
-    for name in ("train.jsonl", "eval.jsonl"):
-        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    for name in SPLITS:
+        assert (tmp_path / "a" / f"{name}.jsonl").read_text() == \
+            (tmp_path / "b" / f"{name}.jsonl").read_text()
 
 
-def test_split_guarantees_both_sides() -> None:
-    two = [{"id": "a0", "group": "a"}] * 1 + [{"id": f"b{i}", "group": "b"} for i in range(50)]
-    train, evals = split_train_eval(two, fraction=0.01, seed=0)
-    assert train and evals
-    assert not {w["group"] for w in train} & {w["group"] for w in evals}
-    one = [{"id": f"w{i}", "group": "only"} for i in range(2)]
-    train, evals = split_train_eval(one, fraction=0.1, seed=0)
-    assert len(train) == 1 and len(evals) == 1
-    many = [{"id": f"w{i}", "group": "only"} for i in range(100)]
-    train, evals = split_train_eval(many, fraction=0.1, seed=3)
-    assert len(evals) == 10 and len(train) == 90
+def _records(groups: dict[str, int], labelled: set[str] | None = None) -> list[dict]:
+    return [{"id": f"{g}{i}", "group": g,
+             "transcript": "t" if labelled is None or g in labelled else None}
+            for g, n in groups.items() for i in range(n)]
+
+
+def test_split_gives_three_nonempty_disjoint_splits_or_says_why() -> None:
+    # Three voices, one of them far larger: each split still gets one whole voice.
+    out = split_corpus(_records({"a": 1, "b": 50, "c": 2}), 0.01, 0.01, seed=0)
+    assert all(out[split] for split in SPLITS)
+    assert sum(len({w["group"] for w in out[s]}) for s in SPLITS) == 3
+    # Dev and test come from voices with transcripts: the two labelled ones, train the rest.
+    out = split_corpus(_records({"a": 5, "b": 5, "c": 5, "d": 5}, labelled={"b", "d"}),
+                       0.2, 0.2, seed=0)
+    assert {w["group"] for w in out["dev"] + out["test"]} == {"b", "d"}
+    assert {w["group"] for w in out["train"]} == {"a", "c"}
+    # Too few voices, or too few with transcripts: one line with the counts and the knobs.
+    for groups, labelled in (({"only": 100}, None), ({"a": 3, "b": 3}, None),
+                             ({"a": 3, "b": 3, "c": 3}, {"a"})):
+        with pytest.raises(SplitError, match=r"has \d speakers/recordings, \d of them with "
+                       r"transcripts.*download.num_speakers.*one per speaker"):
+            split_corpus(_records(groups, labelled), 0.1, 0.1, seed=0)
+
+
+def test_too_few_voices_stop_before_any_audio_is_decoded(tmp_path: Path, monkeypatch) -> None:
+    import bestrq.segment
+
+    manifest = _corpus(tmp_path, [("a", "g", 1.0, "t"), ("b", "h", 1.0, "t")], pad=False)
+    monkeypatch.setattr(bestrq.segment, "stream_audio", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(SplitError, match="has 2 speakers/recordings, 2 of them"):
+        segment_corpus(manifest, tmp_path / "seg", SegmentConfig())
+    assert not (tmp_path / "seg").exists()
+
+
+def test_transcribed_share_hides_text_of_train_windows_only(tmp_path: Path) -> None:
+    items = [(f"spk{g}-{i}", f"spk{g}", 1.0, f"t{g}{i}") for g in range(10) for i in range(6)]
+    manifest = _corpus(tmp_path, items, pad=False)
+    cfg = SegmentConfig(pack=False, dev_fraction=0.2, test_fraction=0.2, transcribed_share=0.25)
+    stats = segment_corpus(manifest, tmp_path / "seg", cfg)
+    wins = _windows(tmp_path / "seg")
+    train = [w for w in wins if w["split"] == "train"]
+    kept = sum(w["transcript"] is not None for w in train)
+    assert kept == round(0.25 * len(train)) == stats["transcribed_train"]
+    assert stats["num_hidden_transcripts"] == len(train) - kept
+    # Dev and test keep every transcript: their WER needs them.
+    assert all(w["transcript"] is not None for w in wins if w["split"] != "train")
+    assert stats["transcribed_test"] == stats["num_test"] > 0
+
+
+def test_hide_transcripts_is_a_seeded_draw_keeping_at_least_one() -> None:
+    def kept(share: float, seed: int) -> list[str]:
+        windows = _records({"a": 20})
+        hide_transcripts(windows, share, seed)
+        return [w["id"] for w in windows if w["transcript"] is not None]
+
+    assert len(kept(0.3, 0)) == 6 and kept(0.3, 0) == kept(0.3, 0)
+    assert kept(0.3, 0) != kept(0.3, 1)
+    assert len(kept(0.01, 0)) == 1 and kept(0.0, 0) == [] and len(kept(1.0, 0)) == 20
 
 
 def test_broken_long_recording_keeps_what_decoded_and_is_listed(tmp_path: Path) -> None:
