@@ -20,6 +20,7 @@ either kind; a file without decoder vectors leaves the decoder as it is in stock
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from whisper.model import Whisper
 
 from bestrq import convert
 from bestrq.atomic import atomic_path, atomic_write_text
+from bestrq.export_target import check_target, record_file
 from bestrq.ia3 import add_ia3, ia3_state_dict, load_ia3_state_dict, merge_ia3
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
@@ -186,7 +188,8 @@ def merge_vectors(model: Whisper, tensors: dict[str, Tensor]) -> Whisper:
 
 
 def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path,
-                  fmt: str = "openai", quantization: str | None = None) -> Path:
+                  fmt: str = "openai", quantization: str | None = None,
+                  protected: Iterable[str | Path] = ()) -> Path:
     """Write the base Whisper with the adapter's IA^3 vectors folded in (the encoder's, and the
     decoder's where the file has them: fine-tuned adapters) to `out_path`.
 
@@ -194,11 +197,17 @@ def export_merged(adapter_path: str | Path, base_model: str | None, out_path: st
     the one the adapter records. fmt: "openai" (a checkpoint file for `whisper.load_model`),
     "hf" (a Hugging Face folder) or "ct2" (a CTranslate2 folder for faster-whisper, weights in
     `quantization`); the last two need the `export` extra, checked before any work.
+
+    `out_path` must not exist, be empty, or be an unchanged earlier export; never inside a
+    `protected` folder (the pipeline's data/) nor over the adapter or base model
+    (`export_target.check_target`, before any work: ExportTargetError otherwise).
     """
     convert.require_export_extra(fmt)
     convert.check_quantization(fmt, quantization)
     tensors, info = read_adapter(adapter_path)
     spec = base_model or info["base"]["model"]
+    # Both the base given and the one the adapter records: a path among them is an input.
+    check_target(out_path, fmt, [adapter_path, spec, info["base"].get("model", "")], protected)
     model = load_whisper(spec)
     check_base(model, info, adapter_path, spec)
     merge_vectors(model, tensors)
@@ -207,5 +216,8 @@ def export_merged(adapter_path: str | Path, base_model: str | None, out_path: st
             return convert.save_hf_folder(model, out_path)
         if fmt == "ct2":
             return convert.save_ct2_folder(model, out_path, quantization)
-        save_whisper_checkpoint(model, out_path, half=False)
+        # Written beside the target and renamed: an interrupted export leaves the old file.
+        with atomic_path(Path(out_path)) as partial:
+            save_whisper_checkpoint(model, partial, half=False)
+        record_file(Path(out_path), fmt)
     return Path(out_path)

@@ -39,6 +39,8 @@ from torch import Tensor
 from whisper.model import AudioEncoder, ModelDimensions, TextDecoder, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
+from bestrq.export_target import check_target, record_folder
+
 EXPORT_EXTRA = "pip install 'whisper-bestrq[export]'"
 FORMATS = ("openai", "hf", "ct2")
 # What ctranslate2's converter takes as `quantization` (None: keep the weights' float32).
@@ -304,17 +306,14 @@ def _digest_files(paths: list[Path]) -> str:
 
 
 @contextmanager
-def _fresh_folder(out: Path, marker: str) -> Iterator[Path]:
-    """A temporary folder beside `out` that replaces it when the block succeeds.
+def _fresh_folder(out: Path, fmt: str) -> Iterator[Path]:
+    """A temporary folder beside `out` that replaces it when the block succeeds, marked as an
+    export of `fmt` (the files it holds listed).
 
-    An existing `out` is replaced only when it holds `marker` (an earlier export of the same
-    format) or is empty: an export never deletes a folder of something else.
+    An existing `out` is replaced only when it is empty or an unchanged earlier export
+    (`export_target.check_target`): an export never deletes a folder of something else.
     """
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and ((out / marker).is_file()
-                                               or not any(out.iterdir()))):
-        raise ValueError(f"{out} exists and is not an earlier export (no {marker}): "
-                              "choose another folder or remove it")
+    out = check_target(out, fmt)
     # Beside `out`, so that the rename is atomic; a leftover of a crashed export is replaced.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -322,6 +321,7 @@ def _fresh_folder(out: Path, marker: str) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        record_folder(tmp, fmt)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -350,7 +350,7 @@ def save_hf_folder(model: Whisper, out: str | Path) -> Path:
     with its tokenizer, feature extractor and generation config; `from_pretrained` and
     `pipeline("automatic-speech-recognition", out)` load it offline."""
     require_export_extra("hf")
-    with _fresh_folder(Path(out), HF_CONFIG) as tmp:
+    with _fresh_folder(Path(out), "hf") as tmp:
         write_hf_files(model, tmp)
     return Path(out)
 
@@ -365,7 +365,7 @@ def save_ct2_folder(model: Whisper, out: str | Path, quantization: str | None = 
     check_quantization("ct2", quantization)
     from ctranslate2.converters import TransformersConverter
 
-    with tempfile.TemporaryDirectory() as hf_dir, _fresh_folder(Path(out), "model.bin") as tmp:
+    with tempfile.TemporaryDirectory() as hf_dir, _fresh_folder(Path(out), "ct2") as tmp:
         write_hf_files(model, Path(hf_dir))
         converter = TransformersConverter(hf_dir, copy_files=list(CT2_COPIED))
         converter.convert(str(tmp), quantization=quantization, force=True)

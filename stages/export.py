@@ -21,7 +21,7 @@ import typer
 
 from bestrq.adapter import export_merged
 from bestrq.convert import CT2_QUANTIZATIONS, require_export_extra
-from stages.common import ADAPTER, friendly_errors
+from stages.common import ADAPTER, DATA, friendly_errors
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -60,7 +60,9 @@ def export(
     weights and, where the adapter has decoder vectors (fine-tuned adapters), its decoder's."""
     with friendly_errors():
         require_export_extra(format.value)  # before reading anything
-        path = export_merged(adapter, base or None, out, format.value, quantization)
+        # Never into the pipeline's outputs (data/), never over the adapter or the base.
+        path = export_merged(adapter, base or None, out, format.value, quantization,
+                             protected=[DATA])
     typer.echo(f"export: wrote {path} ({format.value}, {_size_mb(path):.1f} MB)")
 
 
