@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from whisper.audio import (
     pad_or_trim,
 )
 
+from bestrq.atomic import atomic_write_text
 from bestrq.distributed import resolve_device
 from bestrq.jsonl import read_jsonl
 
@@ -317,6 +319,13 @@ def compute_features(
                     f"{clip.path}: audio file of {split} clip {clip.id!r} not found"
                 )
 
+    # stats.json is written last, atomically: while it is absent the features are incomplete
+    # (a run killed part-way), and every reader of them stops (load_stats). Splits of an earlier
+    # run that this one has no manifest for are removed, not left to be mistaken for its own.
+    (out_dir / STATS_FILE).unlink(missing_ok=True)
+    for split in SPLITS + ("eval",):  # "eval": the two-split layout of earlier versions
+        if split not in splits and (out_dir / split).is_dir():
+            shutil.rmtree(out_dir / split)
     device = resolve_device(cfg.device)
     stats = _RunningStats(n_mels, device)
     start = time.perf_counter()
@@ -337,7 +346,7 @@ def compute_features(
 
     mean, std = stats.result()
     stats_json = {"mean": mean.tolist(), "std": std.tolist(), "num_frames": stats.count}
-    (out_dir / STATS_FILE).write_text(json.dumps(stats_json), encoding="utf-8")
+    atomic_write_text(out_dir / STATS_FILE, json.dumps(stats_json))
 
     num_train = len(splits["train"])
     train_frames = frames_per_split["train"]
@@ -354,7 +363,9 @@ def load_stats(features_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) float32 (n_mels,) from ``features_dir/stats.json``."""
     path = Path(features_dir) / STATS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: feature statistics not found (run compute_features)")
+        raise FileNotFoundError(f"{path}: feature statistics not found: the features in "
+                                f"{path.parent} are missing or incomplete (a features run that "
+                                "did not finish); run `dvc repro features`")
     data = json.loads(path.read_text(encoding="utf-8"))
     mean = torch.tensor(data["mean"], dtype=torch.float32)
     std = torch.tensor(data["std"], dtype=torch.float32)

@@ -248,3 +248,41 @@ def test_bad_manifest_row_names_line(tmp_path: Path) -> None:
     (tmp_path / "train.jsonl").write_text('{"id": "a", "path": "a.flac"}\n{"id": "b"}\n')
     with pytest.raises(ValueError, match=r"train\.jsonl:2"):
         compute_features(tmp_path, tmp_path / "out", 80, FeatureConfig(device="cpu"))
+
+
+def test_a_features_run_killed_part_way_leaves_features_no_reader_accepts(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    # A complete run on 2 clips, then a run on 3 clips killed while writing its test split: the
+    # new train index sits beside nothing of the old run's statistics, so pretraining (which
+    # reads them first) stops, naming the folder, instead of training on a mix.
+    import bestrq.features as features
+
+    segments, out = tmp_path / "segments", tmp_path / "features"
+    write_segments(segments, {"train": [2.0, 3.0], "test": [2.0]})
+    (out / "eval").mkdir(parents=True)  # a split of the old two-split layout
+    compute_features(segments, out, 80, FeatureConfig(device="cpu"))
+    assert not (out / "eval").exists()  # no manifest for it: not left to be mistaken for data
+    assert load_stats(out)[0].shape == (80,)
+    write_segments(segments, {"train": [2.0, 3.0, 4.0], "test": [2.0]})
+    real = features._write_split
+
+    def killed(clips, split_dir, *args, **kwargs):
+        if split_dir.name == "test":
+            raise KeyboardInterrupt  # as a kill would stop it, after train was written
+        return real(clips, split_dir, *args, **kwargs)
+
+    monkeypatch.setattr(features, "_write_split", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compute_features(segments, out, 80, FeatureConfig(device="cpu"))
+    assert len(_read_split(out / "train")[0]["ids"]) == 3  # the new train split is there ...
+    with pytest.raises(FileNotFoundError, match=r"stats.json.*incomplete.*dvc repro features"):
+        load_stats(out)  # ... but not accepted
+
+    from bestrq.params import load_params
+    from stages.pretrain import run_pretrain
+
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    with pytest.raises(FileNotFoundError, match=str(out)):
+        run_pretrain(p, features_dir=out, adapter_path=tmp_path / "a.safetensors",
+                     checkpoint_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "a.safetensors").exists()
