@@ -66,7 +66,7 @@ def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],
         raise ValueError(f"adapter parts must include 'ia3' and be among {PARTS}, got {parts}")
     info = {"format": FORMAT, "parts": [p for p in PARTS if p in parts], "base": base,
             "quantizer": model.quantizer.config.to_dict(), "masking": model.masking.to_dict(),
-            **(extra or {})}
+            "layers": model.layers(), **(extra or {})}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in
                model.adapter_state_dict().items() if k.split(".", 1)[0] in parts}
     _write(Path(path), tensors, info)
@@ -124,7 +124,9 @@ def build_model(whisper_model: Whisper, info: dict[str, Any],
                 tensors: dict[str, Tensor] | None = None) -> BestRQModel:
     """The BEST-RQ model an adapter describes, on `whisper_model`'s encoder."""
     quantizer = RandomProjectionQuantizer(QuantizerConfig.from_dict(info["quantizer"]))
-    model = BestRQModel(whisper_model.encoder, quantizer, MaskingConfig.from_dict(info["masking"]))
+    # Adapters made before the layers were a choice read the encoder's output.
+    model = BestRQModel(whisper_model.encoder, quantizer, MaskingConfig.from_dict(info["masking"]),
+                        **info.get("layers", {}))
     if tensors is not None:
         load_into(model, tensors)
     return model

@@ -11,9 +11,11 @@ as the paper specifies and mapped back with the same statistics.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper.model import AudioEncoder
 
@@ -156,6 +158,37 @@ class FusedMultiSoftmaxCE(torch.autograd.Function):
                  for g, like in zip(grads, ctx.dtypes, strict=True)), None, None, None, None
 
 
+def resolve_layer(index: int, num_blocks: int, name: str) -> int:
+    """A block index counted from the bottom (0) or, when negative, from the top (-1: the
+    last); ValueError naming `name` and the valid range otherwise."""
+    if isinstance(index, bool) or not isinstance(index, int) \
+            or not -num_blocks <= index < num_blocks:
+        raise ValueError(f"{name}: must be a block of this encoder, an integer in "
+                         f"[{-num_blocks}, {num_blocks - 1}] ({num_blocks} blocks; negative "
+                         f"counts from the top), got {index!r}")
+    return index % num_blocks
+
+
+def encoder_states(encoder: AudioEncoder, x: Tensor, layers: Sequence[int]
+                   ) -> dict[int, Tensor]:
+    """The outputs of encoder blocks `layers` (non-negative indices) for input x (batch, n_mels,
+    frames), each (batch, frames / 2, d_model), running the blocks no higher than needed: the
+    last block's through `ln_post`, the encoder's own output, and a lower block's through a
+    layer norm without parameters (its residual stream, at a scale a head or a distillation
+    loss can use). Whisper's AudioEncoder.forward, stopped early."""
+    last = len(encoder.blocks) - 1
+    top = max(layers)
+    h = F.gelu(encoder.conv1(x))
+    h = F.gelu(encoder.conv2(h)).permute(0, 2, 1)  # (batch, frames / 2, d_model)
+    h = (h + encoder.positional_embedding[:h.shape[1]]).to(h.dtype)
+    out: dict[int, Tensor] = {}
+    for i, block in enumerate(encoder.blocks[:top + 1]):
+        h = block(h)
+        if i in layers:
+            out[i] = encoder.ln_post(h) if i == last else F.layer_norm(h, h.shape[-1:])
+    return out
+
+
 @dataclass
 class BestRQOutput:
     loss: Tensor  # scalar fp32, mean over codebooks of the masked-frame cross-entropy
@@ -172,12 +205,27 @@ class BestRQModel(nn.Module):
     """Adapted encoder + one linear softmax head per codebook (held as one fused Linear)."""
 
     def __init__(self, encoder: AudioEncoder, quantizer: RandomProjectionQuantizer,
-                 masking: MaskingConfig, distill_weight: float = 0.0) -> None:
+                 masking: MaskingConfig, distill_weight: float = 0.0, bestrq_layer: int = -1,
+                 distill_layers: Sequence[int] = (-1,), distill_padding: bool = False) -> None:
+        """bestrq_layer: the block whose output feeds the heads (BEARD puts them on a middle
+        block; blocks above it then get no BEST-RQ gradient); distill_layers: the blocks whose
+        outputs are distilled to the stock encoder's, `distill_weight` times their mean MSE;
+        distill_padding: count the padded frames too (Whisper's decoder attends to them)."""
         super().__init__()
         masking.validate()
         if not distill_weight >= 0.0:
             raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
         self.distill_weight = float(distill_weight)
+        blocks = len(encoder.blocks)
+        self.bestrq_layer = resolve_layer(bestrq_layer, blocks, "bestrq_layer")
+        resolved = [resolve_layer(i, blocks, "distill_layers") for i in distill_layers]
+        if not resolved or len(set(resolved)) != len(resolved):
+            raise ValueError(f"distill_layers: must be a non-empty list of distinct blocks, got "
+                             f"{list(distill_layers)!r}")
+        self.distill_layers = tuple(sorted(resolved))
+        if not isinstance(distill_padding, bool):
+            raise ValueError(f"distill_padding: must be true or false, got {distill_padding!r}")
+        self.distill_padding = distill_padding
         stack = quantizer.config.stack_frames
         if stack % ENCODER_STRIDE:
             raise ValueError(f"stack_frames must be a multiple of the encoder stride "
@@ -236,9 +284,15 @@ class BestRQModel(nn.Module):
                                 where=None if all_labels else loss_mask)
         return x, labels, loss_mask, valid
 
+    def layers(self) -> dict[str, object]:
+        """What an adapter file records of where the losses read the encoder."""
+        return {"bestrq_layer": self.bestrq_layer, "distill_layers": list(self.distill_layers),
+                "distill_padding": self.distill_padding}
+
     def encode(self, x: Tensor) -> Tensor:
-        """Encoder input (batch, n_mels, frames) -> (batch, targets, group * d_model)."""
-        h = self.encoder(x)  # (batch, frames / 2, d_model)
+        """Encoder input (batch, n_mels, frames) -> (batch, targets, group * d_model), from
+        block `bestrq_layer` (the blocks above it are not run)."""
+        h = encoder_states(self.encoder, x, [self.bestrq_layer])[self.bestrq_layer]
         batch, frames, d = h.shape
         usable = frames // self.group * self.group
         return h[:, :usable].reshape(batch, usable // self.group, self.group * d)
@@ -253,27 +307,37 @@ class BestRQModel(nn.Module):
         h = self.encode(x)  # (batch, targets, group * d_model)
         out = self.loss(h, labels, loss_mask, valid if with_metrics else None)
         if self.distill_weight > 0:
-            distill = self.distillation(mel, num_valid)
+            distill, per_layer = self.distillation(mel, num_valid)
             if with_metrics:
                 out.metrics["bestrq_loss"] = float(out.loss.detach())
                 out.metrics["distill_loss"] = float(distill.detach())
+                if len(per_layer) > 1:
+                    out.metrics.update({f"distill_loss_l{i}": float(v.detach())
+                                        for i, v in per_layer.items()})
             out.loss = out.loss + self.distill_weight * distill
         return out
 
-    def distillation(self, mel: Tensor, num_valid: Tensor) -> Tensor:
-        """Mean squared difference, over valid encoder frames and channels, between the adapted
-        encoder's output on the clean input and the stock encoder's (the same weights with the
-        IA^3 vectors at one, no gradient): a guard that keeps the adapted encoder's output
-        where Whisper's decoder expects it (BEARD, arXiv 2510.24570, distils from the frozen
-        encoder the same way). mel: (batch, n_mels, frames) Whisper log-mel; scalar fp32."""
+    def distillation(self, mel: Tensor, num_valid: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """Mean squared difference, over valid encoder frames (all frames with
+        `distill_padding`) and channels, between the adapted encoder's block outputs on the
+        clean input and the stock encoder's (the same weights with the IA^3 vectors at one, no
+        gradient), for each of `distill_layers`, and its mean over them: a guard that keeps the
+        adapted encoder where Whisper's decoder expects it (BEARD, arXiv 2510.24570, distils
+        the upper blocks from the frozen encoder). mel: (batch, n_mels, frames) Whisper
+        log-mel; scalar fp32, and the per-block terms."""
         with torch.no_grad(), ia3_disabled(self.encoder):
-            target = self.encoder(mel)  # (batch, frames / 2, d_model)
-        h = self.encoder(mel)  # (batch, frames / 2, d_model)
-        frames = (num_valid + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,)
-        valid = torch.arange(h.shape[1], device=h.device)[None] < frames[:, None]
-        diff = h.float()[valid] - target.float()[valid]  # (valid frames, d_model)
-        # No valid frame: zero, with every vector still in the graph (DDP buckets).
-        return diff.pow(2).mean() if diff.numel() else h.float().sum() * 0.0
+            targets = encoder_states(self.encoder, mel, self.distill_layers)
+        states = encoder_states(self.encoder, mel, self.distill_layers)
+        per_layer: dict[int, Tensor] = {}
+        for i, h in states.items():  # (batch, frames / 2, d_model)
+            frames = (num_valid + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,)
+            valid = torch.arange(h.shape[1], device=h.device)[None] < frames[:, None]
+            if self.distill_padding:
+                valid = torch.ones_like(valid)
+            diff = h.float()[valid] - targets[i].float()[valid]  # (valid frames, d_model)
+            # No valid frame: zero, with every vector still in the graph (DDP buckets).
+            per_layer[i] = diff.pow(2).mean() if diff.numel() else h.float().sum() * 0.0
+        return torch.stack(list(per_layer.values())).mean(), per_layer
 
     def loss(self, h: Tensor, labels: Tensor, loss_mask: Tensor,
              valid: Tensor | None = None) -> BestRQOutput:

@@ -54,6 +54,12 @@ MODEL_HELP: dict[str, str] = {
                       "targets do not follow the recording level) | global (the train split's)",
     "distill_weight": "weight of the distillation guard: MSE of the adapted to the stock "
                       "encoder's output on the clean input (0: off)",
+    "distill_layers": "encoder blocks whose outputs are distilled to the stock encoder's (a "
+                      "list; negative counts from the top; [-1]: the encoder's output)",
+    "distill_padding": "the distillation counts padded frames too (Whisper's decoder attends "
+                       "to them)",
+    "bestrq_layer": "encoder block whose output feeds the BEST-RQ heads (negative counts from "
+                    "the top; -1: the last; BEARD: a middle block, the upper ones distilled)",
 }
 # Help text of TrainConfig's fields, for `train --help`.
 TRAIN_HELP: dict[str, str] = {
@@ -205,6 +211,10 @@ class TopLevel(_Section):
     mask_target_share: Annotated[float, Field(gt=0, le=1)] = _MASKING.target_share
     quantizer_norm: Literal["utterance", "global"] = _QUANTIZER.norm  # type: ignore[assignment]
     distill_weight: Annotated[float, Field(ge=0, le=10**6)] = 0.0
+    distill_layers: Annotated[list[Annotated[int, Field(ge=-1024, le=1023)]],
+                              Field(min_length=1, max_length=1024)] = [-1]
+    distill_padding: bool = False
+    bestrq_layer: Annotated[int, Field(ge=-1024, le=1023)] = -1
     batch_size: BatchSize = _TRAIN.batch_size
     accumulate_gradients: Accumulate = _TRAIN.accumulate_gradients
     learning_rate: LearningRate = _TRAIN.learning_rate
@@ -247,7 +257,7 @@ def expected(model: type[BaseModel], name: str) -> str:
     if get_origin(kind) is Literal:
         return "one of " + ", ".join(str(v) for v in get_args(kind))
     if get_origin(kind) is list:
-        return "a list of 1 to 100 distinct integers >= 0"
+        return "a non-empty list of distinct integers (see its help for the range)"
     if kind is bool:
         return "true or false"
     if isinstance(kind, type) and issubclass(kind, BaseModel):
@@ -338,6 +348,9 @@ class Params:
     nnodes: int
     heldout_every: int
     distill_weight: float
+    distill_layers: list[int]
+    distill_padding: bool
+    bestrq_layer: int
     quantizer: QuantizerConfig
     masking: MaskingConfig
     train: TrainConfig
@@ -366,7 +379,8 @@ def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
     sections = {name: cls(**top[name]) for name, cls in SECTIONS.items()}
     return Params(model=top["model"], n_mels=top["n_mels"], nproc=top["nproc"],
                   nnodes=top["nnodes"], heldout_every=top["heldout_every"],
-                  distill_weight=top["distill_weight"],
+                  distill_weight=top["distill_weight"], distill_layers=top["distill_layers"],
+                  distill_padding=top["distill_padding"], bestrq_layer=top["bestrq_layer"],
                   quantizer=quantizer, masking=masking,
                   train=TrainConfig(**train_values), raw=top, **sections)
 

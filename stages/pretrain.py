@@ -52,7 +52,6 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     if not (features_dir / "train" / "index.json").is_file():
         raise FileNotFoundError(f"no training features in {features_dir}/train: run "
                                 "`dvc repro features` first")
-    mean, std = load_stats(features_dir)  # absent while features are incomplete: stop here
     key = checkpoint_key({**training_values(p), "autocast": resolved_autocast(p)}, features_dir,
                          p.train.lr_schedule)
     same_on_every_rank(key.fingerprint, "the parameters or training features")
@@ -61,8 +60,10 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
         raise ValueError(f"n_mels: model {p.model!r} takes {base.dims.n_mels} mel bins but "
                          f"n_mels is {p.n_mels}; set n_mels: {base.dims.n_mels}, re-run features")
     identity = model_identity(p.model, base)
+    mean, std = load_stats(features_dir)
     quantizer = RandomProjectionQuantizer(p.quantizer, mean, std)
-    model = BestRQModel(base.encoder, quantizer, p.masking, p.distill_weight)
+    model = BestRQModel(base.encoder, quantizer, p.masking, p.distill_weight, p.bestrq_layer,
+                        p.distill_layers, p.distill_padding)
     del base  # the decoder is not needed for pre-training
     dataset = FeatureDataset(features_dir / "train")
 

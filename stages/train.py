@@ -33,6 +33,13 @@ def _defaults(params_file: Path) -> dict[str, Any]:
         else {}
 
 
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the parameter check then names the option and what it takes
+
+
 def _option(name: str, default: Any) -> inspect.Parameter:
     help_text = MODEL_HELP.get(name) or TRAIN_HELP.get(name, name.replace("_", " "))
     kind = TopLevel.model_fields[name].annotation
@@ -42,7 +49,7 @@ def _option(name: str, default: Any) -> inspect.Parameter:
         flags = [f"--{n}/--no-{n}" for n in spellings]
     else:
         if get_origin(kind) is Literal or kind not in (int, float, str):
-            kind = str  # a choice: the parameter check names the key and the choices
+            kind = str  # a choice or a list: the parameter check names the key and what fits
         flags = [f"--{n}" for n in spellings]
     # None unless given: params.yaml's value then applies, checked as it is written there
     # (Click would turn a default of 2.5 for an integer option into 2).
@@ -62,6 +69,9 @@ def build_command(params_file: Path = Path("params.yaml")) -> typer.Typer:
     def command(**kwargs: Any) -> None:
         out = Path(kwargs.pop("output_dir"))
         features_dir = Path(kwargs.pop("features_dir"))
+        for name, value in kwargs.items():  # a list given as YAML: --distill_layers "[-2, -1]"
+            if get_origin(TopLevel.model_fields[name].annotation) is list and value is not None:
+                kwargs[name] = _yaml_value(value)
         p = params_or_exit("pretrain", str(params_file), overrides=kwargs)
         relaunch_under_torchrun(p, "stages.train")
         with friendly_errors():

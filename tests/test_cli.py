@@ -43,6 +43,19 @@ def test_train_rejects_bad_value_before_work(tmp_path):
     assert "command line: num_codebooks: must be an integer in [1, 64], got 0" in result.output
 
 
+def test_train_takes_a_list_option_as_yaml(monkeypatch):
+    import stages.train
+
+    seen = {}
+    monkeypatch.setattr(stages.train, "run_pretrain", lambda p, **kw: seen.update(p=p))
+    result = runner.invoke(build_command(REPO / "params.yaml"),
+                           ["--distill_layers", "[-2, -1]", "--bestrq_layer", "-3"])
+    assert result.exit_code == 0, result.output
+    assert seen["p"].distill_layers == [-2, -1] and seen["p"].bestrq_layer == -3
+    result = runner.invoke(build_command(REPO / "params.yaml"), ["--distill_layers", "[a"])
+    assert result.exit_code == 2 and "distill_layers: must be a non-empty list" in result.output
+
+
 @pytest.mark.parametrize("value", ["2.5", "true", "abc"])
 def test_train_integer_option_rejects_other_types_naming_it(value):
     result = runner.invoke(build_command(REPO / "params.yaml"), ["--batch_size", value])

@@ -5,7 +5,7 @@ import torch
 
 from bestrq.ia3 import ia3_state_dict
 from bestrq.masking import MaskingConfig, draw_sample_mask
-from bestrq.model import LOGITS_BUDGET_BYTES, BestRQModel, chunk_shape
+from bestrq.model import LOGITS_BUDGET_BYTES, BestRQModel, chunk_shape, encoder_states
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
 from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper
 
@@ -190,7 +190,7 @@ def test_distillation_guard_is_the_mse_to_the_stock_encoder_on_valid_frames(tiny
         out.metrics["bestrq_loss"] + 0.7 * out.metrics["distill_loss"], rel=1e-6)
     # The term pulls the vectors back towards one: its gradient alone points away from them.
     model.zero_grad()
-    model.distillation(mel, nv).backward()
+    model.distillation(mel, nv)[0].backward()
     for v in ia3_state_dict(model.encoder).values():
         assert float((v.grad * (v.detach() - 1)).sum()) > 0
     with pytest.raises(ValueError, match="distill_weight"):
@@ -359,3 +359,83 @@ def test_fused_loss_backward_runs_once(tiny_whisper):
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         out.loss.backward()
+
+
+def _layered(dims_layers: int = 4, **kwargs):
+    dims = TINY_TEST_DIMS.__class__(**{**TINY_TEST_DIMS.__dict__, "n_audio_layer": dims_layers})
+    q = RandomProjectionQuantizer(QuantizerConfig(codebook_size=64))
+    return BestRQModel(random_whisper(dims).encoder, q, MaskingConfig(mask_prob=0.05), **kwargs)
+
+
+def test_the_last_blocks_state_is_the_encoders_output_bit_for_bit():
+    model = _layered()
+    mel = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        states = encoder_states(model.encoder, mel, [1, 3])
+        assert torch.equal(states[3], model.encoder(mel))  # the default path is unchanged
+        # A lower block: its residual stream, layer-normed without parameters.
+        h = model.encoder.conv2(torch.nn.functional.gelu(model.encoder.conv1(mel)))
+        h = torch.nn.functional.gelu(h).permute(0, 2, 1) + model.encoder.positional_embedding
+        for block in model.encoder.blocks[:2]:
+            h = block(h)
+        assert torch.allclose(states[1], torch.nn.functional.layer_norm(h, (64,)), atol=1e-6)
+
+
+def test_bestrq_layer_feeds_the_heads_and_blocks_above_learn_only_from_distillation():
+    mel, nv, masks, noises = fixed_batch(mask_prob=0.2)
+    model = _layered(bestrq_layer=1, distill_weight=0.5, distill_layers=[-1, 2])
+    assert model.layers() == {"bestrq_layer": 1, "distill_layers": [2, 3],
+                              "distill_padding": False}
+    out = model(mel, nv, frame_mask=masks, noise=noises)
+    assert set(out.metrics) >= {"distill_loss_l2", "distill_loss_l3"}
+    out.loss.backward()
+    full = {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.distillation(mel, nv)[0].mul(0.5).backward()
+    distill = {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.requires_grad}
+    above = [n for n in full if n.startswith(("blocks.2.", "blocks.3."))]
+    below = [n for n in full if n.startswith(("blocks.0.", "blocks.1."))]
+    assert above and below
+    for name in above:  # no BEST-RQ gradient above its block
+        assert torch.allclose(full[name], distill[name], atol=1e-7), name
+    assert any(not torch.allclose(full[n], distill[n], atol=1e-6) for n in below)
+    # The heads read block 1: the encoder's output (block 3) does not change the loss.
+    model.zero_grad()
+    with torch.no_grad():
+        x, labels, loss_mask, _ = model.make_inputs(mel, nv, masks, noises)
+        h = encoder_states(model.encoder, x, [1])[1]
+        expected = model.loss(h.reshape(2, 1500, 64), labels, loss_mask).loss
+        assert float(model.loss(model.encode(x), labels, loss_mask).loss) == float(expected)
+
+
+def test_distill_padding_counts_the_padded_frames():
+    mel, nv, _, _ = fixed_batch()  # clip 1 has 900 of 1500 encoder frames
+    terms = {}
+    for padding in (False, True):
+        model = _layered(distill_weight=1.0, distill_padding=padding)
+        with torch.no_grad():
+            for v in ia3_state_dict(model.encoder).values():
+                v.copy_(1 + 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)))
+            stock_model = _layered()
+            stock = stock_model.encoder(mel)
+            adapted = model.encoder(mel)
+            terms[padding] = float(model.distillation(mel, nv)[0])
+    by_hand = {False: torch.cat([(adapted[0] - stock[0]).pow(2).flatten(),
+                                 (adapted[1, :900] - stock[1, :900]).pow(2).flatten()]).mean(),
+               True: (adapted - stock).pow(2).mean()}
+    for padding, value in terms.items():
+        assert value == pytest.approx(float(by_hand[padding]), rel=1e-5)
+    assert terms[True] != pytest.approx(terms[False], rel=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bestrq_layer": 4}, r"bestrq_layer: must be a block of this encoder, an integer in "
+                          r"\[-4, 3\]"),
+    ({"bestrq_layer": -5}, "bestrq_layer"),
+    ({"distill_layers": [0, 7]}, r"distill_layers: .*\[-4, 3\]"),
+    ({"distill_layers": []}, "distill_layers: must be a non-empty list"),
+    ({"distill_layers": [-1, 3]}, "distinct"),
+])
+def test_layers_outside_the_encoder_are_refused_naming_the_key_and_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _layered(**kwargs)
