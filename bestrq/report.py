@@ -22,18 +22,19 @@ SYSTEMS = (
 )
 # The two differences (adapter minus stock): (summary key, low, high, label, source).
 DIFFERENCES = (
-    ("diff/zero_shot", "diff/zs_low", "diff/zs_high", "zero-shot", "evaluate"),
-    ("diff/finetuned", "diff/ft_low", "diff/ft_high", "fine-tuned", "finetune"),
+    ("zs_diff", "zs_low", "zs_high", "zero-shot", "evaluate"),
+    ("ft_diff", "ft_low", "ft_high", "fine-tuned", "finetune"),
 )
 # Per system, after the answer: its interval and word error counts (summary group, source key).
 DETAILS = (("wer_low", "wer_low"), ("wer_high", "wer_high"), ("sub", "substitutions"),
            ("del", "deletions"), ("ins", "insertions"))
 # BEST-RQ itself on a held-out split, beside the label prior (nats, share).
+# ("heldout", not "bestrq": `<split>/bestrq` is the adapter's WER.)
 BESTRQ = (
-    ("bestrq/loss", "adapted/loss"),
-    ("bestrq/prior_loss", "prior/loss"),
-    ("bestrq/accuracy", "adapted/accuracy"),
-    ("bestrq/prior_accuracy", "prior/accuracy"),
+    ("heldout/loss", "adapted/loss"),
+    ("heldout/prior_loss", "prior/loss"),
+    ("heldout/accuracy", "adapted/accuracy"),
+    ("heldout/prior_accuracy", "prior/accuracy"),
 )
 
 
@@ -55,7 +56,8 @@ def _points(fraction: float) -> float:
 
 def summary(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """The answer columns in the order `dvc exp show` should show them, test first, then dev:
-    the four WERs (%), the two differences with their 95% paired intervals (points), each
+    the four WERs (%) as `<split>/<system>`, the two differences with their 95% paired
+    intervals (points; `<split>/zs_diff`, `/ft_diff`, with `_low`, `_high`), each
     system's 95% interval and substitution, deletion and insertion counts, BEST-RQ's held-out
     loss and accuracy beside the label prior's; last, pre-training's final train loss.
     `sources` maps "evaluate", "finetune", "pretrain" to their flattened summaries (keys
@@ -68,7 +70,7 @@ def summary(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
 
         for name, _, source, prefix in SYSTEMS:
             if (value := get(source, f"{prefix}/wer")) is not None:
-                out[f"{split}/wer/{name}"] = _points(value)
+                out[f"{split}/{name}"] = _points(value)
         for key, low, high, _, source in DIFFERENCES:
             if (value := get(source, "delta/wer")) is not None:
                 out[f"{split}/{key}"] = _points(value)
@@ -78,7 +80,7 @@ def summary(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         for key, value in sources.get("finetune", {}).items():
             seed = key.removeprefix(f"{split}/seed_").removesuffix("/delta/wer")
             if key == f"{split}/seed_{seed}/delta/wer":
-                out[f"{split}/diff/ft_seed_{seed}"] = _points(value)
+                out[f"{split}/ft_diff_seed_{seed}"] = _points(value)
         for group, found in DETAILS:
             for name, _, source, prefix in SYSTEMS:
                 if (value := get(source, f"{prefix}/{found}")) is not None:

@@ -19,7 +19,7 @@ from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper, save_whisper_ch
 pytestmark = pytest.mark.slow
 
 # README "Sweeps": the columns that answer "which value is better", the rest dropped.
-KEEP = r"Experiment|num_codebooks|wer\.|diff\.|bestrq\."
+KEEP = r"Experiment|num_codebooks|test\.\w+$"  # README's line: test's top-level numbers
 
 
 def wait_for_queue(project: Path, timeout: float = 900) -> str:
@@ -71,26 +71,28 @@ def test_queued_sweep_runs_every_value_and_shows_them_side_by_side(tmp_path):
         # USM's multi-softmax reports one accuracy per codebook.
         accuracies = {f"accuracy_cb{i}" for i in range(codebooks)} if codebooks > 1 else set()
         assert {"loss", "accuracy", *accuracies} <= set(found["pretrain"]["train"])
-        assert found["report"]["bestrq"]["loss"] == pytest.approx(
-            found["evaluate"]["adapted"]["loss"], abs=1e-4)
-        assert found["report"]["bestrq"]["prior_loss"] == pytest.approx(
-            found["evaluate"]["prior"]["loss"], abs=1e-4)
-        delta = found["finetune"]["delta"]
+        report, evaluation = found["report"]["test"], found["evaluate"]["test"]
+        assert report["heldout"]["loss"] == pytest.approx(evaluation["adapted"]["loss"],
+                                                          abs=1e-4)
+        assert report["heldout"]["prior_loss"] == pytest.approx(evaluation["prior"]["loss"],
+                                                                abs=1e-4)
+        delta = found["finetune"]["test"]["delta"]
         assert delta["wer_low"] <= delta["wer"] <= delta["wer_high"]
-        assert found["report"]["diff"]["finetuned"] == pytest.approx(100 * delta["wer"],
-                                                                     abs=0.006)
-    assert runs[1]["evaluate"]["adapted"]["loss"] != runs[4]["evaluate"]["adapted"]["loss"]
+        assert report["ft_diff"] == pytest.approx(100 * delta["wer"], abs=0.006)
+    assert runs[1]["evaluate"]["test"]["adapted"]["loss"] != \
+        runs[4]["evaluate"]["test"]["adapted"]["loss"]
 
     # README's table: one row per run, the chosen columns only, best fine-tuned difference
     # first.
     table = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", KEEP, "--sort-by",
-                 "diff.finetuned", "--sort-order", "asc"], project)
+                 "test.ft_diff", "--sort-order", "asc"], project)
     rows = [r for r in csv.DictReader(io.StringIO(table[table.find("Experiment"):]))
-            if r["diff.finetuned"] != "!"]  # "!": the baseline has no such metric
-    assert {"wer.stock", "wer.ft_bestrq", "diff.finetuned", "diff.ft_low", "bestrq.loss",
-            "bestrq.prior_loss", "num_codebooks"} <= set(rows[0])
-    assert len(rows) == 2 and "seed" not in rows[0]
-    gaps = [float(r["diff.finetuned"]) for r in rows]
+            if r["test.ft_diff"] != "!"]  # "!": the baseline has no such metric
+    assert {"test.stock", "test.ft_bestrq", "test.ft_diff", "test.ft_low",
+            "num_codebooks"} <= set(rows[0])
+    assert len(rows) == 2 and "seed" not in rows[0] and "dev.stock" not in rows[0]
+    assert "test.wer_low.stock" not in rows[0]  # the details stay out
+    gaps = [float(r["test.ft_diff"]) for r in rows]
     assert gaps == sorted(gaps)
     assert {int(r["num_codebooks"]) for r in rows} == {1, 4}
 
