@@ -138,3 +138,14 @@ def test_every_answer_key_logs_through_dvclive(tmp_path):
             live.log_metric(key, value, plot=False)
     logged = flatten(json.loads((tmp_path / "live" / "metrics.json").read_text()))
     assert logged == out
+
+
+def test_plot_titles_are_safe_in_dvcs_page():
+    # DVC puts a top-level plot's title, made an id, into a quoted JavaScript string of the
+    # page: a quote in it stops every chart after it from rendering.
+    import yaml
+
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    titles = [title for entry in plots for title in (entry if isinstance(entry, dict) else {})]
+    assert len(titles) >= 4
+    assert not [t for t in titles if set(t) & set("'\"\\<>")]
