@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -318,7 +319,7 @@ def _messages(err: ValidationError, origin: dict[str, str], source: str) -> list
             continue
         want = expected(owner, loc[-1])
         value = item["input"]
-        lines.append(f"{where}: {key}: must be {want}, got {value!r}{_hint(value, want)}")
+        lines.append(f"{where}: {key}: must be {want}, got {quote(value)}{_hint(value, want)}")
     return lines
 
 
@@ -328,13 +329,16 @@ def check_types(raw: Any, origin: dict[str, str] | None = None,
     declared type and range checks. ValueError with one line per bad key otherwise, each
     starting with where the value came from: `origin[key]` (e.g. "command line") or `source`."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: must be a mapping of parameters, got {raw!r}")
+        raise ValueError(f"{source}: must be a mapping of parameters, got {quote(raw)}")
+    _check_keys(raw, source)
     # An empty section (`download:` alone) reads as null: it means "all defaults".
     raw = {k: ({} if k in SECTIONS and v is None else v) for k, v in raw.items()}
     try:
-        return TopLevel.model_validate(raw).model_dump()
+        top = TopLevel.model_validate(raw).model_dump()
     except ValidationError as err:
         raise ValueError("\n".join(_messages(err, origin or {}, source))) from None
+    _check_paths(top, source)
+    return top
 
 
 # ----------------------------------------------------------------------------- configs
@@ -412,16 +416,93 @@ def validate(params: Params, stage: str | None = None) -> None:
         params.finetune.validate(params.train)
 
 
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; more is a mistake or an attack
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
+PATH_KEYS = ("model", "download.source", "download.watch")
+# What a message quotes of a value: a few levels and items, so that a value built by YAML
+# aliases (a "billion laughs" list) is never expanded to be printed.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxdict, _QUOTE.maxstring, _QUOTE.maxother = \
+    2, 4, 4, 80, 80
+
+
+def quote(value: Any) -> str:
+    """A short repr of `value` for a message, whatever its size."""
+    return _QUOTE.repr(value)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping, as DVC does."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {quote(key)} given twice (lines {seen[key]} and {line})",
+                    key_node.start_mark)
+            seen[key] = line
+        except TypeError:  # an unhashable key (a list): the base constructor says so
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    """A params file's YAML, refusing files over MAX_PARAMS_BYTES and duplicate keys;
+    ValueError naming the file (and the line) otherwise."""
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ValueError(f"{path}: {size} bytes, more than a params file can be "
+                         f"({MAX_PARAMS_BYTES} at most)")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text: {err}") from None
+
+
+def _check_keys(raw: dict, source: str) -> None:
+    """Every key a name: a number, null or list as a key is named, not a KeyError later."""
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{source}: key {quote(key)} ({type(key).__name__}): parameter "
+                             "names are text")
+        if isinstance(value, dict):
+            for inner in value:
+                if not isinstance(inner, str):
+                    raise ValueError(f"{source}: {key}: key {quote(inner)} "
+                                     f"({type(inner).__name__}): parameter names are text")
+
+
+def _check_paths(top: dict[str, Any], source: str) -> None:
+    """Paths the file system cannot hold are an error naming the key, not an OSError later."""
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        value = top[section][name] if section else top[name]
+        encoded = value.encode("utf-8", "surrogateescape")
+        longest = max((len(p) for p in encoded.split(b"/")), default=0)
+        if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+            raise ValueError(f"{source}: {key}: {quote(value)} is too long for a path "
+                             f"({len(encoded)} bytes, a name of {longest}; at most "
+                             f"{MAX_PATH_BYTES} and {MAX_NAME_BYTES})")
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
                 stage: str | None = None) -> Params:
     """Read, override (top-level keys, e.g. from the command line) and validate params.yaml."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run from the project root")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path)
     raw = {} if raw is None else raw
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if isinstance(raw, dict):

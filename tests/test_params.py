@@ -152,3 +152,69 @@ def test_a_file_that_is_not_a_mapping_is_named(tmp_path, text, message):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ValueError, match=re.escape(message)):
         load_params(tmp_path / "params.yaml")
+
+
+def _params_file(tmp_path: Path, extra: str) -> Path:
+    """The repository's params.yaml with `extra` text appended, as a file."""
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text() + extra)
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("num_codebooks: 16\n", r"key 'num_codebooks' given twice \(lines \d+ and \d+\)"),
+    ("1: 2\n", r"key 1 \(int\): parameter names are text"),
+    ("null: 2\n", r"key None \(NoneType\): parameter names are text"),
+    ("finetune_extra:\n  3: 4\n", r"key 3 \(int\)"),
+])
+def test_params_files_dvc_would_reject_are_named_not_crashed(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        load_params(_params_file(tmp_path, extra))
+
+
+def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    import time
+
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = (REPO / "params.yaml").read_text().replace("model: tiny.en", "model: *l8")
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n" + text)  # 9**9 strings if ever expanded
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        load_params(path)
+    assert time.perf_counter() - start < 5.0
+    (line,) = [x for x in str(err.value).splitlines() if x.startswith("params.yaml: model:")]
+    assert line.startswith("params.yaml: model: must be a non-empty string, got [[[")
+    assert len(line) < 300  # the value is quoted a few levels deep, never expanded
+
+
+@pytest.mark.parametrize("key, line", [
+    ("model", "model: " + "m" * 300),
+    ("download.source", "  source: /data/" + "x" * 300),
+])
+def test_a_path_too_long_for_the_file_system_names_the_key(tmp_path, key, line):
+    text = (REPO / "params.yaml").read_text()
+    old = "model: tiny.en" if key == "model" else "  source: synthetic"
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(old, line.split("  #")[0], 1))
+    with pytest.raises(ValueError, match=rf"{key}: '.*' is too long for a path \(\d+ bytes, "
+                                         r"a name of \d+; at most 4096 and 255\)"):
+        load_params(path)
+
+
+def test_an_oversized_params_file_is_refused_before_parsing(tmp_path):
+    path = _params_file(tmp_path, "#" * (1 << 20) + "\n")
+    with pytest.raises(ValueError, match=r"bytes, more than a params file can be"):
+        load_params(path)
+
+
+def test_a_stage_given_a_duplicate_key_exits_2_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.segment import app
+
+    path = _params_file(tmp_path, "seed: 3\n")
+    result = CliRunner().invoke(app, ["--params", str(path)])
+    assert result.exit_code == 2
+    assert "key 'seed' given twice" in result.output and "Traceback" not in result.output
