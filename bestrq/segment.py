@@ -229,6 +229,20 @@ def _read_download_skipped(raw_dir: Path) -> list[dict]:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# A window's file is <id>.flac in one folder: ids are kept well under a file system's 255-byte
+# names (and leave room for the "_" that makes a colliding one unique).
+MAX_ID_CHARS = 200
+
+
+def window_name(key: str) -> str:
+    """The file-system-safe id of the window that starts with unit `key`: unsafe characters as
+    "_", and a name too long for a file shortened to its start and a stable hash of the whole
+    key (so that two long keys with one start stay apart)."""
+    name = _UNSAFE.sub("_", key)
+    if len(name) <= MAX_ID_CHARS:
+        return name
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{name[:MAX_ID_CHARS - 17]}-{digest}"
 
 
 def _until_error(blocks: Iterator[np.ndarray], errors: list[Exception]
@@ -419,7 +433,7 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
             tally.cut += group_tally.cut
             # Final names are given here, in group order, so they never depend on the workers.
             for record in records:
-                window_id = _UNSAFE.sub("_", record.pop("key"))
+                window_id = window_name(record.pop("key"))
                 while window_id in used_ids:
                     window_id += "_"
                 used_ids.add(window_id)

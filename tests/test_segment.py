@@ -401,3 +401,21 @@ def test_parallel_workers_give_the_same_corpus_as_one_process(tmp_path: Path) ->
             (tmp_path / "seg2" / w["path"]).read_bytes()
     with pytest.raises(ValueError, match="segment.num_workers"):
         validate(SegmentConfig(num_workers=-1))
+
+
+def test_a_long_recording_name_gives_short_stable_window_names(tmp_path: Path) -> None:
+    # A 35 s recording named with 250 characters: its pieces' names would be 250 + "_p000.flac",
+    # too long for a file; they are shortened with a hash of the whole name, the same each run.
+    long_a, long_b = "a" * 249 + "1", "a" * 249 + "2"  # one start, two recordings
+    manifest = _corpus(tmp_path, [(long_a, "g", 35.0, None), (long_b, "h", 2.0, "t")])
+    outputs = []
+    for run in ("one", "two"):
+        segment_corpus(manifest, tmp_path / run, SegmentConfig(min_seconds=0.0))
+        outputs.append(_windows(tmp_path / run))
+    assert outputs[0] == outputs[1]
+    names = [w["id"] for w in outputs[0]]
+    assert len(names) == 3 and len(set(names)) == 3
+    assert all(len(f"{n}.flac".encode()) <= 255 for n in names)
+    assert sum(w["sources"] == [long_a] for w in outputs[0]) == 2
+    for w in outputs[0]:
+        assert (tmp_path / "one" / w["path"]).is_file()
