@@ -414,7 +414,10 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     for stale in (audio_dir, work_dir):  # windows of an earlier run would linger otherwise
         if stale.exists():
             shutil.rmtree(stale)
-    (out_dir / "eval.jsonl").unlink(missing_ok=True)  # the two-split layout of earlier versions
+    # Manifests of an earlier run would point at the audio just removed if this run stopped
+    # part-way; "eval": the two-split layout of earlier versions.
+    for name in (*SPLITS, "eval", "skipped"):
+        (out_dir / f"{name}.jsonl").unlink(missing_ok=True)
     audio_dir.mkdir(parents=True)
 
     jobs = [_GroupJob(group, list(members), raw_manifest.parent, work_dir / f"{i:06d}",

@@ -419,3 +419,17 @@ def test_a_long_recording_name_gives_short_stable_window_names(tmp_path: Path) -
     assert sum(w["sources"] == [long_a] for w in outputs[0]) == 2
     for w in outputs[0]:
         assert (tmp_path / "one" / w["path"]).is_file()
+
+
+def test_a_run_that_stops_part_way_leaves_no_manifest_of_the_last_one(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    import bestrq.segment
+
+    manifest = _corpus(tmp_path, [("a", "g", 1.0, "t"), ("b", "h", 1.0, "t")])
+    out = tmp_path / "seg"
+    segment_corpus(manifest, out, SegmentConfig())
+    assert (out / "train.jsonl").is_file()
+    monkeypatch.setattr(bestrq.segment, "split_corpus", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        segment_corpus(manifest, out, SegmentConfig())
+    assert not list(out.glob("*.jsonl"))  # nothing that points at the removed windows
