@@ -190,14 +190,17 @@ def prior_metrics(train_counts: Tensor, eval_counts: Tensor) -> dict[str, float]
 
 
 def evaluate_adapter(model: BestRQModel, dataset: Dataset, train_dataset: Dataset,
-                     config: EvaluateConfig, device: torch.device, progress: bool = True
-                     ) -> dict[str, float]:
+                     config: EvaluateConfig, device: torch.device, progress: bool = True,
+                     train_counts: Tensor | None = None) -> dict[str, float]:
     """The adapted model's metrics on `dataset` (`adapted/...`) beside the label prior of
     `train_dataset` scored on the same masked targets (`prior/...`), and their differences
-    `delta/loss_vs_prior`, `delta/accuracy_vs_prior` (negative loss delta: better than prior)."""
+    `delta/loss_vs_prior`, `delta/accuracy_vs_prior` (negative loss delta: better than prior).
+    `train_counts`: `train_label_counts` of `train_dataset` when already counted (they do not
+    depend on the split evaluated)."""
     adapted, masked_counts = _bestrq_pass(model, dataset, config, device, progress)
-    prior = prior_metrics(train_label_counts(model, train_dataset, config, device, progress),
-                          masked_counts)
+    if train_counts is None:
+        train_counts = train_label_counts(model, train_dataset, config, device, progress)
+    prior = prior_metrics(train_counts, masked_counts)
     out = {f"adapted/{k}": v for k, v in adapted.items()}
     out.update({f"prior/{k}": v for k, v in prior.items()})
     out["delta/loss_vs_prior"] = adapted["loss"] - prior["loss"]

@@ -328,12 +328,13 @@ class BestRQModel(nn.Module):
         with torch.no_grad(), ia3_disabled(self.encoder):
             targets = encoder_states(self.encoder, mel, self.distill_layers)
         states = encoder_states(self.encoder, mel, self.distill_layers)
+        first = next(iter(states.values()))  # (batch, frames / 2, d_model), as every block's
+        frames = (num_valid + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,)
+        valid = torch.arange(first.shape[1], device=first.device)[None] < frames[:, None]
+        if self.distill_padding:
+            valid = torch.ones_like(valid)
         per_layer: dict[int, Tensor] = {}
         for i, h in states.items():  # (batch, frames / 2, d_model)
-            frames = (num_valid + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,)
-            valid = torch.arange(h.shape[1], device=h.device)[None] < frames[:, None]
-            if self.distill_padding:
-                valid = torch.ones_like(valid)
             diff = h.float()[valid] - targets[i].float()[valid]  # (valid frames, d_model)
             # No valid frame: zero, with every vector still in the graph (DDP buckets).
             per_layer[i] = diff.pow(2).mean() if diff.numel() else h.float().sum() * 0.0

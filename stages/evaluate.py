@@ -9,7 +9,7 @@ import typer
 from bestrq.adapter import build_model, check_base, read_adapter
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import resolve_device
-from bestrq.evaluate import compare_asr, evaluate_adapter, probe_encoders
+from bestrq.evaluate import compare_asr, evaluate_adapter, probe_encoders, train_label_counts
 from bestrq.whisper_model import load_whisper
 from stages.common import (
     ADAPTER,
@@ -49,8 +49,10 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
         asr = p.evaluate.asr_config(p.train.precision)
         datasets = {split: FeatureDataset(FEATURES / split) for split in REPORTED}
         found: dict[str, dict[str, float]] = {split: {} for split in REPORTED}
+        counts = train_label_counts(model, train, p.evaluate, device)  # once, for every split
         for split, dataset in datasets.items():
-            found[split].update(evaluate_adapter(model, dataset, train, p.evaluate, device))
+            found[split].update(evaluate_adapter(model, dataset, train, p.evaluate, device,
+                                                 train_counts=counts))
             if p.evaluate.probes:
                 found[split].update(probe_encoders(model, dataset, p.evaluate, device))
         del model  # compare_asr loads its own Whisper, one copy at a time

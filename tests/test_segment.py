@@ -252,9 +252,14 @@ def test_what_download_left_aside_is_listed_first(tmp_path: Path) -> None:
     assert stats["num_listed"] == 3 and stats["num_skipped"] == 1
 
 
+def _voices(voices: int, each: int) -> list[tuple[str, str, float, str]]:
+    """`each` transcribed 1 s utterances of each of `voices` speakers spk0, spk1, ..."""
+    return [(f"spk{g}-{i}", f"spk{g}", 1.0, f"t{g}{i}") for g in range(voices)
+            for i in range(each)]
+
+
 def test_split_by_group_and_deterministic(tmp_path: Path) -> None:
-    items = [(f"spk{g}-{i}", f"spk{g}", 1.0, f"t{g}{i}") for g in range(10) for i in range(3)]
-    manifest = _corpus(tmp_path, items, pad=False)
+    manifest = _corpus(tmp_path, _voices(10, 3), pad=False)
     cfg = SegmentConfig(pack=False, dev_fraction=0.2, test_fraction=0.3, seed=1)
     stats = segment_corpus(manifest, tmp_path / "a", cfg)
     wins = _windows(tmp_path / "a")
@@ -306,8 +311,7 @@ def test_too_few_voices_stop_before_any_audio_is_decoded(tmp_path: Path, monkeyp
 
 
 def test_transcribed_share_hides_text_of_train_windows_only(tmp_path: Path) -> None:
-    items = [(f"spk{g}-{i}", f"spk{g}", 1.0, f"t{g}{i}") for g in range(10) for i in range(6)]
-    manifest = _corpus(tmp_path, items, pad=False)
+    manifest = _corpus(tmp_path, _voices(10, 6), pad=False)
     cfg = SegmentConfig(pack=False, dev_fraction=0.2, test_fraction=0.2, transcribed_share=0.25)
     stats = segment_corpus(manifest, tmp_path / "seg", cfg)
     wins = _windows(tmp_path / "seg")
