@@ -1,20 +1,25 @@
-"""Adapter files: IA^3 vectors, BEST-RQ heads and quantizer state in one safetensors file.
+"""Adapter files: the encoder's adapter (IA^3 vectors or LoRA matrices), BEST-RQ heads and
+quantizer state in one safetensors file.
 
 The file's metadata holds a JSON description (configs, base model identity, training summary),
 also written beside it as `<name>.json` for people and for DVC. From an adapter and its base
 checkpoint, `build_model` rebuilds the exact BEST-RQ model and `export_merged` writes a stock
-openai-whisper checkpoint with the IA^3 vectors folded into the weights (or, through
+openai-whisper checkpoint with the adapter folded into the weights (or, through
 `bestrq.convert`, a Hugging Face or CTranslate2 folder).
 
-The heads (d_model x num_codebooks x codebook_size) dwarf the IA^3 vectors (6 x d_model x
-layers): 12.6 MB against 36 KB for tiny at 8192 codes. They are needed to continue or evaluate
-BEST-RQ training, not to use the adapted encoder, so `parts=("ia3",)` writes a vectors-only file
-in the same format, which `export_merged` accepts as well.
+Adapter tensors are named `<kind>.<module>.<name>` (`ia3.encoder.blocks.0.attn.key`,
+`lora.decoder.blocks.0.attn.query.lora_A`) and the description's `adapter` entry says which kind
+and, for LoRA, its rank, alpha and targets (absent in files made before LoRA: IA^3).
 
-Fine-tuned adapters are vectors-only files written by `save_vectors` from a whole Whisper: they
-hold `ia3.encoder.*` and also `ia3.decoder.*` (8 x d_model per decoder layer: self- and
-cross-attention keys and values, FFN). `load_vectors`, `merge_vectors` and `export_merged` take
-either kind; a file without decoder vectors leaves the decoder as it is in stock Whisper.
+The heads (d_model x num_codebooks x codebook_size) dwarf the adapter (IA^3: 6 x d_model x
+layers): 12.6 MB against 36 KB for tiny at 8192 codes. They are needed to continue or evaluate
+BEST-RQ training, not to use the adapted encoder, so `parts=("adapter",)` writes an
+adapter-only file in the same format, which `export_merged` accepts as well.
+
+Fine-tuned adapters are adapter-only files written by `save_vectors` from a whole Whisper: they
+hold `<kind>.encoder.*` and also `<kind>.decoder.*` (IA^3: 8 x d_model per decoder layer).
+`load_vectors`, `merge_vectors` and `export_merged` take either; a file without decoder tensors
+leaves the decoder as it is in stock Whisper.
 """
 
 from __future__ import annotations
@@ -31,18 +36,45 @@ from torch import Tensor
 from whisper.model import Whisper
 
 from bestrq import convert
+from bestrq.adapters import (
+    IA3,
+    KINDS,
+    AdapterConfig,
+    adapter_kind,
+    adapter_state_dict,
+    add_adapter,
+    identity_state_dict,
+    load_adapter_state_dict,
+    merge_adapter,
+)
 from bestrq.atomic import atomic_path, atomic_write_text
 from bestrq.export_target import check_target, record_file
-from bestrq.ia3 import add_ia3, ia3_state_dict, load_ia3_state_dict, merge_ia3
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
 from bestrq.whisper_model import load_whisper, model_identity, save_whisper_checkpoint
 
 FORMAT = "bestrq-ia3-adapter/1"
-PARTS = ("ia3", "heads", "quantizer")
-# The Whisper modules whose IA^3 vectors a file may hold, as `ia3.<module>.<vector name>`.
-IA3_MODULES = ("encoder", "decoder")
+PARTS = ("adapter", "heads", "quantizer")  # "adapter": its tensors are named by its kind
+# The Whisper modules whose adapter a file may hold, as `<kind>.<module>.<tensor name>`.
+ADAPTED_MODULES = ("encoder", "decoder")
+
+
+def adapter_config(info: dict[str, Any]) -> AdapterConfig:
+    """The adapter an adapter file's description records (IA^3 for files made before LoRA)."""
+    return AdapterConfig.from_dict(info.get("adapter"))
+
+
+def _kinds(tensors: dict[str, Tensor]) -> set[str]:
+    return {k.split(".", 1)[0] for k in tensors} & set(KINDS)
+
+
+def _check_kind(tensors: dict[str, Tensor], expected: AdapterConfig) -> None:
+    """A file of one adapter kind given where the other is expected: refused, naming both."""
+    other = sorted(_kinds(tensors) - {expected.kind})
+    if other:
+        raise ValueError(f"the adapter file holds a {other[0]} adapter ({other[0]}.* tensors) "
+                         f"where a {expected.kind} adapter is expected")
 
 
 def _write(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
@@ -62,29 +94,38 @@ def save_adapter(path: str | Path, model: BestRQModel, base: dict[str, Any],
     keeping with the file (training parameters, step, metrics); parts: which of PARTS to store.
     """
     unknown = sorted(set(parts) - set(PARTS))
-    if unknown or "ia3" not in parts:
-        raise ValueError(f"adapter parts must include 'ia3' and be among {PARTS}, got {parts}")
-    info = {"format": FORMAT, "parts": [p for p in PARTS if p in parts], "base": base,
-            "quantizer": model.quantizer.config.to_dict(), "masking": model.masking.to_dict(),
-            "layers": model.layers(), **(extra or {})}
+    if unknown or "adapter" not in parts:
+        raise ValueError(f"adapter parts must include 'adapter' and be among {PARTS}, got "
+                         f"{parts}")
+    kind = model.adapter.kind
+    stored = [kind if p == "adapter" else p for p in PARTS if p in parts]
+    info = {"format": FORMAT, "parts": stored, "base": base,
+            "adapter": model.adapter.to_dict(), "quantizer": model.quantizer.config.to_dict(),
+            "masking": model.masking.to_dict(), "layers": model.layers(), **(extra or {})}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in
-               model.adapter_state_dict().items() if k.split(".", 1)[0] in parts}
+               model.adapter_state_dict().items() if k.split(".", 1)[0] in stored}
     _write(Path(path), tensors, info)
     return info
 
 
 def save_vectors(path: str | Path, model: Whisper, base: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the IA^3 vectors of a whole Whisper (`ia3.encoder.*`, `ia3.decoder.*`, for each of
-    the two that has them) to `path` as a vectors-only adapter, and its description to
+                 extra: dict[str, Any] | None = None, adapter: AdapterConfig = IA3
+                 ) -> dict[str, Any]:
+    """Write the `adapter` of a whole Whisper (`<kind>.encoder.*`, `<kind>.decoder.*`, for each
+    of the two that has it) to `path` as an adapter-only file, and its description to
     `path.json`. base and extra as for `save_adapter`. Returns the description."""
-    tensors = {f"ia3.{part}.{k}": v.detach().float().cpu().contiguous()
-               for part in IA3_MODULES
-               for k, v in ia3_state_dict(getattr(model, part)).items()}
+    held = {adapter_kind(getattr(model, part)) for part in ADAPTED_MODULES} - {None}
+    if held - {adapter.kind}:
+        raise ValueError(f"the model holds a {sorted(held)[0]} adapter, not the {adapter.kind} "
+                         "adapter to be saved")
+    tensors = {f"{adapter.kind}.{part}.{k}": v.detach().float().cpu().contiguous()
+               for part in ADAPTED_MODULES
+               for k, v in adapter_state_dict(getattr(model, part)).items()}
     if not tensors:
-        raise ValueError("the model has no IA^3 vectors in its encoder or decoder: nothing to "
-                         "save (add_ia3 first)")
-    info = {"format": FORMAT, "parts": ["ia3"], "base": base, **(extra or {})}
+        raise ValueError("the model has no adapter in its encoder or decoder: nothing to "
+                         "save (add_adapter first)")
+    info = {"format": FORMAT, "parts": [adapter.kind], "base": base,
+            "adapter": adapter.to_dict(), **(extra or {})}
     _write(Path(path), tensors, info)
     return info
 
@@ -110,12 +151,14 @@ def _section(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def load_into(model: BestRQModel, tensors: dict[str, Tensor]) -> None:
     """Copy an adapter's tensors into a model built with the same configuration."""
-    missing = [p for p in PARTS if not any(k.startswith(f"{p}.") for k in tensors)]
+    kind = model.adapter.kind
+    _check_kind(tensors, model.adapter)
+    missing = [p for p in (kind, *PARTS[1:]) if not any(k.startswith(f"{p}.") for k in tensors)]
     if missing:
-        raise ValueError(f"the adapter has no {' or '.join(missing)} tensors: a vectors-only "
+        raise ValueError(f"the adapter has no {' or '.join(missing)} tensors: an adapter-only "
                          "file can be merged into Whisper (export_merged), but BEST-RQ "
                          "evaluation or training needs the full adapter")
-    load_ia3_state_dict(model.encoder, _section(tensors, "ia3.encoder."))
+    load_adapter_state_dict(model.encoder, _section(tensors, f"{kind}.encoder."))
     model.heads.load_state_dict(_section(tensors, "heads."))
     model.quantizer.load_state_dict(_section(tensors, "quantizer."))
 
@@ -126,7 +169,7 @@ def build_model(whisper_model: Whisper, info: dict[str, Any],
     quantizer = RandomProjectionQuantizer(QuantizerConfig.from_dict(info["quantizer"]))
     # Adapters made before the layers were a choice read the encoder's output.
     model = BestRQModel(whisper_model.encoder, quantizer, MaskingConfig.from_dict(info["masking"]),
-                        **info.get("layers", {}))
+                        adapter=adapter_config(info), **info.get("layers", {}))
     if tensors is not None:
         load_into(model, tensors)
     return model
@@ -152,47 +195,50 @@ def check_base(whisper_model: Whisper, info: dict[str, Any], path: str | Path,
                          f"(sha256 {digest[:12]}...)")
 
 
-def load_vectors(model: Whisper, tensors: dict[str, Tensor]) -> Whisper:
-    """Put an adapter's IA^3 vectors into `model`, in place, and return it.
+def load_vectors(model: Whisper, tensors: dict[str, Tensor], adapter: AdapterConfig = IA3,
+                 seed: int = 0) -> Whisper:
+    """Put an adapter file's tensors (of kind `adapter`, as its description records) into
+    `model`, in place, and return it.
 
-    IA^3 is added to both the encoder and the decoder, so the result can be trained further.
-    The file must hold encoder vectors; its decoder vectors, where it has any (fine-tuned
-    adapters; BEST-RQ ones have none), are loaded too, else the decoder's are set to one. Within
-    each module the names must match the model's exactly. Other parts (heads, quantizer) are
-    ignored.
+    The adapter is added to both the encoder and the decoder (LoRA's A drawn from `seed`), so
+    the result can be trained further. The file must hold encoder tensors; its decoder tensors,
+    where it has any (fine-tuned adapters; BEST-RQ ones have none), are loaded too, else the
+    decoder's adapter is set to compute the stock decoder (IA^3 at one, LoRA's B at zero).
+    Within each module the names must match the model's exactly. Other parts (heads,
+    quantizer) are ignored. A file of the other kind is refused, naming both.
     """
-    sections = {part: _section(tensors, f"ia3.{part}.") for part in IA3_MODULES}
+    _check_kind(tensors, adapter)
+    kind = adapter.kind
+    sections = {part: _section(tensors, f"{kind}.{part}.") for part in ADAPTED_MODULES}
     if not sections["encoder"]:
-        raise KeyError("the adapter has no IA^3 encoder vectors (ia3.encoder.*): not an adapter "
-                       "for this model, or a damaged file")
-    stray = sorted(k for k in tensors if k.startswith("ia3.")
-                   and not any(k.startswith(f"ia3.{part}.") for part in IA3_MODULES))
+        raise KeyError(f"the adapter has no {kind} encoder tensors ({kind}.encoder.*): not an "
+                       "adapter for this model, or a damaged file")
+    stray = sorted(k for k in tensors if k.startswith(f"{kind}.")
+                   and not any(k.startswith(f"{kind}.{part}.") for part in ADAPTED_MODULES))
     if stray:
-        raise KeyError(f"the adapter has IA^3 vectors for no known module: {stray[:4]}")
-    for part in IA3_MODULES:
+        raise KeyError(f"the adapter has {kind} tensors for no known module: {stray[:4]}")
+    for part in ADAPTED_MODULES:
         module = getattr(model, part)
-        add_ia3(module)
-        vectors = sections[part]
-        if not vectors:
-            # An adapter without decoder vectors describes the stock decoder, even where this
-            # model's decoder already had other vectors.
-            vectors = {k: torch.ones_like(v) for k, v in ia3_state_dict(module).items()}
-        load_ia3_state_dict(module, vectors)
+        add_adapter(module, adapter, seed)
+        # An adapter without decoder tensors describes the stock decoder, even where this
+        # model's decoder already had another adapter.
+        load_adapter_state_dict(module, sections[part] or identity_state_dict(module))
     return model
 
 
-def merge_vectors(model: Whisper, tensors: dict[str, Tensor]) -> Whisper:
-    """Fold an adapter's IA^3 vectors (encoder, and decoder where the file has them) into
+def merge_vectors(model: Whisper, tensors: dict[str, Tensor],
+                  adapter: AdapterConfig = IA3) -> Whisper:
+    """Fold an adapter file's tensors (encoder, and decoder where the file has them) into
     `model`'s weights, in place: the result is a plain Whisper (no extra modules) that computes
     what the adapted one does."""
-    merge_ia3(load_vectors(model, tensors))
+    merge_adapter(load_vectors(model, tensors, adapter))
     return model
 
 
 def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path,
                   fmt: str = "openai", quantization: str | None = None,
                   protected: Iterable[str | Path] = ()) -> Path:
-    """Write the base Whisper with the adapter's IA^3 vectors folded in (the encoder's, and the
+    """Write the base Whisper with the adapter folded in (the encoder's, and the
     decoder's where the file has them: fine-tuned adapters) to `out_path`.
 
     base_model: a Whisper name, checkpoint path or Hugging Face folder or hub name; None takes
@@ -212,7 +258,7 @@ def export_merged(adapter_path: str | Path, base_model: str | None, out_path: st
     check_target(out_path, fmt, [adapter_path, spec, info["base"].get("model", "")], protected)
     model = load_whisper(spec)
     check_base(model, info, adapter_path, spec)
-    merge_vectors(model, tensors)
+    merge_vectors(model, tensors, adapter_config(info))
     with torch.no_grad():
         if fmt == "hf":
             return convert.save_hf_folder(model, out_path)

@@ -8,7 +8,7 @@ beside a label-prior baseline, and the word error rate of Whisper with and witho
   most frequent train label), scored on those same masked targets. `delta/loss_vs_prior` and
   `delta/accuracy_vs_prior` are what the encoder's context adds beyond the label frequencies;
   log(codebook_size) would overstate it since labels are far from uniform (`prior/train_entropy`).
-- `stock/wer`, `adapted/wer`, `delta/wer`: stock Whisper and Whisper with the vectors merged
+- `stock/wer`, `adapted/wer`, `delta/wer`: stock Whisper and Whisper with the adapter merged
   into its encoder, decoding the same transcribed clips; the delta has a 95% paired bootstrap
   interval (`delta/wer_low`, `delta/wer_high`). The heads are not compared on the stock
   encoder: they were trained with the adapted one, so that comparison would favour the adapter.
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from bestrq.adapter import merge_vectors
+from bestrq.adapters import AdapterConfig, adapter_disabled
 from bestrq.asr import (
     AsrConfig,
     clip_errors,
@@ -37,7 +38,6 @@ from bestrq.asr import (
     wer_comparison,
 )
 from bestrq.dataset import collate
-from bestrq.ia3 import ia3_disabled
 from bestrq.masking import target_valid
 from bestrq.model import ENCODER_STRIDE, BestRQModel
 from bestrq.probes import ProbeConfig, probe, sample_frames
@@ -236,7 +236,7 @@ def heldout_tracker(model: BestRQModel, dataset: Dataset, train_dataset: Dataset
 @torch.no_grad()
 def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
                    device: torch.device, progress: bool = True) -> dict[str, float]:
-    """`bestrq.probes` of the stock encoder (IA^3 vectors at one) and the adapted one, on the
+    """`bestrq.probes` of the stock encoder (adapter switched off) and the adapted one, on the
     same clean valid frames of `dataset` (at most `max_clips` clips, `probe_frames` frames):
     `stock/...`, `adapted/...` and `delta/...` (adapted - stock)."""
     config.validate()
@@ -249,7 +249,7 @@ def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
     for mel, frames in tqdm(loader, desc="probes", disable=not progress):
         mel = mel.to(device)
         valid = (frames + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,) encoder frames
-        with ia3_disabled(encoder):
+        with adapter_disabled(encoder):
             stock = encoder(mel).float().cpu()  # (batch, frames / 2, d_model)
         adapted = encoder(mel).float().cpu()
         for i, n in enumerate(valid.tolist()):
@@ -265,12 +265,14 @@ def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
     return out
 
 
-def compare_wers(base_model: str, systems: dict[str, dict[str, torch.Tensor] | None],
+def compare_wers(base_model: str,
+                 systems: dict[str, tuple[dict[str, torch.Tensor], AdapterConfig] | None],
                  dataset: Dataset, config: AsrConfig, device: torch.device, baseline: str,
                  other: str, windows: list[dict] | None = None,
                  repeats: list[str] | None = None) -> dict[str, float]:
     """WER of each system on the transcribed clips of `dataset`: Whisper `base_model` with that
-    system's IA^3 vectors merged (None: stock Whisper), through `wer_comparison`:
+    system's adapter (its file's tensors, and which adapter they are) merged (None: stock
+    Whisper), through `wer_comparison`:
     `<name>/...` (WER, 95% interval, error counts), `delta/wer` (other - baseline) with its
     paired 95% interval and `delta/wer_relative`. Empty when no clip has a transcript.
     `windows`, when given, receives one row per clip: its id, speaker, reference and each
@@ -285,17 +287,17 @@ def compare_wers(base_model: str, systems: dict[str, dict[str, torch.Tensor] | N
     hypotheses: dict[str, list[str]] = {}
     redecoded: dict[str, dict[str, int]] = {}
     model = None
-    for name, tensors in systems.items():
+    for name, system in systems.items():
         if model is None:
             model = load_whisper(base_model)
         normalize = normalizer_for(model, config.language)
-        if tensors is not None:
-            merge_vectors(model.cpu(), tensors)
+        if system is not None:
+            merge_vectors(model.cpu(), *system)
         counts: dict[str, int] = {}
         hypotheses[name] = transcribe(model, dataset, indices, config, device, desc=f"asr {name}",
                                       stats=counts)
         redecoded[name] = counts
-        if tensors is not None:
+        if system is not None:
             model = None  # merged: the next system starts from the base again
     groups = speaker_groups(dataset, indices) if config.bootstrap_unit == "speaker" else None
     out: dict[str, float] = {"asr_clips": float(len(indices)),
@@ -334,9 +336,12 @@ def speaker_groups(dataset: Dataset, indices: list[int]) -> list[str]:
 
 def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Dataset,
                 config: AsrConfig, device: torch.device,
-                windows: list[dict] | None = None) -> dict[str, float]:
-    """Zero-shot: stock Whisper (`base_model`) against Whisper with the adapter's IA^3 vectors
-    merged (`compare_wers` with `stock` and `adapted`); stock is decoded first and the vectors
-    are then merged into the same copy, so one model is held at a time."""
-    return compare_wers(base_model, {"stock": None, "adapted": tensors}, dataset, config,
+                windows: list[dict] | None = None,
+                adapter: AdapterConfig | None = None) -> dict[str, float]:
+    """Zero-shot: stock Whisper (`base_model`) against Whisper with the adapter file's
+    `tensors` (of kind `adapter`, IA^3 when None) merged (`compare_wers` with `stock` and
+    `adapted`); stock is decoded first and the adapter is then merged into the same copy, so
+    one model is held at a time."""
+    system = (tensors, adapter or AdapterConfig())
+    return compare_wers(base_model, {"stock": None, "adapted": system}, dataset, config,
                         device, baseline="stock", other="adapted", windows=windows)

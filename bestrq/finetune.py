@@ -1,4 +1,4 @@
-"""Supervised IA^3 fine-tuning of Whisper: the objective that measures what pre-training bought.
+"""Supervised adapter fine-tuning of Whisper: the objective that measures what pre-training bought.
 
 The question a user brings is whether pre-training on unlabelled audio gives a better model than
 fine-tuning on the few transcribed hours alone. So the same supervised fine-tune (same clips,
@@ -9,9 +9,10 @@ The objective is Whisper's own: teacher-forced cross-entropy of the transcript t
 audio, with whisper's tokenizer and special tokens. The decoder input is
 <|startoftranscript|> [<|lang|> <|transcribe|>] <|notimestamps|> text..., the targets are the
 next tokens, text... <|endoftext|>: the prompt tokens are forced at decoding time, so their
-prediction is not trained (target -100, like padding). Only IA^3 vectors are trained, in the
-encoder (self-attention k, v and FFN) and in the decoder (self- and cross-attention k, v and
-FFN); every Whisper weight stays frozen. The loss is computed in fp32 whatever the autocast.
+prediction is not trained (target -100, like padding). Only the adapter is trained (IA^3: the
+encoder's self-attention k, v and FFN vectors, the decoder's self- and cross-attention k, v and
+FFN; LoRA: its targets in both); every Whisper weight stays frozen. The loss is computed in
+fp32 whatever the autocast.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from bestrq.ia3 import add_ia3
+from bestrq.adapters import IA3, AdapterConfig, add_adapter
 from bestrq.seeding import generator
 from bestrq.train import Objective, TrainConfig
 
@@ -192,12 +193,13 @@ class FinetuneOutput:
 
 
 class FinetuneModel(nn.Module):
-    """Whisper with IA^3 vectors in its encoder and decoder; only the vectors are trainable."""
+    """Whisper with an adapter in its encoder and decoder; only the adapter is trainable.
+    An adapter already in place (a BEST-RQ start) is kept; LoRA's new A is drawn from `seed`."""
 
-    def __init__(self, model: Whisper) -> None:
+    def __init__(self, model: Whisper, adapter: AdapterConfig = IA3, seed: int = 0) -> None:
         super().__init__()
-        add_ia3(model.encoder)
-        add_ia3(model.decoder)
+        add_adapter(model.encoder, adapter, seed)
+        add_adapter(model.decoder, adapter, seed)
         self.whisper = model
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:

@@ -1,4 +1,4 @@
-"""The BEST-RQ model: an IA^3-adapted Whisper encoder, softmax heads, loss and metrics.
+"""The BEST-RQ model: an adapted (IA^3 or LoRA) Whisper encoder, softmax heads, loss and metrics.
 
 mel ─► normalise ─► quantizer ─► labels (targets, from the unmasked features)
           └──► span mask + noise ─► back to Whisper's log-mel scale ─► adapted encoder ─► heads
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper.model import AudioEncoder
 
-from bestrq.ia3 import add_ia3, ia3_disabled, ia3_state_dict
+from bestrq.adapters import IA3, AdapterConfig, adapter_disabled, adapter_state_dict, add_adapter
 from bestrq.masking import (
     MaskingConfig,
     apply_noise,
@@ -206,11 +206,13 @@ class BestRQModel(nn.Module):
 
     def __init__(self, encoder: AudioEncoder, quantizer: RandomProjectionQuantizer,
                  masking: MaskingConfig, distill_weight: float = 0.0, bestrq_layer: int = -1,
-                 distill_layers: Sequence[int] = (-1,), distill_padding: bool = False) -> None:
+                 distill_layers: Sequence[int] = (-1,), distill_padding: bool = False,
+                 adapter: AdapterConfig = IA3) -> None:
         """bestrq_layer: the block whose output feeds the heads (BEARD puts them on a middle
         block; blocks above it then get no BEST-RQ gradient); distill_layers: the blocks whose
         outputs are distilled to the stock encoder's, `distill_weight` times their mean MSE;
-        distill_padding: count the padded frames too (Whisper's decoder attends to them)."""
+        distill_padding: count the padded frames too (Whisper's decoder attends to them);
+        adapter: what is trained in the encoder (LoRA's A drawn from the quantizer's seed)."""
         super().__init__()
         masking.validate()
         if not distill_weight >= 0.0:
@@ -233,7 +235,8 @@ class BestRQModel(nn.Module):
         if encoder.conv1.in_channels != quantizer.config.n_mels:
             raise ValueError(f"the quantizer expects {quantizer.config.n_mels} mel bins but the "
                              f"Whisper encoder takes {encoder.conv1.in_channels}")
-        add_ia3(encoder)
+        add_adapter(encoder, adapter, quantizer.config.seed)
+        self.adapter = adapter
         self.encoder = encoder
         self.quantizer = quantizer
         self.masking = masking
@@ -248,8 +251,9 @@ class BestRQModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """Everything an adapter file holds: IA^3 vectors, heads and quantizer state."""
-        state = {f"ia3.encoder.{k}": v for k, v in ia3_state_dict(self.encoder).items()}
+        """Everything an adapter file holds: the encoder's adapter, heads and quantizer state."""
+        kind = self.adapter.kind
+        state = {f"{kind}.encoder.{k}": v for k, v in adapter_state_dict(self.encoder).items()}
         state.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
         state.update({f"quantizer.{k}": v for k, v in self.quantizer.state_dict().items()})
         return state
@@ -320,12 +324,12 @@ class BestRQModel(nn.Module):
     def distillation(self, mel: Tensor, num_valid: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         """Mean squared difference, over valid encoder frames (all frames with
         `distill_padding`) and channels, between the adapted encoder's block outputs on the
-        clean input and the stock encoder's (the same weights with the IA^3 vectors at one, no
+        clean input and the stock encoder's (the same weights with the adapter switched off, no
         gradient), for each of `distill_layers`, and its mean over them: a guard that keeps the
         adapted encoder where Whisper's decoder expects it (BEARD, arXiv 2510.24570, distils
         the upper blocks from the frozen encoder). mel: (batch, n_mels, frames) Whisper
         log-mel; scalar fp32, and the per-block terms."""
-        with torch.no_grad(), ia3_disabled(self.encoder):
+        with torch.no_grad(), adapter_disabled(self.encoder):
             targets = encoder_states(self.encoder, mel, self.distill_layers)
         states = encoder_states(self.encoder, mel, self.distill_layers)
         first = next(iter(states.values()))  # (batch, frames / 2, d_model), as every block's
@@ -359,7 +363,7 @@ class BestRQModel(nn.Module):
         num_masked = int(selected.shape[0])
         accuracy = None
         if num_masked == 0:
-            # Keep every trainable tensor (heads' weight and bias, IA^3 vectors through h) in
+            # Keep every trainable tensor (heads' weight and bias, the adapter through h) in
             # the graph, with zero gradients, so that every rank of a distributed run reduces
             # the same buckets.
             loss = self.heads(selected).float().sum() * 0.0

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bestrq import features, segment, sources
+from bestrq.adapters import KINDS, TARGETS, AdapterConfig
 from bestrq.evaluate import EvaluateConfig
 from bestrq.finetune import FinetuneConfig
 from bestrq.masking import MaskingConfig
@@ -61,6 +62,12 @@ MODEL_HELP: dict[str, str] = {
                        "to them)",
     "bestrq_layer": "encoder block whose output feeds the BEST-RQ heads (negative counts from "
                     "the top; -1: the last; BEARD: a middle block, the upper ones distilled)",
+    "adapter": "what is trained, in pre-training (encoder) and the fine-tune (encoder and "
+               "decoder): ia3 (vectors on k, v, FFN) | lora (PEFT's LoRA on lora_targets)",
+    "lora_rank": "LoRA's rank r (PEFT's Whisper recipe: 32)",
+    "lora_alpha": "LoRA's alpha: the update is scaled by alpha / r",
+    "lora_targets": "Linears LoRA adapts, in every block (a list of query, key, value, out, "
+                    "fc1, fc2; attention targets in self- and cross-attention)",
 }
 # Help text of TrainConfig's fields, for `train --help`.
 TRAIN_HELP: dict[str, str] = {
@@ -120,6 +127,7 @@ Ratio = Annotated[float, Field(ge=0, le=1)]
 ClipCount = Annotated[int, Field(ge=0, le=10**9)]  # 0: no limit
 
 _TRAIN = TrainConfig()
+_ADAPTER = AdapterConfig()
 _QUANTIZER = QuantizerConfig()
 _MASKING = MaskingConfig()
 _SOURCE = sources.SourceConfig()
@@ -216,6 +224,12 @@ class TopLevel(_Section):
                               Field(min_length=1, max_length=1024)] = [-1]
     distill_padding: bool = False
     bestrq_layer: Annotated[int, Field(ge=-1024, le=1023)] = -1
+    adapter: Literal[KINDS] = _ADAPTER.kind  # type: ignore[valid-type]
+    lora_rank: Annotated[int, Field(ge=1, le=4096)] = _ADAPTER.lora_rank
+    lora_alpha: Annotated[float, Field(gt=0, le=10**6)] = _ADAPTER.lora_alpha
+    lora_targets: Annotated[list[Literal[tuple(TARGETS)]],  # type: ignore[valid-type]
+                            Field(min_length=1, max_length=len(TARGETS))] = \
+        list(_ADAPTER.lora_targets)
     batch_size: BatchSize = _TRAIN.batch_size
     accumulate_gradients: Accumulate = _TRAIN.accumulate_gradients
     learning_rate: LearningRate = _TRAIN.learning_rate
@@ -258,6 +272,10 @@ def expected(model: type[BaseModel], name: str) -> str:
     if get_origin(kind) is Literal:
         return "one of " + ", ".join(str(v) for v in get_args(kind))
     if get_origin(kind) is list:
+        item = get_args(kind)[0]
+        item = get_args(item)[0] if get_origin(item) is Annotated else item
+        if get_origin(item) is Literal:
+            return "a non-empty list of distinct names among " + ", ".join(get_args(item))
         return "a non-empty list of distinct integers (see its help for the range)"
     if kind is bool:
         return "true or false"
@@ -305,7 +323,9 @@ def _messages(err: ValidationError, origin: dict[str, str], source: str) -> list
     """One line per problem, each naming the dotted key and where its value came from."""
     lines = []
     for item in err.errors():
-        loc = [str(part) for part in item["loc"]]
+        # An item of a top-level list (lora_targets.1) is reported as the list's key.
+        loc = [str(part) for part in item["loc"]
+               if not (isinstance(part, int) and item["loc"][0] not in SECTION_MODELS)]
         key = ".".join(loc)
         where = origin.get(key, source)
         owner: type[BaseModel] = TopLevel
@@ -355,6 +375,7 @@ class Params:
     distill_layers: list[int]
     distill_padding: bool
     bestrq_layer: int
+    adapter: AdapterConfig
     quantizer: QuantizerConfig
     masking: MaskingConfig
     train: TrainConfig
@@ -385,6 +406,8 @@ def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
                   nnodes=top["nnodes"], heldout_every=top["heldout_every"],
                   distill_weight=top["distill_weight"], distill_layers=top["distill_layers"],
                   distill_padding=top["distill_padding"], bestrq_layer=top["bestrq_layer"],
+                  adapter=AdapterConfig(top["adapter"], top["lora_rank"], top["lora_alpha"],
+                                        tuple(top["lora_targets"])),
                   quantizer=quantizer, masking=masking,
                   train=TrainConfig(**train_values), raw=top, **sections)
 
@@ -409,6 +432,7 @@ def validate(params: Params, stage: str | None = None) -> None:
                              f"n_mels is {params.n_mels}; set n_mels: {model_mels}")
         params.quantizer.validate()
         params.masking.validate()
+        params.adapter.validate()
         params.train.validate()
     if stage in (None, "evaluate", "finetune"):
         params.evaluate.validate()

@@ -29,9 +29,9 @@ FEATURES = DATA / "features"
 # knobs are chosen on dev: the report's own order.
 REPORTED = report.SPLITS
 ADAPTER = DATA / "adapters" / "adapter.safetensors"
-IA3_ONLY_NAME = "ia3.safetensors"  # beside ADAPTER: the IA^3 vectors alone
+ADAPTER_ONLY_NAME = "adapter-only.safetensors"  # beside ADAPTER: the adapter without the heads
 CHECKPOINTS = DATA / "checkpoints"
-FINETUNED = DATA / "finetune"  # <start>/ia3.safetensors: fine-tuned encoder+decoder vectors
+FINETUNED = DATA / "finetune"  # <start>/adapter-only.safetensors: fine-tuned encoder+decoder
 FINETUNE_CHECKPOINTS = DATA / "finetune_checkpoints"  # <start>/step-*.pt
 LIVE = Path("dvclive")
 

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from bestrq.adapter import build_model, check_base, read_adapter
+from bestrq.adapter import adapter_config, build_model, check_base, read_adapter
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import resolve_device
 from bestrq.evaluate import compare_asr, evaluate_adapter, probe_encoders, train_label_counts
@@ -59,7 +59,8 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
         for split, dataset in datasets.items():
             if p.evaluate.asr:
                 rows: list[dict] = []
-                found[split].update(compare_asr(p.model, tensors, dataset, asr, device, rows))
+                found[split].update(compare_asr(p.model, tensors, dataset, asr, device, rows,
+                                                adapter_config(info)))
                 windows += [{"split": split, **row} for row in rows]
             found[split]["clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))
             metrics.update({f"{split}/{key}": value for key, value in found[split].items()})

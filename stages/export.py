@@ -1,7 +1,8 @@
-"""`bestrq-export`: fold an adapter's IA^3 vectors into the base Whisper and write the merged
-model as an openai-whisper checkpoint, a Hugging Face folder or a CTranslate2 folder.
+"""`bestrq-export`: fold an adapter (IA^3 vectors or LoRA matrices) into the base Whisper and
+write the merged model as an openai-whisper checkpoint, a Hugging Face folder or a CTranslate2
+folder.
 
-The encoder's vectors are always merged; the decoder's too where the file has them (fine-tuned
+The encoder's adapter is always merged; the decoder's too where the file has them (fine-tuned
 adapters; BEST-RQ adapters adapt the encoder only and leave the decoder stock). The result runs
 anywhere Whisper runs, with no dependency on this project:
   --format openai (default): a checkpoint for `whisper.load_model(OUT)`;
@@ -43,8 +44,8 @@ def export(
     out: Annotated[Path, typer.Argument(help="what to write: a checkpoint file for openai "
                                              "(e.g. tiny.en-adapted.pt), a folder for hf and "
                                              "ct2")],
-    adapter: Annotated[Path, typer.Option(help="adapter file: full BEST-RQ, IA^3 vectors only, "
-                                                  "or fine-tuned (encoder and decoder vectors)")
+    adapter: Annotated[Path, typer.Option(help="adapter file: full BEST-RQ, adapter only, or "
+                                                  "fine-tuned (encoder and decoder)")
                        ] = ADAPTER,
     base: Annotated[str, typer.Option(help="base model: Whisper name, checkpoint path, Hugging "
                                            "Face folder or hub name; empty: the one recorded "
@@ -56,8 +57,8 @@ def export(
         help=f"ct2 only: weight type ({', '.join(CT2_QUANTIZATIONS)}); default float32")
     ] = None,
 ) -> None:
-    """Write OUT: the base Whisper with the adapter's IA^3 vectors merged into its encoder
-    weights and, where the adapter has decoder vectors (fine-tuned adapters), its decoder's."""
+    """Write OUT: the base Whisper with the adapter merged into its encoder weights and,
+    where the adapter has a decoder part (fine-tuned adapters), into its decoder's."""
     with friendly_errors():
         require_export_extra(format.value)  # before reading anything
         # Never into the pipeline's outputs (data/), never over the adapter or the base.

@@ -1,4 +1,4 @@
-"""Stage 6: supervised IA^3 fine-tune from stock Whisper and from the BEST-RQ adapter (per
+"""Stage 6: supervised adapter fine-tune from stock Whisper and from the BEST-RQ adapter (per
 seed), and the WER of both on the test and dev clips, with a 95% paired bootstrap interval of
 their difference."""
 
@@ -11,7 +11,8 @@ from typing import Any
 
 import typer
 
-from bestrq.adapter import load_vectors, read_adapter, save_vectors
+from bestrq.adapter import adapter_config, load_vectors, read_adapter, save_vectors
+from bestrq.adapters import count_adapter_parameters
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import (
     DistInfo,
@@ -30,16 +31,15 @@ from bestrq.finetune import (
     select_labelled,
     tokenizer_for,
 )
-from bestrq.ia3 import count_ia3_parameters
 from bestrq.params import Params
 from bestrq.train import TrainResult, train
 from bestrq.whisper_model import load_whisper, model_identity
 from stages.common import (
     ADAPTER,
+    ADAPTER_ONLY_NAME,
     FEATURES,
     FINETUNE_CHECKPOINTS,
     FINETUNED,
-    IA3_ONLY_NAME,
     LIVE,
     REPORTED,
     checkpoint_key,
@@ -60,7 +60,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 STARTS = ("stock", "adapted")  # fine-tuned from stock Whisper / from the BEST-RQ adapter
 # Top-level knobs that change what a fine-tune computes (the rest of the engine's are speed).
 ENGINE_KEYS = ("model", "n_mels", "seed", "precision", "weight_decay", "adam_beta1",
-               "adam_beta2", "adam_eps", "grad_clip", "max_nonfinite", "deterministic")
+               "adam_beta2", "adam_eps", "grad_clip", "max_nonfinite", "deterministic",
+               "adapter", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def run_values(p: Params, start: str, seed: int) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def curve(p: Params, seed: int, start: str) -> str:
 
 def start_vectors(adapter_dir: Path) -> bytes:
     """The BEST-RQ adapter's vectors file, whose bytes the `adapted` run starts from."""
-    path = adapter_dir / IA3_ONLY_NAME
+    path = adapter_dir / ADAPTER_ONLY_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no BEST-RQ adapter at {path}: run `dvc repro pretrain` first")
     return path.read_bytes()
@@ -121,7 +122,12 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
                  "audio; segment.transcribed_share above 0)", found, out_dir)
         return
     vectors = start_vectors(adapter_dir)
-    tensors, _ = read_adapter(adapter_dir / IA3_ONLY_NAME)
+    tensors, info = read_adapter(adapter_dir / ADAPTER_ONLY_NAME)
+    if adapter_config(info) != p.adapter:
+        raise ValueError(f"{adapter_dir / ADAPTER_ONLY_NAME} holds a {adapter_config(info).kind} "
+                         f"adapter {adapter_config(info).to_dict()}, not the {p.adapter.kind} "
+                         f"adapter {p.adapter.to_dict()} of the parameters: run `dvc repro "
+                         "pretrain` with them first")
     base = load_whisper(p.model)
     identity = model_identity(p.model, base)
     tokenizer, max_tokens = tokenizer_for(base, p.evaluate.language), max_decoder_tokens(base)
@@ -163,17 +169,19 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
                                f"step {starts[run]}")
             model = load_whisper(p.model)
             if start == "adapted":
-                load_vectors(model, tensors)  # the BEST-RQ encoder vectors; decoder's at one
-            results[run] = train(FinetuneModel(model), data, config,
+                # The BEST-RQ encoder adapter; the decoder's computes the stock decoder.
+                load_vectors(model, tensors, p.adapter, seed)
+            results[run] = train(FinetuneModel(model, p.adapter, seed), data, config,
                                  run_dir(checkpoint_root, p, *run),
                                  log=step_logger(live, f"{curve(p, *run)}/train") if live
                                  else None, objective=FINETUNE)
             if live is not None:
-                save_vectors(run_dir(out_dir, p, *run) / IA3_ONLY_NAME, model, identity,
+                save_vectors(run_dir(out_dir, p, *run) / ADAPTER_ONLY_NAME, model, identity,
                              {"start": start, "seed": seed, "step": results[run].step,
                               "finetune": p.finetune.to_dict(), "labelled_clips": len(data),
                               "labelled_minutes": data.minutes,
-                              "ia3_parameters": count_ia3_parameters(model)})
+                              "adapter_parameters": count_adapter_parameters(model)},
+                             p.adapter)
             del model
     if live is None:
         return
@@ -196,7 +204,7 @@ def compare_finetuned(p: Params, features_dir: Path, out_dir: Path) -> dict[str,
     seeds = p.finetune.seeds
     many = len(seeds) > 1
     systems = {f"{start}@{seed}" if many else start:
-               read_adapter(run_dir(out_dir, p, seed, start) / IA3_ONLY_NAME)[0]
+               (read_adapter(run_dir(out_dir, p, seed, start) / ADAPTER_ONLY_NAME)[0], p.adapter)
                for seed in seeds for start in STARTS}
     windows: list[dict] = []
     out: dict[str, float] = {}
@@ -217,9 +225,9 @@ def compare_finetuned(p: Params, features_dir: Path, out_dir: Path) -> dict[str,
 
 @app.command()
 def finetune(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
-    """Fine-tune IA^3 vectors (encoder and decoder) on the transcribed train clips from stock
+    """Fine-tune the adapter (encoder and decoder) on the transcribed train clips from stock
     Whisper and from data/adapters, once per finetune.seeds; write
-    data/finetune/{stock,adapted}/ia3.safetensors (the first seed; the others' under
+    data/finetune/{stock,adapted}/adapter-only.safetensors (the first seed; the others' under
     data/finetune/seed-<s>/) and their WERs on the test and dev clips."""
     p = params_or_exit("finetune", params)
     relaunch_under_torchrun(p, "stages.finetune")

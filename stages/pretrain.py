@@ -1,4 +1,5 @@
-"""Stage 4: BEST-RQ pre-training of IA^3 vectors (and heads) on a frozen Whisper encoder."""
+"""Stage 4: BEST-RQ pre-training of an adapter (IA^3 or LoRA) and heads on a frozen Whisper
+encoder."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import typer
 from dvclive import Live
 
 from bestrq.adapter import save_adapter
+from bestrq.adapters import count_adapter_parameters
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import DistInfo, barrier, distributed_session, is_main, same_on_every_rank
 from bestrq.evaluate import heldout_tracker
 from bestrq.features import load_stats
-from bestrq.ia3 import count_ia3_parameters
 from bestrq.model import BestRQModel
 from bestrq.params import Params
 from bestrq.quantizer import RandomProjectionQuantizer
@@ -21,9 +22,9 @@ from bestrq.train import train
 from bestrq.whisper_model import load_whisper, model_identity
 from stages.common import (
     ADAPTER,
+    ADAPTER_ONLY_NAME,
     CHECKPOINTS,
     FEATURES,
-    IA3_ONLY_NAME,
     LIVE,
     checkpoint_key,
     friendly_errors,
@@ -63,7 +64,7 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     mean, std = load_stats(features_dir)
     quantizer = RandomProjectionQuantizer(p.quantizer, mean, std)
     model = BestRQModel(base.encoder, quantizer, p.masking, p.distill_weight, p.bestrq_layer,
-                        p.distill_layers, p.distill_padding)
+                        p.distill_layers, p.distill_padding, p.adapter)
     del base  # the decoder is not needed for pre-training
     dataset = FeatureDataset(features_dir / "train")
 
@@ -76,7 +77,7 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
             truncate_history(LIVE / live_name, start)
             typer.echo(f"pretrain: resuming from the checkpoint of step {start}")
         typer.echo(f"pretrain: {p.model} on {dist.device} x{dist.world_size}, "
-                   f"{count_ia3_parameters(model.encoder)} IA^3 parameters, "
+                   f"{count_adapter_parameters(model.encoder)} {p.adapter.kind} parameters, "
                    f"{len(dataset)} training clips")
     barrier()  # rank 0 may have moved stale checkpoints aside
     result = train(model, dataset, p.train, checkpoint_dir,
@@ -84,19 +85,19 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     if live is None:
         return
     extra = {"step": result.step, "params": p.raw,
-             "ia3_parameters": count_ia3_parameters(model.encoder)}
+             "adapter_parameters": count_adapter_parameters(model.encoder)}
     save_adapter(adapter_path, model, identity, extra)
     # What using the adapted encoder needs (merge, ASR) without the large BEST-RQ heads.
-    vectors_path = adapter_path.with_name(IA3_ONLY_NAME)
-    save_adapter(vectors_path, model, identity, extra, parts=("ia3",))
+    vectors_path = adapter_path.with_name(ADAPTER_ONLY_NAME)
+    save_adapter(vectors_path, model, identity, extra, parts=("adapter",))
     # The last step's train/* values are already in the summary; add the run's totals.
     log_summary(live, {"steps": result.step, "nonfinite_skipped_total": result.skipped,
                        "train_seconds": result.seconds, "precision": result.precision,
                        "adapter_mb": adapter_path.stat().st_size / 2**20,
-                       "ia3_file_kb": vectors_path.stat().st_size / 2**10,
-                       "ia3_parameters": extra["ia3_parameters"]})
+                       "adapter_file_kb": vectors_path.stat().st_size / 2**10,
+                       "adapter_parameters": extra["adapter_parameters"]})
     live.end()
-    typer.echo(f"pretrain: wrote {adapter_path} and {vectors_path} (IA^3 vectors only) after "
+    typer.echo(f"pretrain: wrote {adapter_path} and {vectors_path} (the adapter alone) after "
                f"{result.step} steps ({result.seconds:.0f} s)")
 
 
@@ -124,7 +125,8 @@ def _logger(p: Params, live: Live, model: BestRQModel, train_split: FeatureDatas
 
 @app.command()
 def pretrain(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
-    """Train IA^3 + BEST-RQ on data/features/train; write data/adapters/adapter.safetensors."""
+    """Train the adapter and BEST-RQ heads on data/features/train; write
+    data/adapters/adapter.safetensors."""
     p = params_or_exit("pretrain", params)
     relaunch_under_torchrun(p, "stages.pretrain")
     with friendly_errors():

@@ -15,7 +15,7 @@ from bestrq.adapter import (
     save_adapter,
     save_vectors,
 )
-from bestrq.ia3 import IA3Scale, add_ia3, ia3_state_dict
+from bestrq.adapters.ia3 import IA3Scale, add_ia3, ia3_state_dict
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
@@ -125,9 +125,9 @@ def test_adapter_for_other_weights_of_the_same_architecture_is_refused(trained, 
 def test_vectors_only_file_is_tiny_and_merges_like_the_full_adapter(trained, tmp_path):
     base_path, base, model = trained
     identity = model_identity(str(base_path), base)
-    full, vectors = tmp_path / "adapter.safetensors", tmp_path / "ia3.safetensors"
+    full, vectors = tmp_path / "adapter.safetensors", tmp_path / "adapter-only.safetensors"
     save_adapter(full, model, identity)
-    info = save_adapter(vectors, model, identity, parts=("ia3",))
+    info = save_adapter(vectors, model, identity, parts=("adapter",))
     tensors, read_info = read_adapter(vectors)
     assert info["parts"] == read_info["parts"] == ["ia3"]
     ia3 = ia3_state_dict(model.encoder)
@@ -145,7 +145,7 @@ def test_vectors_only_file_is_tiny_and_merges_like_the_full_adapter(trained, tmp
     # BEST-RQ evaluation needs the heads: a clear error, not a KeyError deep in load_state_dict.
     with pytest.raises(ValueError, match="no heads or quantizer tensors"):
         build_model(load_whisper(str(base_path)), read_info, tensors)
-    with pytest.raises(ValueError, match="must include 'ia3'"):
+    with pytest.raises(ValueError, match="must include .adapter."):
         save_adapter(tmp_path / "x.safetensors", model, identity, parts=("heads",))
 
 
@@ -155,8 +155,8 @@ def test_export_command_writes_a_checkpoint_whisper_loads(trained, tmp_path):
     from stages.export import app
 
     base_path, base, model = trained
-    path = tmp_path / "ia3.safetensors"
-    save_adapter(path, model, model_identity(str(base_path), base), parts=("ia3",))
+    path = tmp_path / "adapter-only.safetensors"
+    save_adapter(path, model, model_identity(str(base_path), base), parts=("adapter",))
     out = tmp_path / "merged.pt"
     result = CliRunner().invoke(app, [str(out), "--adapter", str(path)])
     assert result.exit_code == 0, result.output
@@ -201,7 +201,7 @@ def test_save_vectors_round_trip_holds_encoder_and_decoder_vectors(finetuned, tm
     info = save_vectors(path, model, identity, {"step": 3})
     tensors, read_info = read_adapter(path)
     assert read_info == info == {"format": "bestrq-ia3-adapter/1", "parts": ["ia3"],
-                                 "base": identity, "step": 3}
+                                 "base": identity, "adapter": {"kind": "ia3"}, "step": 3}
     assert json.loads(path.with_suffix(".json").read_text()) == info
     assert not path.with_suffix(".safetensors.tmp").exists()
     own = _all_vectors(model)
@@ -224,7 +224,7 @@ def test_save_vectors_writes_the_modules_that_have_vectors(finetuned, tmp_path):
     base_path, _ = finetuned
     model = load_whisper(str(base_path))
     identity = model_identity(str(base_path), model)
-    with pytest.raises(ValueError, match="no IA\\^3 vectors"):
+    with pytest.raises(ValueError, match="has no adapter in its encoder or decoder"):
         save_vectors(tmp_path / "none.safetensors", model, identity)
     assert not (tmp_path / "none.safetensors").exists()
     add_ia3(model.encoder)
@@ -233,7 +233,7 @@ def test_save_vectors_writes_the_modules_that_have_vectors(finetuned, tmp_path):
     assert set(tensors) == {f"ia3.encoder.{k}" for k in ia3_state_dict(model.encoder)}
 
 
-@pytest.mark.parametrize("parts", [("ia3",), ("ia3", "heads", "quantizer")])
+@pytest.mark.parametrize("parts", [("adapter",), ("adapter", "heads", "quantizer")])
 def test_load_vectors_of_a_bestrq_adapter_leaves_the_decoder_at_one(trained, finetuned,
                                                                     tmp_path, parts):
     base_path, base, bestrq = trained
@@ -265,7 +265,7 @@ def test_load_vectors_refuses_files_that_do_not_match(finetuned, tmp_path):
     base_path, model = finetuned
     vectors = {k: v.detach().clone() for k, v in _all_vectors(model).items()}
     decoder_only = {k: v for k, v in vectors.items() if k.startswith("ia3.decoder.")}
-    with pytest.raises(KeyError, match="no IA\\^3 encoder vectors"):
+    with pytest.raises(KeyError, match="no ia3 encoder tensors"):
         load_vectors(load_whisper(str(base_path)), decoder_only)
     partial = {k: v for k, v in vectors.items() if k != "ia3.decoder.blocks.0.mlp.1"}
     with pytest.raises(KeyError, match="missing \\['blocks.0.mlp.1'\\]"):

@@ -9,6 +9,7 @@ import whisper
 from torch.utils.data import Dataset
 from whisper.normalizers import EnglishTextNormalizer
 
+from bestrq.adapters.ia3 import add_ia3, ia3_state_dict
 from bestrq.asr import (
     AsrConfig,
     clip_errors,
@@ -20,7 +21,6 @@ from bestrq.asr import (
 )
 from bestrq.audio import resample
 from bestrq.evaluate import EvaluateConfig, compare_asr
-from bestrq.ia3 import add_ia3, ia3_state_dict
 from bestrq.synth import EspeakSynthesizer, generate_sentences
 from bestrq.whisper_model import (
     TINY_TEST_DIMS,

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from bestrq import convert
 from bestrq.adapter import merge_vectors, read_adapter, save_vectors
-from bestrq.ia3 import add_ia3, ia3_state_dict
+from bestrq.adapters.ia3 import add_ia3, ia3_state_dict
 from bestrq.synth import EspeakSynthesizer
 from bestrq.whisper_model import (
     TINY_TEST_DIMS,
@@ -352,7 +352,7 @@ def test_an_adapter_remembers_a_hf_folder_base(tmp_path):
     folder = _hf_folder(tmp_path)
     base = load_whisper(str(folder))
     add_ia3(base.encoder)
-    path = tmp_path / "ia3.safetensors"
+    path = tmp_path / "adapter-only.safetensors"
     info = save_vectors(path, base, model_identity(str(folder), base))
     assert info["base"]["model"] == str(folder) and len(info["base"]["sha256"]) == 64
     from bestrq.adapter import export_merged

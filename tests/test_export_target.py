@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bestrq.adapter import export_merged, save_vectors
+from bestrq.adapters.ia3 import add_ia3
 from bestrq.export_target import MARKER, ExportTargetError, check_target, sidecar
-from bestrq.ia3 import add_ia3
 from bestrq.whisper_model import (
     TINY_TEST_DIMS,
     load_whisper,
@@ -38,7 +38,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), base_path, half=False)
     base = load_whisper(str(base_path))
     add_ia3(base)
-    save_vectors(tmp_path / "data" / "adapters" / "ia3.safetensors", base,
+    save_vectors(tmp_path / "data" / "adapters" / "adapter-only.safetensors", base,
                  model_identity(str(base_path), base), {})
     (tmp_path / "README.md").write_text("# my notes\n")
     (tmp_path / "myproject" / "src").mkdir(parents=True)
@@ -51,14 +51,15 @@ def _export(*args: str):
     from stages.export import app
 
     return CliRunner().invoke(app, [*args, "--base", "base.pt",
-                                    "--adapter", "data/adapters/ia3.safetensors"])
+                                    "--adapter", "data/adapters/adapter-only.safetensors"])
 
 
 def test_export_refuses_a_users_file_or_folder_and_changes_nothing(project: Path) -> None:
     before = {**_digests(project / "README.md"), **_digests(project / "myproject"),
               **_digests(project / "data")}
     for out, fmt in (("README.md", "openai"), ("myproject", "hf"), ("myproject", "ct2"),
-                     ("data/adapters/ia3.safetensors", "openai"), ("data/new.pt", "openai"),
+                     ("data/adapters/adapter-only.safetensors", "openai"),
+                     ("data/new.pt", "openai"),
                      ("base.pt", "openai")):
         result = _export(out, "--format", fmt)
         assert result.exit_code == 1, (out, fmt, result.output)
@@ -72,31 +73,31 @@ def test_export_refuses_a_users_file_or_folder_and_changes_nothing(project: Path
 
 
 def test_an_export_may_replace_its_own_unchanged_output_only(project: Path) -> None:
-    first = export_merged("data/adapters/ia3.safetensors", "base.pt", "merged.pt")
+    first = export_merged("data/adapters/adapter-only.safetensors", "base.pt", "merged.pt")
     record = json.loads(sidecar(first).read_text())
     assert record["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
-    again = export_merged("data/adapters/ia3.safetensors", "base.pt", "merged.pt")
+    again = export_merged("data/adapters/adapter-only.safetensors", "base.pt", "merged.pt")
     assert again.read_bytes() == first.read_bytes()
     # Changed after the export: it is no longer ours to replace.
     with open(first, "ab") as f:
         f.write(b"user's edit")
     with pytest.raises(ExportTargetError, match="merged.pt exists and is not an unchanged"):
-        export_merged("data/adapters/ia3.safetensors", "base.pt", "merged.pt")
+        export_merged("data/adapters/adapter-only.safetensors", "base.pt", "merged.pt")
 
 
 def test_a_folder_export_lists_its_files_and_a_users_addition_protects_it(project: Path
                                                                           ) -> None:
     pytest.importorskip("transformers")
-    out = export_merged("data/adapters/ia3.safetensors", "base.pt", "merged-hf", "hf")
+    out = export_merged("data/adapters/adapter-only.safetensors", "base.pt", "merged-hf", "hf")
     listed = json.loads((out / MARKER).read_text())
     assert listed["format"] == "hf" and "config.json" in listed["files"]
     assert set(listed["files"]) == {p.name for p in out.iterdir()} - {MARKER}
-    export_merged("data/adapters/ia3.safetensors", "base.pt", "merged-hf", "hf")  # its own
+    export_merged("data/adapters/adapter-only.safetensors", "base.pt", "merged-hf", "hf")  # its own
     with pytest.raises(ExportTargetError, match="not an unchanged earlier ct2 export"):
         check_target(out, "ct2")  # another format's folder
     (out / "notes.txt").write_text("mine\n")
     with pytest.raises(ExportTargetError, match="merged-hf exists"):
-        export_merged("data/adapters/ia3.safetensors", "base.pt", "merged-hf", "hf")
+        export_merged("data/adapters/adapter-only.safetensors", "base.pt", "merged-hf", "hf")
     assert (out / "notes.txt").read_text() == "mine\n"
     # A Hugging Face base folder is an input: never the output.
     with pytest.raises(ExportTargetError, match="an input of this export"):

@@ -14,6 +14,7 @@ import whisper
 from torch.utils.data import Dataset
 from whisper.normalizers import EnglishTextNormalizer
 
+from bestrq.adapters.ia3 import count_ia3_parameters
 from bestrq.asr import word_errors
 from bestrq.audio import resample
 from bestrq.features import log_mel_batch, num_valid_frames
@@ -28,7 +29,6 @@ from bestrq.finetune import (
     token_targets,
     tokenizer_for,
 )
-from bestrq.ia3 import count_ia3_parameters
 from bestrq.synth import EspeakSynthesizer
 from bestrq.train import TrainConfig, train
 from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper

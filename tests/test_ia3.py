@@ -6,7 +6,7 @@ import torchaudio
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from bestrq.ia3 import (
+from bestrq.adapters.ia3 import (
     IA3Scale,
     add_ia3,
     count_ia3_parameters,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bestrq.ia3 import ia3_state_dict
+from bestrq.adapters.ia3 import ia3_state_dict
 from bestrq.masking import MaskingConfig, draw_sample_mask
 from bestrq.model import LOGITS_BUDGET_BYTES, BestRQModel, chunk_shape, encoder_states
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer

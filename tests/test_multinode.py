@@ -185,13 +185,13 @@ def test_two_machines_match_one_machine_with_two_processes_and_resume(tmp_path, 
     assert finish(second, logs[1]) == 0, logs[1].read_text()[-6000:]
     assert "resuming from the checkpoint of step 2" in out
     adapters = node0 / "data" / "adapters"
-    for name in ("adapter.safetensors", "ia3.safetensors"):
+    for name in ("adapter.safetensors", "adapter-only.safetensors"):
         ours, reference = load_file(adapters / name), load_file(one / name)
         assert ours.keys() == reference.keys()
         for key, value in reference.items():
             assert torch.equal(ours[key], value), (name, key)  # bitwise
     assert description(adapters / "adapter.safetensors") == description(one / "adapter.safetensors")
-    key = load_file(adapters / "ia3.safetensors")["ia3.encoder.blocks.0.attn.key"]
+    key = load_file(adapters / "adapter-only.safetensors")["ia3.encoder.blocks.0.attn.key"]
     assert (key - 1).abs().max() > 1e-4  # training moved the vectors: the match is not trivial
     assert not (node1 / "data" / "adapters").exists()  # machine 0 writes and records the run
     metrics = json.loads((node0 / "dvclive" / "pretrain" / "metrics.json").read_text())

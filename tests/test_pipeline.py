@@ -117,7 +117,7 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
     assert finetuned["delta"]["wer"] == pytest.approx(
         finetuned["adapted"]["wer"] - finetuned["stock"]["wer"])
     for start in ("stock", "adapted"):
-        vectors = project / "data" / "finetune" / start / "ia3.safetensors"
+        vectors = project / "data" / "finetune" / start / "adapter-only.safetensors"
         assert json.loads(vectors.with_suffix(".json").read_text())["step"] == 2
 
     # Record the baseline as a commit, as a user would, so that it lists its own metrics.
@@ -197,13 +197,13 @@ def test_repro_on_real_tiny_en(tmp_path, tiny_en_path):
     out = run(["dvc", "repro"], project)
     assert ran_stages(out) == set(ALL_STAGES)
     info = json.loads((project / "data" / "adapters" / "adapter.json").read_text())
-    assert info["ia3_parameters"] == 9216
+    assert info["adapter_parameters"] == 9216
     assert info["base"]["dims"]["n_audio_state"] == 384
     # The vectors-only adapter is 9,216 fp32 numbers plus its JSON description.
-    vectors = project / "data" / "adapters" / "ia3.safetensors"
+    vectors = project / "data" / "adapters" / "adapter-only.safetensors"
     assert 9216 * 4 < vectors.stat().st_size < 9216 * 4 + 16_384
     pretrain = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
-    assert pretrain["ia3_file_kb"] == pytest.approx(vectors.stat().st_size / 1024)
+    assert pretrain["adapter_file_kb"] == pytest.approx(vectors.stat().st_size / 1024)
     evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())["test"]
     # The label prior is the baseline to beat, and it is far below a uniform guess.
     assert evaluation["prior"]["loss"] < math.log(256) - 0.5

@@ -85,7 +85,7 @@ def test_stock_and_adapted_probes_on_the_same_frames(tiny_whisper):
         moved["adapted/effective_rank"] - moved["stock/effective_rank"])
     # by hand: the valid frames only (1500 + 1000 + 500), sampled to 500 rows
     enc = model.encoder
-    from bestrq.ia3 import ia3_disabled
+    from bestrq.adapters.ia3 import ia3_disabled
     with torch.no_grad(), ia3_disabled(enc):
         h = enc(Clips().mel)
     parts = [h[0, :1500], h[1, :1000], h[2, :500]]

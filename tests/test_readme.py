@@ -17,7 +17,7 @@ import torch
 from whisper.normalizers import EnglishTextNormalizer
 
 from bestrq.adapter import export_merged, save_vectors
-from bestrq.ia3 import add_ia3, ia3_state_dict
+from bestrq.adapters.ia3 import add_ia3, ia3_state_dict
 from bestrq.synth import EspeakSynthesizer
 from bestrq.whisper_model import load_whisper, model_identity
 
@@ -57,7 +57,7 @@ def workdir(tmp_path_factory) -> Path:
     with torch.no_grad():
         for v in ia3_state_dict(model.encoder).values():
             v.copy_(1.0 + 0.01 * torch.randn(v.shape, generator=g))
-    vectors = work / "ia3.safetensors"
+    vectors = work / "adapter-only.safetensors"
     save_vectors(vectors, model, model_identity(str(TINY_EN), model))
     export_merged(vectors, str(TINY_EN), work / "tiny.en-adapted.pt")
     export_merged(vectors, str(TINY_EN), work / "tiny.en-adapted-hf", "hf")

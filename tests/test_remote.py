@@ -34,7 +34,7 @@ def test_clone_and_pull_restore_the_pipeline_outputs(tmp_path):
         pulled = file_digests(clone / "data" / name)
         assert pulled, name
         assert pulled == file_digests(project / "data" / name), name  # sha256 of every file
-    assert {"adapter.safetensors", "ia3.safetensors"} <= set(file_digests(clone / "data" /
+    assert {"adapter.safetensors", "adapter-only.safetensors"} <= set(file_digests(clone / "data" /
                                                                           "adapters"))
     # The checkpoint folders are not outputs (scratch state for resuming, never pushed): their
     # absence must not make DVC train again on the clone.
