@@ -209,3 +209,31 @@ def test_bad_lora_values_are_refused_naming_the_key(key, value, message):
 def test_a_target_named_twice_is_refused_before_any_work():
     with pytest.raises(ValueError, match="lora_targets: names a target twice"):
         validate(from_dict({"adapter": "lora", "lora_targets": ["query", "query"]}), "pretrain")
+
+
+def test_bestrq_with_lora_trains_its_matrices_and_distils_against_the_stock_encoder(tiny_whisper):
+    from bestrq.masking import MaskingConfig
+    from bestrq.model import BestRQModel
+    from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
+
+    quantizer = RandomProjectionQuantizer(QuantizerConfig(codebook_size=64))
+    model = BestRQModel(tiny_whisper.encoder, quantizer, MaskingConfig(mask_prob=0.05),
+                        distill_weight=1.0, adapter=LORA)
+    names = set(model.trainable_parameters())
+    assert names == {n for n in names if ".lora_" in n} | {"heads.weight", "heads.bias"}
+    state = model.adapter_state_dict()
+    # query, value, fc1 in each of the 2 test blocks, A and B each.
+    assert sum(k.startswith("lora.encoder.") for k in state) == 3 * 2 * 2
+    g = torch.Generator().manual_seed(0)
+    mel, valid = torch.randn(2, 80, 3000, generator=g) * 0.5, torch.tensor([3000, 1800])
+    out = model(mel, valid, generator=torch.Generator().manual_seed(1))
+    assert out.metrics["distill_loss"] == 0.0  # B = 0: the adapted encoder is the stock one
+    out.loss.backward()
+    b = model.encoder.blocks[0].attn.query.lora_B["default"].weight
+    a = model.encoder.blocks[0].attn.query.lora_A["default"].weight
+    assert b.grad is not None and b.grad.abs().sum() > 0  # BEST-RQ's gradient reaches B
+    assert a.grad is not None and a.grad.abs().sum() == 0  # and A only once B is not zero
+    _perturb_b(model.encoder)
+    distill, _ = model.distillation(mel, valid)
+    assert float(distill.detach()) > 0  # the stock target is computed with LoRA switched off
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
