@@ -40,6 +40,7 @@ from bestrq.adapters.lora import (
     merge_lora,
     target_pattern,
 )
+from bestrq.adapters.state import copy_matching
 
 KINDS = ("ia3", "lora")
 
@@ -137,17 +138,7 @@ def load_adapter_state_dict(module: nn.Module, tensors: dict[str, Tensor]) -> No
     if adapter_kind(module) == "ia3":
         load_ia3_state_dict(module, tensors)
         return
-    own = lora_state_dict(module)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"LoRA tensors do not match the model: missing {missing[:4]}, "
-                       f"unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for name, param in own.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(f"LoRA tensor {name}: shape {tuple(tensors[name].shape)} != "
-                                 f"{tuple(param.shape)} (another lora_rank?)")
-            param.copy_(tensors[name])
+    copy_matching(lora_state_dict(module), tensors, "LoRA tensors", " (another lora_rank?)")
 
 
 @contextmanager

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from whisper.model import MultiHeadAttention, ResidualAttentionBlock
 
+from bestrq.adapters.state import copy_matching
+
 
 class IA3Scale(nn.Module):
     """Wraps a module and multiplies its output, elementwise on the last axis, by a vector."""
@@ -94,17 +96,7 @@ def ia3_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 def load_ia3_state_dict(module: nn.Module, vectors: dict[str, Tensor]) -> None:
     """Copy IA^3 vectors into `module` (which must already have them); names must match exactly."""
-    own = ia3_state_dict(module)
-    missing, unexpected = sorted(set(own) - set(vectors)), sorted(set(vectors) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"IA^3 vectors do not match the model: missing {missing[:4]}, "
-                       f"unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for name, param in own.items():
-            if vectors[name].shape != param.shape:
-                raise ValueError(f"IA^3 vector {name}: shape {tuple(vectors[name].shape)} != "
-                                 f"{tuple(param.shape)}")
-            param.copy_(vectors[name])
+    copy_matching(ia3_state_dict(module), vectors, "IA^3 vectors")
 
 
 def count_ia3_parameters(module: nn.Module) -> int:
