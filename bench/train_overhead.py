@@ -13,6 +13,10 @@ input. With --compare-precision fp32,bf16 it times the full step and the bare ad
 for each precision in a fresh child process and prints them side by side, against the goals:
 bf16's full step >= 1.6x faster than fp32's, and the full step <= 1.35x the bare encoder.
 
+With --compare-adapter ia3,lora it times the full step, the bare adapted encoder and peak
+memory for each adapter (LoRA at --lora-rank on --lora-targets, PEFT's Whisper recipe by
+default) in a fresh child process and prints them side by side with each one's trainable size.
+
 With --compare-codebooks 1,16 it instead times the training step for each number of codebooks
 in a fresh child process (same batch, model and seed), so that each one's peak memory is its own
 (peak RSS on CPU, which cannot be reset; torch.cuda.max_memory_allocated on CUDA), and prints
@@ -25,6 +29,8 @@ FLOP/s, and no more memory than the extra heads' weights, gradients and AdamW st
         --device cpu --compare-codebooks 1,16
     python bench/train_overhead.py --model tiny.en --batch-size 4 --device cpu \
         --compare-precision fp32,bf16
+    python bench/train_overhead.py --model tiny.en --batch-size 4 --steps 3 --warmup 1 \
+        --device cpu --compare-adapter ia3,lora
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from whisper.audio import N_FRAMES
 
+from bestrq.adapters import AdapterConfig, count_adapter_parameters
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
@@ -141,6 +148,35 @@ def compare_codebooks(args: argparse.Namespace, counts: list[int]) -> None:
           f"+{extra / 1e9:.2f} GB {'met' if extra <= allowed else 'NOT met'}")
 
 
+def compare_adapter(args: argparse.Namespace, kinds: list[str]) -> None:
+    """The full step, the bare adapted encoder and peak memory per adapter kind, each in a
+    child process, side by side."""
+    source = ["--random"] if args.random else ["--model", args.model]
+    common = [*source, "--batch-size", str(args.batch_size), "--codebook-size",
+              str(args.codebook_size), "--num-codebooks", str(args.num_codebooks),
+              "--mask-prob", str(args.mask_prob), "--steps", str(args.steps), "--warmup",
+              str(args.warmup), "--device", args.device, "--precision", args.precision,
+              "--distill-weight", str(args.distill_weight), "--lora-rank", str(args.lora_rank),
+              "--lora-targets", args.lora_targets, "--json", "--with-bare"]
+    rows = []
+    for kind in kinds:
+        child = subprocess.run([sys.executable, __file__, *common, "--adapter", kind],
+                               check=True, capture_output=True, text=True)
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"device {base['device']}, precision {base['precision']}, batch {args.batch_size}, "
+          f"codebooks {args.num_codebooks} x {args.codebook_size}, distill_weight "
+          f"{args.distill_weight}, {args.steps} steps; lora: r={args.lora_rank} on "
+          f"{args.lora_targets}")
+    print("adapter | trainable in encoder | full step s | bare encoder s | full vs first | "
+          "peak GB | +GB vs first")
+    for row in rows:
+        print(f"{row['adapter']:7s} | {row['adapter_parameters']:20,d} | {row['step_s']:11.3f} | "
+              f"{row['bare_s']:14.3f} | {row['step_s'] / base['step_s']:12.2f}x | "
+              f"{row['peak_bytes'] / 1e9:7.2f} | "
+              f"{(row['peak_bytes'] - base['peak_bytes']) / 1e9:12.2f}")
+
+
 def compare_precision(args: argparse.Namespace, precisions: list[str]) -> None:
     """The full step (distillation included) and the bare adapted encoder, per precision, each
     in a child process, side by side."""
@@ -198,6 +234,13 @@ def main() -> None:
     parser.add_argument("--with-bare", action="store_true",
                         help="with --json: time the bare encoder too (used by "
                              "--compare-precision)")
+    parser.add_argument("--adapter", default="ia3", choices=("ia3", "lora"))
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--lora-targets", default="query,value",
+                        help="comma-separated: query, key, value, out, fc1, fc2")
+    parser.add_argument("--compare-adapter", metavar="A,A",
+                        help="time the full step and bare encoder per adapter kind, side by "
+                             "side (e.g. ia3,lora)")
     parser.add_argument("--json", action="store_true",
                         help="time only the training step and print one JSON line (used by "
                              "--compare-codebooks)")
@@ -207,6 +250,9 @@ def main() -> None:
         return
     if args.compare_precision:
         compare_precision(args, args.compare_precision.split(","))
+        return
+    if args.compare_adapter:
+        compare_adapter(args, args.compare_adapter.split(","))
         return
 
     device = torch.device(args.device if args.device != "auto" else
@@ -218,8 +264,11 @@ def main() -> None:
     n_mels = whisper.dims.n_mels
     quantizer = RandomProjectionQuantizer(QuantizerConfig(
         n_mels=n_mels, num_codebooks=args.num_codebooks, codebook_size=args.codebook_size))
+    adapter = AdapterConfig(args.adapter, lora_rank=args.lora_rank,
+                            lora_alpha=2.0 * args.lora_rank,
+                            lora_targets=tuple(args.lora_targets.split(",")))
     model = BestRQModel(whisper.encoder, quantizer, MaskingConfig(mask_prob=args.mask_prob),
-                        args.distill_weight)
+                        args.distill_weight, adapter=adapter)
     del whisper.decoder  # not used; frees its memory
     model.to(device)
     if args.features is not None:
@@ -259,6 +308,8 @@ def main() -> None:
         row = {"num_codebooks": args.num_codebooks, "step_s": full, "step_cpu_s": full_cpu,
                "flops": flops, "peak_bytes": peak_memory_bytes(device), "masked": masked[-1],
                "heads_bytes": heads_state_bytes(model), "device": str(device),
+               "adapter": args.adapter,
+               "adapter_parameters": count_adapter_parameters(model.encoder),
                "precision": str(dtype or torch.float32)}
         if args.with_bare:
             row["bare_s"] = timed(bare_step, args.steps, args.warmup, device)[0]
