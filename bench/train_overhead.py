@@ -111,6 +111,17 @@ def heads_state_bytes(model: BestRQModel) -> int:
     return 4 * 4 * sum(p.numel() for p in model.heads.parameters())
 
 
+def run_children(common: list[str], flag: str, values: list[str]) -> list[dict]:
+    """This script's `--json` row for each value of `flag`, each in a fresh child process (so
+    that each one's peak memory is its own), in order."""
+    rows = []
+    for value in values:
+        child = subprocess.run([sys.executable, __file__, *common, flag, value],
+                               check=True, capture_output=True, text=True)
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def compare_codebooks(args: argparse.Namespace, counts: list[int]) -> None:
     """Run the training-step measurement for each number of codebooks in a child process and
     print them side by side."""
@@ -120,11 +131,7 @@ def compare_codebooks(args: argparse.Namespace, counts: list[int]) -> None:
               str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
               "--precision", args.precision, "--distill-weight", str(args.distill_weight),
               "--json"]
-    rows = []
-    for n in counts:
-        child = subprocess.run([sys.executable, __file__, *common, "--num-codebooks", str(n)],
-                               check=True, capture_output=True, text=True)
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    rows = run_children(common, "--num-codebooks", [str(n) for n in counts])
     base = rows[0]
     print(f"device {base['device']}, precision {base['precision']}, batch {args.batch_size}, "
           f"K {args.codebook_size}, {base['masked']} masked targets, {args.steps} steps")
@@ -158,11 +165,7 @@ def compare_adapter(args: argparse.Namespace, kinds: list[str]) -> None:
               str(args.warmup), "--device", args.device, "--precision", args.precision,
               "--distill-weight", str(args.distill_weight), "--lora-rank", str(args.lora_rank),
               "--lora-targets", args.lora_targets, "--json", "--with-bare"]
-    rows = []
-    for kind in kinds:
-        child = subprocess.run([sys.executable, __file__, *common, "--adapter", kind],
-                               check=True, capture_output=True, text=True)
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    rows = run_children(common, "--adapter", kinds)
     base = rows[0]
     print(f"device {base['device']}, precision {base['precision']}, batch {args.batch_size}, "
           f"codebooks {args.num_codebooks} x {args.codebook_size}, distill_weight "
@@ -186,11 +189,7 @@ def compare_precision(args: argparse.Namespace, precisions: list[str]) -> None:
               "--mask-prob", str(args.mask_prob), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--device", args.device, "--distill-weight",
               str(args.distill_weight), "--json", "--with-bare"]
-    rows = []
-    for precision in precisions:
-        child = subprocess.run([sys.executable, __file__, *common, "--precision", precision],
-                               check=True, capture_output=True, text=True)
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    rows = run_children(common, "--precision", precisions)
     base = rows[0]
     print(f"device {base['device']}, batch {args.batch_size}, codebooks {args.num_codebooks} x "
           f"{args.codebook_size}, distill_weight {args.distill_weight}, {args.steps} steps")
