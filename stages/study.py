@@ -1,0 +1,121 @@
+"""The study (README "Does unlabelled audio help?"): every run of study.yaml as a DVC
+experiment in this workspace, one after another, each finished run kept as
+results/study/<run>.json. Run it in a clone of the project: it replaces data/ with the study's
+corpus. Interrupted, it starts again where it stopped (a finished run is skipped, a killed
+pre-training or fine-tune resumes from its checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bestrq.atomic import atomic_path
+from bestrq.params import read_yaml
+from bestrq.study import StudyRun, load_grid, load_records, read_tsv, run_record, study_table
+from stages.common import LIVE
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+PARAMS = Path("params.yaml")
+RESULTS = Path("results/study")
+STAGES = ("download", "segment", "features", "pretrain", "evaluate", "finetune", "report")
+CURVES = LIVE / "pretrain" / "plots" / "metrics"
+CURVE_NAMES = ("dev/loss", "dev/prior_loss", "dev/accuracy", "dev/prior_accuracy",
+               "train/loss", "train/bestrq_loss", "train/distill_loss", "train/accuracy")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error (study): {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def collect(run: StudyRun, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The record of the run the workspace holds now."""
+    metrics = {s: json.loads((LIVE / s / "metrics.json").read_text()) for s in STAGES}
+    curves = {name: read_tsv(CURVES / f"{name}.tsv") for name in CURVE_NAMES
+              if (CURVES / f"{name}.tsv").is_file()}
+    return run_record(run, read_yaml(PARAMS), metrics, curves, provenance)
+
+
+@app.command()
+def run(grid: Annotated[Path, typer.Option(help="the grid of runs")] = Path("study.yaml"),
+        results: Annotated[Path, typer.Option(help="where records go")] = RESULTS,
+        only: Annotated[list[str] | None, typer.Option(
+            help="run just this one (repeatable)")] = None,
+        again: Annotated[bool, typer.Option(
+            help="re-run runs that already have a record")] = False) -> None:
+    """Run every run of the grid that has no record yet, in order."""
+    try:
+        runs = load_grid(grid, PARAMS)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    only = only or []
+    unknown = sorted(set(only) - {r.name for r in runs})
+    if unknown:
+        _fail(f"--only {', '.join(unknown)}: not in {grid} "
+              f"(runs: {', '.join(r.name for r in runs)})")
+    if _git("status", "--porcelain", "--", str(PARAMS)):
+        _fail(f"{PARAMS} has uncommitted changes: the study sets its overrides on the "
+              f"committed file and restores it between runs; commit or stash yours first "
+              f"(after a killed study: git checkout {PARAMS})")
+    original = PARAMS.read_bytes()
+    # A stop from the outside must still restore params.yaml (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    commit = _git("rev-parse", "HEAD")
+    try:
+        for r in runs:
+            if only and r.name not in only:
+                continue
+            out = results / f"{r.name}.json"
+            if out.is_file() and not again:
+                typer.echo(f"{r.name}: done ({out})")
+                continue
+            name = f"study-{r.name}"
+            subprocess.run(["dvc", "exp", "remove", name], capture_output=True)
+            command = ["dvc", "exp", "run", "--name", name,
+                       *[arg for a in r.set_args() for arg in ("-S", a)]]
+            typer.echo(f"{r.name}: {' '.join(command)}")
+            start = time.time()
+            done = subprocess.run(command)
+            if done.returncode != 0:
+                _fail(f"run {r.name!r} failed (exit {done.returncode}); fix and run again: "
+                      "finished runs are kept, this one resumes from its checkpoints")
+            record = collect(r, {"commit": commit, "experiment": name,
+                                 "command": " ".join(command),
+                                 "seconds": round(time.time() - start, 1)})
+            with atomic_path(out) as tmp:
+                tmp.write_text(json.dumps(record, indent=1) + "\n")
+            typer.echo(f"{r.name}: record {out}")
+            PARAMS.write_bytes(original)
+    finally:
+        PARAMS.write_bytes(original)
+
+
+@app.command()
+def table(results: Annotated[Path, typer.Option(help="the records")] = RESULTS,
+          split: Annotated[str, typer.Option(help="test or dev")] = "test") -> None:
+    """Print the study's table (markdown) from the records."""
+    records = load_records(results)
+    if not records:
+        _fail(f"no records in {results}")
+    typer.echo(study_table(records, split))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
