@@ -25,6 +25,7 @@ leaves the decoder as it is in stock Whisper.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,7 @@ from bestrq.adapters import (
     load_adapter_state_dict,
     merge_adapter,
 )
+from bestrq.adapters.lora import target_pattern
 from bestrq.atomic import atomic_path, atomic_write_text
 from bestrq.export_target import check_target, record_file
 from bestrq.masking import MaskingConfig
@@ -75,6 +77,21 @@ def _check_kind(tensors: dict[str, Tensor], expected: AdapterConfig) -> None:
     if other:
         raise ValueError(f"the adapter file holds a {other[0]} adapter ({other[0]}.* tensors) "
                          f"where a {expected.kind} adapter is expected")
+
+
+def _check_lora_shape(tensors: dict[str, Tensor], adapter: AdapterConfig) -> None:
+    """LoRA tensors whose rank or adapted modules differ from `adapter`'s, which the file's
+    description would misstate: refused, naming both."""
+    ranks = sorted({int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A")})
+    if ranks != [adapter.lora_rank]:
+        raise ValueError(f"the model's LoRA has rank {ranks}, not the lora_rank "
+                         f"{adapter.lora_rank} to be saved")
+    pattern = re.compile(target_pattern(adapter.lora_targets))
+    modules = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in tensors}  # e.g. blocks.0.attn.query
+    stray = sorted(m for m in modules if not pattern.fullmatch(m))
+    if stray:
+        raise ValueError(f"the model's LoRA adapts {stray[0]}, which lora_targets "
+                         f"{list(adapter.lora_targets)} does not name")
 
 
 def _write(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
@@ -124,6 +141,8 @@ def save_vectors(path: str | Path, model: Whisper, base: dict[str, Any],
     if not tensors:
         raise ValueError("the model has no adapter in its encoder or decoder: nothing to "
                          "save (add_adapter first)")
+    if adapter.kind == "lora":
+        _check_lora_shape(tensors, adapter)
     info = {"format": FORMAT, "parts": [adapter.kind], "base": base,
             "adapter": adapter.to_dict(), **(extra or {})}
     _write(Path(path), tensors, info)
@@ -235,16 +254,18 @@ def merge_vectors(model: Whisper, tensors: dict[str, Tensor],
     return model
 
 
-def export_merged(adapter_path: str | Path, base_model: str | None, out_path: str | Path,
-                  fmt: str = "openai", quantization: str | None = None,
+def export_merged(adapter_path: str | Path | None, base_model: str | None,
+                  out_path: str | Path, fmt: str = "openai", quantization: str | None = None,
                   protected: Iterable[str | Path] = ()) -> Path:
     """Write the base Whisper with the adapter folded in (the encoder's, and the
     decoder's where the file has them: fine-tuned adapters) to `out_path`.
 
-    base_model: a Whisper name, checkpoint path or Hugging Face folder or hub name; None takes
-    the one the adapter records. fmt: "openai" (a checkpoint file for `whisper.load_model`),
-    "hf" (a Hugging Face folder) or "ct2" (a CTranslate2 folder for faster-whisper, weights in
-    `quantization`); the last two need the `export` extra, checked before any work.
+    adapter_path: None writes the stock base alone (e.g. the Hugging Face model a PEFT
+    adapter is loaded onto). base_model: a Whisper name, checkpoint path or Hugging Face folder
+    or hub name; None takes the one the adapter records. fmt: "openai" (a checkpoint file for
+    `whisper.load_model`), "hf" (a Hugging Face folder) or "ct2" (a CTranslate2 folder for
+    faster-whisper, weights in `quantization`); the last two need the `export` extra, checked
+    before any work.
 
     `out_path` must not exist, be empty, or be an unchanged earlier export; never inside a
     `protected` folder (the pipeline's data/) nor over the adapter or base model
@@ -252,13 +273,20 @@ def export_merged(adapter_path: str | Path, base_model: str | None, out_path: st
     """
     convert.require_export_extra(fmt)
     convert.check_quantization(fmt, quantization)
-    tensors, info = read_adapter(adapter_path)
-    spec = base_model or info["base"]["model"]
-    # Both the base given and the one the adapter records: a path among them is an input.
-    check_target(out_path, fmt, [adapter_path, spec, info["base"].get("model", "")], protected)
-    model = load_whisper(spec)
-    check_base(model, info, adapter_path, spec)
-    merge_vectors(model, tensors, adapter_config(info))
+    if adapter_path is None:
+        if not base_model:
+            raise ValueError("export without an adapter needs the base model (--base)")
+        check_target(out_path, fmt, [base_model], protected)
+        model = load_whisper(base_model)
+    else:
+        tensors, info = read_adapter(adapter_path)
+        spec = base_model or info["base"]["model"]
+        # Both the base given and the one the adapter records: a path among them is an input.
+        check_target(out_path, fmt, [adapter_path, spec, info["base"].get("model", "")],
+                     protected)
+        model = load_whisper(spec)
+        check_base(model, info, adapter_path, spec)
+        merge_vectors(model, tensors, adapter_config(info))
     with torch.no_grad():
         if fmt == "hf":
             return convert.save_hf_folder(model, out_path)

@@ -42,13 +42,14 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 from bestrq.export_target import check_target, record_folder
 
 EXPORT_EXTRA = "pip install 'whisper-bestrq[export]'"
-FORMATS = ("openai", "hf", "ct2")
+FORMATS = ("openai", "hf", "ct2", "peft")
 # What ctranslate2's converter takes as `quantization` (None: keep the weights' float32).
 CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16",
                      "int8_bfloat16", "int16")
 # The packages each format needs beyond the core dependencies.
 _FORMAT_NEEDS: dict[str, tuple[str, ...]] = {
-    "openai": (), "hf": ("transformers",), "ct2": ("transformers", "ctranslate2")}
+    "openai": (), "hf": ("transformers",), "ct2": ("transformers", "ctranslate2"),
+    "peft": ("peft",)}
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -306,7 +307,7 @@ def _digest_files(paths: list[Path]) -> str:
 
 
 @contextmanager
-def _fresh_folder(out: Path, fmt: str) -> Iterator[Path]:
+def fresh_folder(out: Path, fmt: str) -> Iterator[Path]:
     """A temporary folder beside `out` that replaces it when the block succeeds, marked as an
     export of `fmt` (the files it holds listed).
 
@@ -350,7 +351,7 @@ def save_hf_folder(model: Whisper, out: str | Path) -> Path:
     with its tokenizer, feature extractor and generation config; `from_pretrained` and
     `pipeline("automatic-speech-recognition", out)` load it offline."""
     require_export_extra("hf")
-    with _fresh_folder(Path(out), "hf") as tmp:
+    with fresh_folder(Path(out), "hf") as tmp:
         write_hf_files(model, tmp)
     return Path(out)
 
@@ -365,7 +366,7 @@ def save_ct2_folder(model: Whisper, out: str | Path, quantization: str | None = 
     check_quantization("ct2", quantization)
     from ctranslate2.converters import TransformersConverter
 
-    with tempfile.TemporaryDirectory() as hf_dir, _fresh_folder(Path(out), "ct2") as tmp:
+    with tempfile.TemporaryDirectory() as hf_dir, fresh_folder(Path(out), "ct2") as tmp:
         write_hf_files(model, Path(hf_dir))
         converter = TransformersConverter(hf_dir, copy_files=list(CT2_COPIED))
         converter.convert(str(tmp), quantization=quantization, force=True)

@@ -18,6 +18,7 @@ from whisper.normalizers import EnglishTextNormalizer
 
 from bestrq.adapter import export_merged, save_vectors
 from bestrq.adapters.ia3 import add_ia3, ia3_state_dict
+from bestrq.peft_adapter import export_peft
 from bestrq.synth import EspeakSynthesizer
 from bestrq.whisper_model import load_whisper, model_identity
 
@@ -31,7 +32,7 @@ def readme_blocks() -> dict[str, str]:
     section = text[text.index("## Use the adapted model"):text.index("### Hugging Face base")]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     kinds = {"openai": "whisper.load_model(", "hf_pipeline": "pipeline(",
-             "hf_steps": "WhisperProcessor", "ct2": "faster_whisper"}
+             "hf_steps": "WhisperProcessor", "ct2": "faster_whisper", "peft": "PeftModel"}
     found = {kind: [b for b in blocks if marker in b] for kind, marker in kinds.items()}
     assert all(len(v) == 1 for v in found.values()), found
     return {kind: v[0] for kind, v in found.items()}
@@ -39,8 +40,9 @@ def readme_blocks() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A folder holding clip.wav (the corpus' rate) and the three exports README's code names,
-    merged from tiny.en with slightly non-trivial encoder vectors."""
+    """A folder holding clip.wav (the corpus' rate) and the exports README's code names, from
+    tiny.en with slightly non-trivial encoder vectors: merged (three formats), and as a PEFT
+    adapter beside the stock Hugging Face base."""
     from conftest import TINY_EN
 
     if not TINY_EN.is_file():
@@ -62,10 +64,12 @@ def workdir(tmp_path_factory) -> Path:
     export_merged(vectors, str(TINY_EN), work / "tiny.en-adapted.pt")
     export_merged(vectors, str(TINY_EN), work / "tiny.en-adapted-hf", "hf")
     export_merged(vectors, str(TINY_EN), work / "tiny.en-adapted-ct2", "ct2", "int8")
+    export_merged(None, str(TINY_EN), work / "tiny.en-hf", "hf")
+    export_peft(vectors, work / "tiny.en-adapted-peft")
     return work
 
 
-@pytest.mark.parametrize("kind", ["openai", "hf_pipeline", "hf_steps", "ct2"])
+@pytest.mark.parametrize("kind", ["openai", "hf_pipeline", "hf_steps", "ct2", "peft"])
 def test_readme_example_transcribes_a_corpus_clip(kind: str, workdir: Path) -> None:
     code = readme_blocks()[kind]
     proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True,
