@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from bestrq.adapter import merge_vectors
-from bestrq.adapters import AdapterConfig, adapter_disabled
+from bestrq.adapters import IA3, AdapterConfig, adapter_disabled
 from bestrq.asr import (
     AsrConfig,
     clip_errors,
@@ -342,6 +342,6 @@ def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Data
     `tensors` (of kind `adapter`, IA^3 when None) merged (`compare_wers` with `stock` and
     `adapted`); stock is decoded first and the adapter is then merged into the same copy, so
     one model is held at a time."""
-    system = (tensors, adapter or AdapterConfig())
+    system = (tensors, adapter or IA3)
     return compare_wers(base_model, {"stock": None, "adapted": system}, dataset, config,
                         device, baseline="stock", other="adapted", windows=windows)

@@ -1,6 +1,8 @@
 """LoRA behind the adapter interface: identity at init, kv-cache decoding, exact merge, the
 adapter-only file and its exports, and the refusals (bad values, the other kind's file)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import whisper
@@ -237,3 +239,19 @@ def test_bestrq_with_lora_trains_its_matrices_and_distils_against_the_stock_enco
     distill, _ = model.distillation(mel, valid)
     assert float(distill.detach()) > 0  # the stock target is computed with LoRA switched off
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_save_vectors_refuses_a_lora_shape_the_description_would_misstate(tiny_whisper, tmp_path):
+    from bestrq.adapter import read_adapter, save_vectors
+
+    made = AdapterConfig("lora", lora_rank=4, lora_alpha=8.0, lora_targets=("query", "fc1"))
+    add_adapter(tiny_whisper.encoder, made)
+    with pytest.raises(ValueError, match=r"rank \[4\], not the lora_rank 32"):
+        save_vectors(tmp_path / "a.safetensors", tiny_whisper, {}, adapter=replace(
+            made, lora_rank=32))
+    with pytest.raises(ValueError, match=r"adapts blocks\.0\.attn\.query.*\['value', 'fc1'\]"):
+        save_vectors(tmp_path / "a.safetensors", tiny_whisper, {}, adapter=replace(
+            made, lora_targets=("value", "fc1")))
+    assert not (tmp_path / "a.safetensors").exists()
+    save_vectors(tmp_path / "a.safetensors", tiny_whisper, {}, adapter=made)
+    assert read_adapter(tmp_path / "a.safetensors")[1]["adapter"]["lora_rank"] == 4
