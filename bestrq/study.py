@@ -145,3 +145,33 @@ def study_table(records: list[dict[str, Any]], split: str = "test") -> str:
 def load_records(folder: Path) -> list[dict[str, Any]]:
     """Every run record in a results folder, by name."""
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def curves_spec(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A Vega-Lite spec of each run's BEST-RQ dev loss and accuracy over the updates, beside
+    the label prior's on the same masked targets (dashed): does pre-training learn more than
+    the label frequencies, and from which update."""
+    rows = []
+    for rec in records:
+        for metric in ("loss", "accuracy"):
+            for series, name in (("BEST-RQ", f"dev/{metric}"),
+                                 ("label prior", f"dev/prior_{metric}")):
+                rows += [{"run": rec["run"], "metric": metric, "series": series,
+                          "step": step, "value": value}
+                         for step, value in rec["curves"].get(name, [])]
+
+    def panel(metric: str, title: str) -> dict[str, Any]:
+        return {"transform": [{"filter": {"field": "metric", "equal": metric}}],
+                "mark": {"type": "line", "point": True},
+                "width": 320, "height": 220, "title": title,
+                "encoding": {
+                    "x": {"field": "step", "type": "quantitative", "title": "update"},
+                    "y": {"field": "value", "type": "quantitative", "title": title,
+                          "scale": {"zero": False}},
+                    "color": {"field": "run", "type": "nominal"},
+                    "strokeDash": {"field": "series", "type": "nominal"}}}
+
+    return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+            "data": {"values": rows},
+            "hconcat": [panel("loss", "dev masked cross-entropy (nats)"),
+                        panel("accuracy", "dev masked accuracy")]}

@@ -18,7 +18,15 @@ import typer
 
 from bestrq.atomic import atomic_path
 from bestrq.params import read_yaml
-from bestrq.study import StudyRun, load_grid, load_records, read_tsv, run_record, study_table
+from bestrq.study import (
+    StudyRun,
+    curves_spec,
+    load_grid,
+    load_records,
+    read_tsv,
+    run_record,
+    study_table,
+)
 from stages.common import LIVE
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -111,6 +119,21 @@ def table(results: Annotated[Path, typer.Option(help="the records")] = RESULTS,
     if not records:
         _fail(f"no records in {results}")
     typer.echo(study_table(records, split))
+
+
+@app.command()
+def plot(results: Annotated[Path, typer.Option(help="the records")] = RESULTS) -> None:
+    """Draw every run's BEST-RQ dev loss and accuracy beside the label prior's as
+    RESULTS/curves.svg (rendered offline with vl-convert, for README)."""
+    import vl_convert
+
+    records = load_records(results)
+    if not records:
+        _fail(f"no records in {results}")
+    out = results / "curves.svg"
+    with atomic_path(out) as tmp:
+        tmp.write_text(vl_convert.vegalite_to_svg(curves_spec(records)))
+    typer.echo(f"study: wrote {out}")
 
 
 def main() -> None:

@@ -176,3 +176,25 @@ def test_a_failed_run_stops_the_study_without_a_record_and_restores_params(tmp_p
     assert not (work / "results").exists()
     calls = (work / "calls.txt").read_text()
     assert "study-a" in calls and "study-b" not in calls
+
+
+def test_curves_spec_draws_each_run_beside_its_prior_and_plot_writes_an_svg(tmp_path):
+    from bestrq.study import curves_spec
+
+    recs = [_record("a", [7.9, 7.1], [7.3, 7.3]), _record("b", [7.5, 7.4], [7.3, 7.2])]
+    rows = curves_spec(recs)["data"]["values"]
+    loss = [(r["run"], r["series"], r["step"], r["value"]) for r in rows if r["metric"] == "loss"]
+    assert loss == [("a", "BEST-RQ", 50.0, 7.9), ("a", "BEST-RQ", 100.0, 7.1),
+                    ("a", "label prior", 50.0, 7.3), ("a", "label prior", 100.0, 7.3),
+                    ("b", "BEST-RQ", 50.0, 7.5), ("b", "BEST-RQ", 100.0, 7.4),
+                    ("b", "label prior", 50.0, 7.3), ("b", "label prior", 100.0, 7.2)]
+    pytest.importorskip("vl_convert")
+    results = tmp_path / "results"
+    results.mkdir()
+    for rec in recs:
+        (results / f"{rec['run']}.json").write_text(json.dumps(rec))
+    done = subprocess.run([sys.executable, "-m", "stages.study", "plot", "--results",
+                           str(results)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    svg = (results / "curves.svg").read_text()
+    assert svg.startswith("<svg") and "dev masked accuracy" in svg
