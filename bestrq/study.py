@@ -175,3 +175,26 @@ def curves_spec(records: list[dict[str, Any]]) -> dict[str, Any]:
             "data": {"values": rows},
             "hconcat": [panel("loss", "dev masked cross-entropy (nats)"),
                         panel("accuracy", "dev masked accuracy")]}
+
+
+def learning_table(records: list[dict[str, Any]], split: str = "test") -> str:
+    """Does BEST-RQ learn here? Per run: the last train BEST-RQ loss, the held-out masked loss
+    and accuracy against the label prior's on the same targets (`split`, after the last update),
+    the first dev evaluation below the prior, and the label-free probes, stock -> adapted."""
+    head = ("| run | train BEST-RQ loss | held-out loss / prior | held-out accuracy / prior | "
+            "dev beats prior at | effective rank stock -> adapted | Davies-Bouldin stock -> "
+            "adapted | pre-training s |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for rec in records:
+        ev = rec["metrics"]["evaluate"][split]
+        pre = rec["metrics"]["pretrain"]
+        beat = first_beat(rec["curves"])
+        lines.append(
+            f"| {rec['run']} | {pre['train']['bestrq_loss']:.2f} | "
+            f"{ev['adapted']['loss']:.2f} / {ev['prior']['loss']:.2f} | "
+            f"{100 * ev['adapted']['accuracy']:.1f}% / {100 * ev['prior']['accuracy']:.1f}% | "
+            f"{'never' if beat is None else int(beat)} | "
+            f"{ev['stock']['effective_rank']:.1f} -> {ev['adapted']['effective_rank']:.1f} | "
+            f"{ev['stock']['davies_bouldin']:.2f} -> {ev['adapted']['davies_bouldin']:.2f} | "
+            f"{pre['train_seconds']:.0f} |")
+    return "\n".join(lines)

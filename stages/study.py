@@ -21,6 +21,7 @@ from bestrq.params import read_yaml
 from bestrq.study import (
     StudyRun,
     curves_spec,
+    learning_table,
     load_grid,
     load_records,
     read_tsv,
@@ -114,11 +115,14 @@ def run(grid: Annotated[Path, typer.Option(help="the grid of runs")] = Path("stu
 @app.command()
 def table(results: Annotated[Path, typer.Option(help="the records")] = RESULTS,
           split: Annotated[str, typer.Option(help="test or dev")] = "test") -> None:
-    """Print the study's table (markdown) from the records."""
+    """Print the study's tables (markdown) from the records: the WERs, and whether BEST-RQ
+    learned more than the label frequencies."""
     records = load_records(results)
     if not records:
         _fail(f"no records in {results}")
     typer.echo(study_table(records, split))
+    typer.echo()
+    typer.echo(learning_table(records, split))
 
 
 @app.command()

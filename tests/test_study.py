@@ -71,7 +71,13 @@ def _record(name: str, dev_loss: list[float], prior: list[float]) -> dict:
             "params": {"adapter": "lora", "bestrq_layer": -3, "distill_layers": [-2, -1],
                        "distill_weight": 10.0, "max_steps": 1000},
             "metrics": {"report": {"test": answer, "dev": {
-                **answer, "heldout": {"loss": dev_loss[-1], "prior_loss": prior[-1]}}}},
+                **answer, "heldout": {"loss": dev_loss[-1], "prior_loss": prior[-1]}}},
+                "evaluate": {"test": {
+                    "adapted": {"loss": 6.91, "accuracy": 0.0234, "effective_rank": 250.04,
+                                "davies_bouldin": 2.5},
+                    "prior": {"loss": 7.02, "accuracy": 0.01},
+                    "stock": {"effective_rank": 260.0, "davies_bouldin": 2.83}}},
+                "pretrain": {"train": {"bestrq_loss": 5.4321}, "train_seconds": 1234.4}},
             "curves": {"dev/loss": [[s, v] for s, v in zip(steps, dev_loss, strict=True)],
                        "dev/prior_loss": [[s, v] for s, v in zip(steps, prior, strict=True)]}}
 
@@ -198,3 +204,11 @@ def test_curves_spec_draws_each_run_beside_its_prior_and_plot_writes_an_svg(tmp_
     assert done.returncode == 0, done.stderr
     svg = (results / "curves.svg").read_text()
     assert svg.startswith("<svg") and "dev masked accuracy" in svg
+
+
+def test_learning_table_row():
+    from bestrq.study import learning_table
+
+    rows = learning_table([_record("lora-beard", [7.9, 7.4, 7.1], [7.3, 7.3, 7.3])]).splitlines()
+    assert rows[2] == ("| lora-beard | 5.43 | 6.91 / 7.02 | 2.3% / 1.0% | 150 | 260.0 -> 250.0 | "
+                       "2.83 -> 2.50 | 1234 |")
