@@ -27,7 +27,7 @@ from tqdm import tqdm
 from whisper.model import Whisper
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-from bestrq.seeding import derived_seed
+from bestrq.seeding import FALLBACK_STREAM, derived_seed
 
 
 @dataclass
@@ -109,10 +109,7 @@ def is_silence(result: whisper.DecodingResult) -> bool:
 
 def fallback_seed(seed: int, clip: int) -> int:
     """The seed of clip `clip`'s sampled re-decodings (temperatures above 0)."""
-    return derived_seed(seed, clip, 0, STREAM_FALLBACK)
-
-
-STREAM_FALLBACK = 0x66616C6C  # "fall": the seed stream of the sampled re-decodings
+    return derived_seed(seed, clip, 0, FALLBACK_STREAM)
 
 
 def decode_with_fallback(model: Whisper, mel: Tensor, options: whisper.DecodingOptions,

@@ -29,12 +29,11 @@ from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from bestrq.adapters import IA3, AdapterConfig, add_adapter
-from bestrq.seeding import generator
+from bestrq.seeding import LABELS_STREAM, generator
 from bestrq.train import Objective, TrainConfig
 
 IGNORE = -100  # target of padding and prompt positions: no loss
 FRAMES_PER_MINUTE = 100 * 60  # Whisper's log-mel has 100 frames a second
-LABELS_STREAM = 0x6C6162656C  # "label": which transcribed clips a run may use
 
 # The knobs of the fine-tune that differ from pre-training's (section `finetune` of params.yaml);
 # the rest of the engine (precision, device, workers, AdamW betas, clipping) is shared.

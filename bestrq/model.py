@@ -29,10 +29,9 @@ from bestrq.masking import (
     target_valid,
 )
 from bestrq.quantizer import RandomProjectionQuantizer
-from bestrq.seeding import generator
+from bestrq.seeding import HEADS_STREAM, generator
 
 ENCODER_STRIDE = 2  # Whisper's conv stem halves the 10 ms frame rate
-HEADS_STREAM = 0x6865616473  # "heads": the heads' own stream of the run's seed
 
 
 def seeded_linear(in_features: int, out_features: int, gen: torch.Generator) -> nn.Linear:

@@ -39,7 +39,7 @@ from bestrq.distributed import current, resolve_device
 from bestrq.masking import MaskingConfig, draw_sample_mask
 from bestrq.precision import describe_precision, wants_bf16
 from bestrq.schedule import SCHEDULES, frozen_for, lr_lambda, updates
-from bestrq.seeding import derived_seed, generator
+from bestrq.seeding import MASK_STREAM, ORDER_STREAM, derived_seed, generator
 from bestrq.throughput import mfu, model_flops
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -164,12 +164,12 @@ class TrainResult:
 
 def clip_seed(seed: int, epoch: int, clip: int) -> int:
     """Seed of the mask and noise of `clip` in `epoch`."""
-    return derived_seed(seed, epoch, clip, 0x6D61736B)
+    return derived_seed(seed, epoch, clip, MASK_STREAM)
 
 
 def epoch_order(num_clips: int, seed: int, epoch: int) -> Tensor:
     """The global clip order of `epoch`: a permutation (num_clips,) seeded by (seed, epoch)."""
-    return torch.randperm(num_clips, generator=generator(seed, epoch, 0x6F72646572))
+    return torch.randperm(num_clips, generator=generator(seed, epoch, ORDER_STREAM))
 
 
 class MaskedClips(Dataset):

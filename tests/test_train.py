@@ -419,3 +419,18 @@ def test_deterministic_switches_torch_to_deterministic_kernels_same_result_on_cp
         assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_every_seed_stream_is_named_once_and_distinct():
+    from bestrq import asr, finetune, model, seeding, train
+
+    assert len(set(seeding.STREAMS.values())) == len(seeding.STREAMS)
+    # The values spell the names (part of every committed result: they must not change).
+    spelled = {name: bytes.fromhex(f"{value:x}").decode() for name, value in
+               seeding.STREAMS.items()}
+    assert spelled == {"mask": "mask", "order": "order", "heads": "heads", "labels": "label",
+                       "fallback": "fall"}
+    assert (asr.FALLBACK_STREAM, finetune.LABELS_STREAM, model.HEADS_STREAM,
+            train.MASK_STREAM, train.ORDER_STREAM) == (
+        seeding.FALLBACK_STREAM, seeding.LABELS_STREAM, seeding.HEADS_STREAM,
+        seeding.MASK_STREAM, seeding.ORDER_STREAM)
