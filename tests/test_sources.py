@@ -247,7 +247,7 @@ def test_transcript_problems_are_listed(tmp_path: Path) -> None:
 
 
 def test_folder_manifest_follows_the_audio_not_its_mtime(tmp_path: Path, monkeypatch) -> None:
-    import bestrq.sources as sources
+    import bestrq.folder_source as folder_source
 
     root = tmp_path / "corpus"
     _tone(root / "a.flac")
@@ -257,8 +257,8 @@ def test_folder_manifest_follows_the_audio_not_its_mtime(tmp_path: Path, monkeyp
     first = (raw / "manifest.jsonl").read_bytes()
     # A second run reads no audio: the digests are cached by size, mtime and inode.
     reads: list[Path] = []
-    real = sources._file_digests
-    monkeypatch.setattr(sources, "_file_digests", lambda p, a: reads.append(p) or real(p, a))
+    real = folder_source.file_digests
+    monkeypatch.setattr(folder_source, "file_digests", lambda p, a: reads.append(p) or real(p, a))
     acquire(SourceConfig(source=str(root)), raw)
     assert reads == [] and (raw / "manifest.jsonl").read_bytes() == first
     # Touching a file (same bytes) changes nothing downstream would see.
