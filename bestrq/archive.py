@@ -8,16 +8,14 @@ import errno
 import lzma
 import os
 import re
-import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from bestrq.files import CHUNK, is_within, real_path, replace_dir
+from bestrq.files import CHUNK, fresh_dir, is_within, real_path
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 # Every archive member costs at least one file-system block, so that millions of empty members
@@ -92,7 +90,7 @@ class _Extractor:
         for part in parts:
             path = path / part
             try:
-                os.mkdir(path, 0o755)
+                os.mkdir(path, 0o777)  # less the umask, as mkdir does
             except FileExistsError:
                 # lstat: what is there is judged itself, never what it would lead to.
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
@@ -131,7 +129,7 @@ class _Extractor:
                 return
             os.unlink(target)  # a later member of the same name replaces it, as in tar
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o644)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o666)
         except OSError as exc:
             if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):
                 self.skip(name, f"cannot create it here: {exc.strerror}")
@@ -217,6 +215,9 @@ def _extract_zip(archive: Path, ex: _Extractor) -> None:
                 else:
                     with zf.open(info) as source:
                         ex.add_file(name, info.file_size, source.read)
+    except UnicodeDecodeError as exc:  # zipfile decodes a name flagged UTF-8 strictly
+        raise ArchiveError(f"cannot extract archive {archive}: a member's name is flagged as "
+                           f"UTF-8 but is not ({_one_line(exc)})") from exc
     except (zipfile.BadZipFile, *_READ_ERRORS) as exc:
         raise ArchiveError(f"cannot extract archive {archive}: it is not a readable zip file "
                            f"({_one_line(exc)})") from exc
@@ -238,16 +239,10 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 200 * 10**9,
     archive, dest = Path(archive), Path(dest)
     if not is_archive(archive.name):
         raise ArchiveError(f"cannot extract {archive}: not a {', '.join(ARCHIVE_SUFFIXES)} file")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extracting-"))
-    try:
+    with fresh_dir(dest) as tmp:
         ex = _Extractor(archive, tmp, max_bytes, max_ratio)
         if archive.name.lower().endswith(".zip"):
             _extract_zip(archive, ex)
         else:
             _extract_tar(archive, ex)
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ex.skipped

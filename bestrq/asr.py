@@ -76,12 +76,15 @@ def normalizer_for(model: Whisper, language: str) -> Callable[[str], str]:
     return BasicTextNormalizer()
 
 
-def transcribed_clips(dataset: Dataset, config: AsrConfig) -> list[int]:
-    """Indices of the clips with a non-empty transcript, at most `config.max_clips` of them."""
+def transcribed_clips(dataset: Dataset, config: AsrConfig,
+                      normalize: Callable[[str], str] | None = None) -> list[int]:
+    """Indices of the clips with a transcript that has words (after `normalize`, when given:
+    "(laughs)" or "?!" leaves none to score), at most `config.max_clips` of them."""
     transcripts = getattr(dataset, "transcripts", None)
     if transcripts is None:
         return []
-    chosen = [i for i, t in enumerate(transcripts) if t and t.strip()]
+    normalize = normalize or (lambda text: text)
+    chosen = [i for i, t in enumerate(transcripts) if t and normalize(t).strip()]
     return chosen[:config.max_clips] if config.max_clips else chosen
 
 

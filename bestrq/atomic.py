@@ -11,6 +11,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def umask() -> int:
+    """The process's umask: read from /proc where it says, without the race of setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open` gives a new file (0666 less the umask): mkstemp's 0600 would hide it
+    from the group and others the user shares the project with."""
+    return 0o666 & ~umask()
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
     try:
@@ -36,7 +55,7 @@ def atomic_path(final: Path, prefix: str | None = None) -> Iterator[Path]:
                                 dir=final.parent)
     tmp = Path(name)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other users
+        os.fchmod(fd, file_mode())
         os.close(fd)
         yield tmp
         with tmp.open("rb+") as f:

@@ -8,6 +8,7 @@ stereo recording would take 12.7 GB as one float32 array.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
     if block_seconds <= 0:
         raise ValueError(f"block_seconds must be > 0, got {block_seconds}")
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(os.fsencode(path))  # bytes: soundfile encodes a str strictly
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         raise AudioDecodeError(f"cannot decode audio file {path}: {exc}") from exc
     with f:
@@ -210,7 +211,7 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_R
     if audio.ndim != 1:
         raise ValueError(f"write_audio expects mono (samples,), got shape {audio.shape} for {path}")
     # FLAC stores integers: clip so float overshoot does not wrap around.
-    sf.write(str(path), np.clip(audio, -1.0, 1.0), sample_rate)
+    sf.write(os.fsencode(path), np.clip(audio, -1.0, 1.0), sample_rate)
 
 
 def frame_energies(audio: np.ndarray, frame_length: int) -> np.ndarray:

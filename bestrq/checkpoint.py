@@ -37,7 +37,7 @@ from typing import IO, Any
 
 import torch
 
-from bestrq.atomic import atomic_write_text, fsync_dir
+from bestrq.atomic import atomic_write_text, file_mode, fsync_dir
 
 MAGIC = b"BRQCKPT1"
 HEADER = struct.Struct("<8s32sQ")  # magic, sha256 of the payload, payload length
@@ -104,7 +104,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any],
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide checkpoints from other users
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             if _kill_point(step, "partial"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 import re
 import shutil
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 import whisper
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from whisper.model import AudioEncoder, ModelDimensions, TextDecoder, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
@@ -169,25 +168,6 @@ def hf_to_openai_state_dict(hf_state: dict[str, Tensor], dims: ModelDimensions
 
 
 # ------------------------------------------------------------------------------ configs
-def dims_from_hf_config(config: dict[str, Any]) -> ModelDimensions:
-    """openai-whisper's dimensions of a Hugging Face Whisper config.json; refuses variants
-    openai-whisper cannot compute (other FFN width, activation or embedding scale)."""
-    d = int(config["d_model"])
-    for side in ("encoder", "decoder"):
-        if int(config.get(f"{side}_ffn_dim", 4 * d)) != 4 * d:
-            raise ValueError(f"{side}_ffn_dim {config[f'{side}_ffn_dim']} != 4 * d_model: not "
-                             "an architecture openai-whisper has")
-    if config.get("activation_function", "gelu") != "gelu" or config.get("scale_embedding"):
-        raise ValueError("only gelu activations without embedding scaling are openai-whisper's")
-    return ModelDimensions(
-        n_mels=int(config["num_mel_bins"]), n_audio_ctx=int(config["max_source_positions"]),
-        n_audio_state=d, n_audio_head=int(config["encoder_attention_heads"]),
-        n_audio_layer=int(config["encoder_layers"]), n_vocab=int(config["vocab_size"]),
-        n_text_ctx=int(config["max_target_positions"]), n_text_state=d,
-        n_text_head=int(config["decoder_attention_heads"]),
-        n_text_layer=int(config["decoder_layers"]))
-
-
 def whisper_tokenizer(model: Whisper) -> Tokenizer:
     """whisper's own tokenizer for `model` (English-only or multilingual, its language count)."""
     return get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
@@ -296,7 +276,7 @@ def hf_tokenizer(model: Whisper) -> Any:
 
 
 # ------------------------------------------------------------------------------ writing
-def _digest_files(paths: list[Path]) -> str:
+def digest_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(path.name.encode() + b"\0")
@@ -371,97 +351,3 @@ def save_ct2_folder(model: Whisper, out: str | Path, quantization: str | None = 
         converter = TransformersConverter(hf_dir, copy_files=list(CT2_COPIED))
         converter.convert(str(tmp), quantization=quantization, force=True)
     return Path(out)
-
-
-# ------------------------------------------------------------------------------ reading
-def is_hf_folder(path: str | Path) -> bool:
-    """Whether `path` is a folder with a config.json (the mark of a Hugging Face model)."""
-    return Path(path).is_dir() and (Path(path) / HF_CONFIG).is_file()
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    config_path = folder / HF_CONFIG
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"model: folder {folder} has no {HF_CONFIG}: not a Hugging Face "
-                         "model folder") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"model: cannot read {config_path}: {err}") from None
-    if not isinstance(config, dict) or config.get("model_type") != "whisper":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise ValueError(f"model: {config_path} describes a {kind!r} model, not a Whisper")
-    return config
-
-
-def hf_weight_files(folder: str | Path) -> list[Path]:
-    """The weight files of a Hugging Face folder: safetensors (one file or shards) where there
-    are any, else PyTorch .bin; raises ValueError naming the folder where there are none."""
-    folder = Path(folder)
-    for single, index in ((HF_WEIGHTS, HF_WEIGHTS_INDEX), (HF_BIN_WEIGHTS, HF_BIN_INDEX)):
-        if (folder / index).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"]
-                                    .values()))
-            except (OSError, ValueError, KeyError, AttributeError) as err:
-                raise ValueError(f"model: cannot read {folder / index}: {err}") from None
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise ValueError(f"model: folder {folder} lacks weight shards {missing[:3]}")
-            return [folder / s for s in shards]
-        if (folder / single).is_file():
-            return [folder / single]
-    raise ValueError(f"model: folder {folder} has no weights ({HF_WEIGHTS} or {HF_BIN_WEIGHTS})")
-
-
-def check_hf_folder(folder: str | Path) -> ModelDimensions:
-    """The dims of the Hugging Face Whisper in `folder`, read from config.json without loading
-    weights; raises ValueError naming the folder when it is not one openai-whisper can run."""
-    folder = Path(folder)
-    config = _read_config(folder)
-    hf_weight_files(folder)
-    try:
-        return dims_from_hf_config(config)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"model: {folder / HF_CONFIG}: not an openai-whisper architecture "
-                         f"({err})") from None
-
-
-def hf_folder_digest(folder: str | Path) -> str:
-    """sha256 over the folder's weight files (names and bytes), the identity of the weights."""
-    return _digest_files(hf_weight_files(folder))
-
-
-def _load_weights(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_hf_folder(folder: str | Path) -> Whisper:
-    """An fp32 openai-whisper `Whisper` with the weights of the Hugging Face Whisper in
-    `folder` (its alignment heads too, where generation_config.json has them)."""
-    folder = Path(folder)
-    dims = check_hf_folder(folder)
-    hf_state: dict[str, Tensor] = {}
-    try:
-        for path in hf_weight_files(folder):
-            hf_state.update(_load_weights(path))
-    except Exception as err:  # truncated or foreign files; safetensors' error is its own class
-        raise ValueError(f"model: cannot read the weights in {folder}: {err}") from None
-    try:
-        state = hf_to_openai_state_dict(hf_state, dims)
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"model: {folder}: {err}") from None
-    model = Whisper(dims)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    generation = folder / HF_GENERATION
-    if generation.is_file():
-        heads = json.loads(generation.read_text()).get("alignment_heads")
-        if heads:
-            mask = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
-            for layer, head in heads:
-                mask[layer, head] = True
-            # as whisper's set_alignment_heads stores them: sparse, not in the state dict
-            model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
-    return model

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
+from whisper.model import Whisper
 
 from bestrq.adapter import merge_vectors
 from bestrq.adapters import IA3, AdapterConfig, adapter_disabled
@@ -280,17 +281,19 @@ def compare_wers(base_model: str,
     difference. `repeats`: the systems are `{name}@{r}` per repeat (fine-tune seeds), pooled
     as `wer_comparison` does."""
     config.validate()
-    indices = transcribed_clips(dataset, config)
+    if not transcribed_clips(dataset, config):
+        return {}
+    model: Whisper | None = load_whisper(base_model)
+    normalize = normalizer_for(model, config.language)
+    indices = transcribed_clips(dataset, config, normalize)
     if not indices:
         return {}
     references = [dataset.transcripts[i] or "" for i in indices]  # type: ignore[attr-defined]
     hypotheses: dict[str, list[str]] = {}
     redecoded: dict[str, dict[str, int]] = {}
-    model = None
     for name, system in systems.items():
         if model is None:
             model = load_whisper(base_model)
-        normalize = normalizer_for(model, config.language)
         if system is not None:
             merge_vectors(model.cpu(), *system)
         counts: dict[str, int] = {}

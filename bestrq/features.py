@@ -32,7 +32,7 @@ from whisper.audio import (
 
 from bestrq.atomic import atomic_write_text
 from bestrq.distributed import resolve_device
-from bestrq.jsonl import read_jsonl
+from bestrq.jsonl import dumps, read_jsonl
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")  # segment's
 SUPPORTED_N_MELS: frozenset[int] = frozenset({80, 128})
@@ -144,7 +144,7 @@ def read_manifest(path: Path) -> list[Clip]:
 def load_clip(path: Path) -> np.ndarray:
     """Read one 16 kHz mono clip as float32 (num_samples,); errors name the file."""
     try:
-        audio, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        audio, sample_rate = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read audio ({e})") from e
     if sample_rate != SAMPLE_RATE:
@@ -289,7 +289,7 @@ def _write_split(
         "groups": [clip.group for clip in clips],
     }
     # The index is written last: its presence marks a complete split.
-    (split_dir / INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
+    (split_dir / INDEX_FILE).write_text(dumps(index), encoding="utf-8")
     return total_frames
 
 

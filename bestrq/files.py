@@ -1,15 +1,18 @@
 """Small file-system helpers the sources share: where a path really is, whether it lies
-below another, removing a file or a tree, putting a finished folder in place, and digests."""
+below another, removing a file or a tree, filling a fresh folder that replaces another only
+when complete, and digests."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from bestrq.atomic import fsync_dir
+from bestrq.atomic import fsync_dir, umask
 
 CHUNK = 1 << 20  # bytes read or written at a time
 
@@ -46,6 +49,21 @@ def replace_dir(new: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
     if old is not None:
         remove_path(old)
+
+
+@contextmanager
+def fresh_dir(dest: Path) -> Iterator[Path]:
+    """A new empty folder beside `dest` for the block to fill; on a clean exit it replaces
+    `dest` (`replace_dir`), on any error it is removed and `dest` is as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extracting-"))
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide the corpus from the group
+        yield tmp
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def file_digests(path: Path, algos: Iterable[str]) -> dict[str, str]:

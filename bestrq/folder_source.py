@@ -5,9 +5,12 @@ What is left aside is listed with a reason, never dropped silently."""
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Any
 from bestrq.atomic import atomic_write_text
 from bestrq.audio import AUDIO_EXTENSIONS, is_audio_file
 from bestrq.files import file_digests
+from bestrq.jsonl import dumps
 
 MANIFEST_NAME = "manifest.jsonl"
 GLOB_CHARS = ("*", "?", "[")
@@ -26,6 +30,9 @@ _DIGITS = re.compile(r"[0-9]+")
 # Files read as transcripts, not as audio (manifest.jsonl and transcripts.tsv at the root only).
 _TRANS_SUFFIX = ".trans.txt"
 _ROOT_TRANSCRIPTS = (MANIFEST_NAME, "transcripts.tsv")
+# Entries a folder or glob source may visit: a corpus is far smaller (LibriSpeech's 960 h is
+# ~300,000 files); `/` or `/proc` given by mistake ends in an error, not an endless walk.
+MAX_ENTRIES = 5_000_000
 
 
 def manifest_path(path: Path, raw_dir: Path) -> str:
@@ -163,9 +170,18 @@ def _is_transcript_file(path: Path, root: Path) -> bool:
 
 def _walk(root: Path, skipped: list[dict]) -> list[Path]:
     """Every file under root (absolute, links not resolved), sorted; folders that are links
-    are listed in `skipped`, not followed (they could loop or lead anywhere)."""
+    are listed in `skipped`, not followed (they could loop or lead anywhere), and so are
+    folders that cannot be listed. ValueError past MAX_ENTRIES entries."""
+    def unlisted(exc: OSError) -> None:
+        skipped.append({"path": str(exc.filename), "reason": f"cannot list folder: {_why(exc)}"})
+
     files = []
-    for folder, dirs, names in os.walk(root):
+    seen = 0
+    for folder, dirs, names in os.walk(root, onerror=unlisted):
+        seen += len(dirs) + len(names)
+        if seen > MAX_ENTRIES:
+            raise ValueError(f"download.source: more than {MAX_ENTRIES:,} files and folders "
+                             f"under {root}: point it at the corpus's own folder")
         base = Path(folder)
         for d in sorted(dirs):
             if (base / d).is_symlink():
@@ -174,6 +190,39 @@ def _walk(root: Path, skipped: list[dict]) -> list[Path]:
         dirs.sort()
         files.extend(base / n for n in names)
     return sorted(files)
+
+
+def _why(exc: OSError) -> str:
+    """An OSError in words and by name, e.g. "Permission denied (EACCES)"."""
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+def _parts_match(names: list[str], pats: list[str]) -> bool:
+    """Whether path segments `names` match glob segments `pats` as glob.glob(recursive=True)
+    would: `**` spans any number of folders, and no wildcard matches a leading dot."""
+    if not pats:
+        return not names
+    pat = pats[0]
+    if pat == "**":
+        return any(_parts_match(names[i:], pats[1:]) for i in range(len(names) + 1)
+                   if all(not n.startswith(".") for n in names[:i]))
+    if not names:
+        return False
+    name = names[0]
+    if name.startswith(".") and not pat.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pat) and _parts_match(names[1:], pats[1:])
+
+
+def glob_files(pattern: str, skipped: list[dict]) -> list[Path]:
+    """The files a glob pattern matches, found by walking its fixed root (`_walk`: links to
+    folders are not followed, so `spk/self -> .` cannot loop, and the walk is bounded)."""
+    root = glob_root(pattern)
+    pats = Path(pattern).expanduser().parts[len(root.parts):]
+    rel_root = Path(os.path.abspath(root))
+    return [path for path in _walk(rel_root, skipped)
+            if _parts_match(list(path.relative_to(rel_root).parts), list(pats))]
 
 
 class DigestCache:
@@ -203,7 +252,7 @@ class DigestCache:
 
     def save(self) -> None:
         if self.path is not None:
-            atomic_write_text(self.path, json.dumps(self.now, ensure_ascii=False))
+            atomic_write_text(self.path, dumps(self.now))
 
 
 def _unique_ids(files: list[Path], root: Path) -> list[str]:
@@ -244,10 +293,16 @@ def index_folder(root: Path, raw_dir: Path, files: list[Path] | None = None,
     for path in candidates:
         if _is_transcript_file(path, root):
             continue
-        if not path.is_file():
-            if path.is_symlink():
-                skipped.append({"path": str(path), "reason": "broken link"})
-            elif os.path.lexists(path) and not path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            broken = exc.errno in (errno.ENOENT, errno.ENOTDIR) and os.path.islink(path)
+            if broken or os.path.lexists(path):
+                skipped.append({"path": str(path),
+                                "reason": "broken link" if broken else f"cannot read: {_why(exc)}"})
+            continue
+        if not stat.S_ISREG(mode):
+            if not stat.S_ISDIR(mode):
                 skipped.append({"path": str(path), "reason": "not a regular file"})
             continue
         if not is_audio_file(path):

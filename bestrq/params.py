@@ -151,6 +151,7 @@ class DownloadParams(_Section):
     watch: Text = _SOURCE.watch
     max_extract_gb: Annotated[float, Field(gt=0, le=10**6)] = _SOURCE.max_extract_gb
     max_ratio: Annotated[float, Field(ge=1, le=10**6)] = _SOURCE.max_ratio
+    max_download_gb: Annotated[float, Field(gt=0, le=10**6)] | None = _SOURCE.max_download_gb
 
 
 class SegmentParams(_Section):

@@ -15,7 +15,6 @@ parameters, their validation and the entry point.
 
 from __future__ import annotations
 
-import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,21 @@ from tqdm import tqdm
 from bestrq.archive import ArchiveError, extract_archive
 from bestrq.audio import is_audio_file, write_audio
 from bestrq.files import is_within, real_path, remove_path
-from bestrq.folder_source import GLOB_CHARS, MANIFEST_NAME, DigestCache, glob_root, index_folder
+from bestrq.folder_source import (
+    GLOB_CHARS,
+    MANIFEST_NAME,
+    DigestCache,
+    glob_files,
+    glob_root,
+    index_folder,
+)
 from bestrq.jsonl import write_jsonl
 from bestrq.url_source import (
     DOWNLOAD_DIR,
     DOWNLOAD_RECORD,
     ChecksumError,
     Download,
+    DownloadTooLargeError,
     UnverifiedDownloadWarning,
     acquire_url,
     check_url_scheme,
@@ -46,6 +53,7 @@ __all__ = [
     "ArchiveError",
     "ChecksumError",
     "Download",
+    "DownloadTooLargeError",
     "SourceConfig",
     "UnverifiedDownloadWarning",
     "acquire",
@@ -110,6 +118,7 @@ class SourceConfig:
     watch: str = "stages/download.py"
     max_extract_gb: float = 200.0  # an archive that extracts to more is refused
     max_ratio: float = 100.0  # ... and one that expands more than this many times its size
+    max_download_gb: float | None = None  # a download passing this stops; None: max_extract_gb
 
 
 def source_kind(source: str) -> str:
@@ -140,6 +149,9 @@ def validate(cfg: SourceConfig) -> None:
     if not _positive_number(cfg.max_extract_gb):
         raise ValueError(f"download.max_extract_gb: must be a number > 0, got "
                          f"{cfg.max_extract_gb!r}")
+    if cfg.max_download_gb is not None and not _positive_number(cfg.max_download_gb):
+        raise ValueError(f"download.max_download_gb: must be a number > 0 or null (the same as "
+                         f"max_extract_gb), got {cfg.max_download_gb!r}")
     if not _positive_number(cfg.max_ratio) or cfg.max_ratio < 1:
         raise ValueError(f"download.max_ratio: must be a number >= 1, got {cfg.max_ratio!r}")
     kind = source_kind(cfg.source)
@@ -158,7 +170,7 @@ def validate(cfg: SourceConfig) -> None:
     elif kind == "url":
         check_url_scheme(cfg.source)
     elif kind == "glob":
-        if not any(is_audio_file(p) for p in glob.iglob(cfg.source, recursive=True)):
+        if not any(is_audio_file(p) for p in glob_files(cfg.source, [])):
             raise ValueError(f"download.source: glob {cfg.source} matches no audio files")
     else:
         path = Path(cfg.source).expanduser()
@@ -288,13 +300,16 @@ def acquire(cfg: SourceConfig, raw_dir: Path, cache_dir: Path | None = None
             url, preset = LIBRISPEECH_SUBSETS[cfg.source.split(":", 1)[1]]
             checksum = cfg.checksum or preset
         entries, skipped, extra = acquire_url(url, checksum, raw_dir, cache_dir,
-                                               cfg.max_extract_gb, cfg.max_ratio)
+                                               cfg.max_extract_gb, cfg.max_ratio,
+                                               cfg.max_download_gb)
     else:
         digests = DigestCache(cache_dir / "digests.json")
         path = Path(cfg.source).expanduser()
         if kind == "glob":
-            files = [Path(p) for p in glob.glob(cfg.source, recursive=True)]
+            unlisted: list[dict] = []
+            files = glob_files(cfg.source, unlisted)
             entries, skipped = index_folder(glob_root(cfg.source), raw_dir, files, digests)
+            skipped = unlisted + skipped
         elif path.is_file():
             entries, skipped = index_folder(path.parent, raw_dir, [path], digests)
         else:

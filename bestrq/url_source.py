@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import urllib.parse
 import urllib.request
@@ -22,10 +23,11 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from bestrq.archive import ARCHIVE_SUFFIXES, ArchiveError, extract_archive, is_archive
-from bestrq.atomic import atomic_write_text, fsync_dir
+from bestrq.atomic import atomic_write_text, file_mode, fsync_dir
 from bestrq.audio import is_audio_file
-from bestrq.files import CHUNK, file_digests, replace_dir
+from bestrq.files import CHUNK, file_digests, fresh_dir
 from bestrq.folder_source import index_folder
+from bestrq.jsonl import dumps
 
 DOWNLOAD_RECORD = "download.json"  # what a URL source downloaded and how it was extracted
 DOWNLOAD_DIR = "download"
@@ -36,8 +38,21 @@ class ChecksumError(RuntimeError):
     """A downloaded file does not match its expected checksum (the file has been deleted)."""
 
 
+class DownloadTooLargeError(RuntimeError):
+    """A download passed `download.max_download_gb` (what came so far has been deleted)."""
+
+
 class UnverifiedDownloadWarning(UserWarning):
     """A URL source was used without `download.checksum`; its sha256 is in the message."""
+
+
+# user:password@ in a URL's authority: what errors and records must not repeat.
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):[^/\s@]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`."""
+    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
 
 
 def parse_checksum(checksum: str) -> tuple[str, str]:
@@ -73,6 +88,23 @@ def check_url_scheme(url: str) -> None:
         ) from exc
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def _too_large(url: str, nbytes: int, max_bytes: int, announced: bool) -> DownloadTooLargeError:
+    what = f"announces {nbytes} bytes" if announced else f"passed {max_bytes} bytes"
+    return DownloadTooLargeError(
+        f"download of {url} stopped: it {what}, more than download.max_download_gb "
+        f"({max_bytes / 1e9:g} GB); nothing was kept (raise download.max_download_gb if the "
+        "file is genuine)")
+
+
 def _open_url(url: str) -> tuple[IO[bytes], int | None, object]:
     """A readable stream for `url`, its size when known, and the object to close afterwards."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
@@ -83,18 +115,29 @@ def _open_url(url: str) -> tuple[IO[bytes], int | None, object]:
         return response, int(length) if length and length.isdigit() else None, response
     import fsspec
 
+    if scheme in ("file", "local"):
+        # A device or FIFO never ends (or blocks on open): only a regular file is a download.
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"download.source: {url} is not a regular file (it is "
+                             f"{_file_kind(info.st_mode)}); point it at an archive or audio file")
+        stream = path.open("rb")
+        return stream, info.st_size, stream
     opened = fsspec.open(url, "rb")
     stream = opened.open()
     size = getattr(stream, "size", None)
     return stream, int(size) if isinstance(size, int) else None, stream
 
 
-def download_file(url: str, dest: Path, checksum: str = "") -> str:
+def download_file(url: str, dest: Path, checksum: str = "",
+                  max_bytes: int | None = None) -> str:
     """Download `url` to `dest` atomically and return its sha256 (hex).
 
     The bytes go to a temporary file beside `dest`, are flushed to disk, and only then renamed
     to `dest`, so `dest` is either absent or complete. Raises ChecksumError (nothing left
-    behind) when `checksum` ("sha256:<hex>", "md5:<hex>") does not match.
+    behind) when `checksum` ("sha256:<hex>", "md5:<hex>") does not match, and
+    DownloadTooLargeError as soon as more than `max_bytes` are announced or have come.
     """
     algo, expected = parse_checksum(checksum) if checksum else ("sha256", "")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -102,17 +145,22 @@ def download_file(url: str, dest: Path, checksum: str = "") -> str:
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, file_mode())
         with open(fd, "wb") as out:
             written = 0
             try:
                 stream, size, closer = _open_url(url)
                 try:
+                    if max_bytes is not None and size is not None and size > max_bytes:
+                        raise _too_large(url, size, max_bytes, announced=True)
                     bar = tqdm(total=size, unit="B", unit_scale=True,
                                desc=f"download {dest.name}")
                     with bar:
                         for chunk in iter(lambda: stream.read(CHUNK), b""):
-                            out.write(chunk)
                             written += len(chunk)
+                            if max_bytes is not None and written > max_bytes:
+                                raise _too_large(url, written, max_bytes, announced=False)
+                            out.write(chunk)
                             for h in hashers.values():
                                 h.update(chunk)
                             bar.update(len(chunk))
@@ -163,12 +211,13 @@ class Download:
         return bool(self.checksum)
 
 
-def fetch(url: str, checksum: str, cache_dir: Path) -> Download:
+def fetch(url: str, checksum: str, cache_dir: Path, max_bytes: int | None = None) -> Download:
     """The content of `url` in `cache_dir/downloads/<url hash>/<sha256>/<file name>`.
 
     A copy found there is used when it matches `checksum` (or, without one, when it is intact:
-    its content still has the sha256 it is filed under); otherwise `url` is downloaded. The
-    cache lies outside the DVC output, so an archive is not kept beside its extracted copy.
+    its content still has the sha256 it is filed under); otherwise `url` is downloaded, at most
+    `max_bytes` of it. The cache lies outside the DVC output, so an archive is not kept beside
+    its extracted copy.
     """
     algo, expected = parse_checksum(checksum) if checksum else ("sha256", "")
     filename = url_filename(url)
@@ -186,25 +235,19 @@ def fetch(url: str, checksum: str, cache_dir: Path) -> Download:
     incoming = url_dir / "incoming" / filename
     for stale in incoming.parent.glob(".*.part"):  # left by a killed download
         stale.unlink(missing_ok=True)
-    sha256 = download_file(url, incoming, checksum)
+    sha256 = download_file(url, incoming, checksum, max_bytes)
     final = url_dir / sha256 / filename
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(incoming, final)
     fsync_dir(final.parent)
-    (url_dir / "url.txt").write_text(url + "\n", encoding="utf-8")  # for people browsing it
+    (url_dir / "url.txt").write_text(redact(url) + "\n", encoding="utf-8")  # for people browsing it
     return Download(url, final, sha256, final.stat().st_size, checksum, False)
 
 
 def _install_file(source: Path, dest: Path) -> None:
     """Make `dest` a folder holding a copy of `source` alone, replacing it only when done."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extracting-"))
-    try:
+    with fresh_dir(dest) as tmp:
         shutil.copyfile(source, tmp / source.name)
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_record(path: Path) -> dict:
@@ -216,18 +259,21 @@ def _read_record(path: Path) -> dict:
 
 
 def acquire_url(url: str, checksum: str, raw_dir: Path, cache_dir: Path, max_extract_gb: float,
-                max_ratio: float) -> tuple[list[dict], list[dict], dict[str, float | str]]:
-    """Fetch `url` (through the cache), extract it into `raw_dir/download` when it is an
-    archive (skipped when that exact archive is already extracted there under the same caps),
-    record what was fetched in `raw_dir/download.json`, and index the result: entries, what
-    was left aside, and the download's stats."""
+                max_ratio: float, max_download_gb: float | None = None,
+                ) -> tuple[list[dict], list[dict], dict[str, float | str]]:
+    """Fetch `url` (through the cache; at most `max_download_gb`, by default `max_extract_gb`),
+    extract it into `raw_dir/download` when it is an archive (skipped when that exact archive
+    is already extracted there under the same caps), record what was fetched in
+    `raw_dir/download.json`, and index the result: entries, what was left aside, and the
+    download's stats."""
     filename = url_filename(url)
     if not is_archive(filename) and not is_audio_file(filename):
         raise ValueError(
             f"download.source: {url} is neither an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
             "nor an audio file"
         )
-    got = fetch(url, checksum, cache_dir)
+    download_gb = max_extract_gb if max_download_gb is None else max_download_gb
+    got = fetch(url, checksum, cache_dir, int(download_gb * 1e9))
     if not got.verified:
         warnings.warn(UnverifiedDownloadWarning(
             f"no download.checksum for {url}: what was downloaded has sha256:{got.sha256}; "
@@ -235,7 +281,7 @@ def acquire_url(url: str, checksum: str, raw_dir: Path, cache_dir: Path, max_ext
             "bytes"), stacklevel=3)
     max_bytes = int(max_extract_gb * 1e9)
     record: dict[str, Any] = {
-        "url": url, "file": filename, "size": got.size, "sha256": got.sha256,
+        "url": redact(url), "file": filename, "size": got.size, "sha256": got.sha256,
         "checksum": checksum or None, "max_extract_bytes": max_bytes,
         "max_ratio": max_ratio,
     }
@@ -259,8 +305,7 @@ def acquire_url(url: str, checksum: str, raw_dir: Path, cache_dir: Path, max_ext
     else:
         _install_file(got.path, download_dir)
         members = []
-    atomic_write_text(record_path, json.dumps({**record, "skipped_members": members},
-                                               indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(record_path, dumps({**record, "skipped_members": members}, indent=2) + "\n")
     entries, skipped = index_folder(download_dir, raw_dir)
     stats: dict[str, float | str] = {"download_sha256": got.sha256,
                                      "download_bytes": got.size,

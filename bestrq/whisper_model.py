@@ -10,20 +10,19 @@ stage computes with the same model class whatever the base came as.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
 import urllib.error
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from bestrq import convert
+from bestrq import convert, hf_folder
 
 
 class ModelUnavailableError(RuntimeError):
@@ -68,12 +67,40 @@ def validate_model_spec(spec: str) -> None:
     a hub name is checked when it is loaded."""
     kind = spec_kind(spec)
     if kind == "folder":
-        convert.check_hf_folder(spec)  # ValueError naming the folder
+        hf_folder.check_hf_folder(spec)  # ValueError naming the folder
+    if kind == "checkpoint":
+        _check_checkpoint(spec)
     if kind is not None:
         return
     raise ValueError(f"model: {spec!r} is neither a Whisper model name "
                      f"({', '.join(whisper.available_models())}), an existing checkpoint file, "
                      f"a Hugging Face Whisper folder nor a hub name (owner/name)")
+
+
+def _load_checkpoint(path: str) -> Any:
+    """`torch.load` of a checkpoint as the weights it holds, never code (weights_only),
+    memory-mapped where the file's format allows."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format
+
+
+def _check_checkpoint(path: str) -> None:
+    """ValueError naming `path` unless it loads as weights (no pickled code) with openai-whisper's
+    "dims" and "model_state_dict"."""
+    try:
+        checkpoint = _load_checkpoint(path)
+    except Exception as err:  # UnpicklingError for code, RuntimeError for a foreign file...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"model: {path} is not a checkpoint torch can load as weights alone "
+                         f"({type(err).__name__}: {first})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("dims"), dict) \
+            or not isinstance(checkpoint.get("model_state_dict"), dict):
+        raise ValueError(f"model: {path} is not an openai-whisper checkpoint (a dict with "
+                         "'dims' and 'model_state_dict')")
 
 
 # Whisper's names whose models take 128 mel bins; every other name takes 80.
@@ -87,8 +114,7 @@ def expected_n_mels(spec: str) -> int | None:
     kind = spec_kind(spec)
     if kind == "checkpoint":
         try:
-            checkpoint = torch.load(spec, map_location="cpu", mmap=True, weights_only=True)
-            return int(checkpoint["dims"]["n_mels"])
+            return int(_load_checkpoint(spec)["dims"]["n_mels"])
         except Exception:  # an old-format or foreign file: load_whisper will say what is wrong
             return None
     if kind == "name":
@@ -97,8 +123,8 @@ def expected_n_mels(spec: str) -> int | None:
     if folder is None:
         return None
     try:
-        return int(json.loads((folder / convert.HF_CONFIG).read_text())["num_mel_bins"])
-    except (OSError, ValueError, KeyError, TypeError):  # load_whisper will say what is wrong
+        return int(hf_folder.read_config(folder)["num_mel_bins"])
+    except (ValueError, KeyError, TypeError):  # load_whisper will say what is wrong
         return None
 
 
@@ -112,7 +138,7 @@ def _hub_cached(repo_id: str) -> Path | None:
         try:
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns,
                                             local_files_only=True))
-            convert.hf_weight_files(folder)
+            hf_folder.hf_weight_files(folder)
             return folder
         except Exception:  # not cached, or cached without weights
             continue
@@ -137,7 +163,7 @@ def _hub_download(repo_id: str) -> Path:
         for patterns in (_HUB_PATTERNS, _HUB_BIN_PATTERNS):
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
             try:
-                convert.hf_weight_files(folder)
+                hf_folder.hf_weight_files(folder)
                 return folder
             except ValueError:  # no safetensors in this repository: try its .bin weights
                 continue
@@ -180,7 +206,7 @@ def load_whisper(spec: str, device: str | torch.device = "cpu") -> Whisper:
     kind = spec_kind(spec)
     if kind in ("folder", "hub"):
         folder = Path(spec) if kind == "folder" else _hub_download(spec)
-        return convert.load_hf_folder(folder).to(device)
+        return hf_folder.load_hf_folder(folder).to(device)
     if checkpoint_path(spec) is None:
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)  # a blackholed network must not hang the pipeline
@@ -202,7 +228,7 @@ def model_identity(spec: str, model: Whisper) -> dict:
     path = checkpoint_path(spec)
     digest = None
     if path is not None and path.is_dir():
-        digest = convert.hf_folder_digest(path)
+        digest = hf_folder.hf_folder_digest(path)
     elif path is not None:
         h = hashlib.sha256()
         with open(path, "rb") as f:

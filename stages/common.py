@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,8 +17,10 @@ from dvclive import Live
 from bestrq import report
 from bestrq.checkpoint import CheckpointClaim, RunSignature, claim_checkpoints, run_signature
 from bestrq.distributed import launch_torchrun, nodes_from_env, resolve_device
+from bestrq.jsonl import dumps
 from bestrq.params import SECTIONS, Params, load_params
 from bestrq.train import autocast_dtype
+from bestrq.url_source import redact
 
 # Must match dvc.yaml.
 DATA = Path("data")
@@ -40,6 +42,13 @@ LIVE = Path("dvclive")
 # and before Typer parses, and handed to torchrun's workers through the environment.
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "BESTRQ_TRACEBACK"
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a `kill`, DVC stopping a run) raise SystemExit(143) in the main thread, so
+    that the clean-ups in `finally` and `except BaseException` blocks (a partial download, a
+    params file to restore) run before the process ends."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def take_traceback_flag(argv: list[str]) -> None:
@@ -100,7 +109,7 @@ def write_windows(path: Path, windows: list[dict]) -> None:
         windows = sorted(windows, key=lambda w: -abs(w[f"{systems[1]}_errors"] -
                                                      w[f"{systems[0]}_errors"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(windows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(dumps(windows, indent=1) + "\n", encoding="utf-8")
 
 
 def finish_stage(name: str, stats: dict[str, float]) -> None:
@@ -216,7 +225,7 @@ def friendly_errors() -> Iterator[None]:
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         if traceback_wanted():
             raise
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {redact(str(err))}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from err
     finally:
         while _CLAIMS:

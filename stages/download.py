@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from bestrq.sources import UnverifiedDownloadWarning, acquire, check_watch
-from stages.common import DATA, RAW, friendly_errors, open_live, params_or_exit
+from bestrq.url_source import redact
+from stages.common import DATA, RAW, exit_on_sigterm, friendly_errors, open_live, params_or_exit
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -25,19 +26,20 @@ def download(params: str = typer.Option("params.yaml", help="parameters file")) 
     """Write data/raw/manifest.jsonl (id, path, transcript, group), data/raw/skipped.jsonl and
     the audio they list; for URL sources data/raw/download.json (with the sha256)."""
     p = params_or_exit("download", params)
+    exit_on_sigterm()  # a stopped download leaves no partial file behind
     with friendly_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnverifiedDownloadWarning)
         check_watch(p.download)
         stats = acquire(p.download, RAW, CACHE)
     for warning in caught:
-        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"warning: {redact(str(warning.message))}", fg=typer.colors.YELLOW, err=True)
     with open_live("download") as live:
         for key, value in stats.items():
             live.log_metric(key, value if isinstance(value, str) else float(value), plot=False)
         live.make_summary()
     typer.echo(f"download: {stats}")
     if "download_sha256" in stats:
-        typer.echo(f"downloaded {p.download.source}: sha256:{stats['download_sha256']} "
+        typer.echo(f"downloaded {redact(p.download.source)}: sha256:{stats['download_sha256']} "
                    f"({int(stats['download_bytes'])} bytes, "
                    f"{'verified' if stats['download_verified'] else 'NOT verified'})")
     if stats.get("num_skipped"):

@@ -7,9 +7,7 @@ pre-training or fine-tune resumes from its checkpoints)."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +26,7 @@ from bestrq.study import (
     run_record,
     study_table,
 )
-from stages.common import LIVE
+from stages.common import LIVE, exit_on_sigterm
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -81,7 +79,7 @@ def run(grid: Annotated[Path, typer.Option(help="the grid of runs")] = Path("stu
               f"(after a killed study: git checkout {PARAMS})")
     original = PARAMS.read_bytes()
     # A stop from the outside must still restore params.yaml (the `finally` below).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     commit = _git("rev-parse", "HEAD")
     try:
         for r in runs:

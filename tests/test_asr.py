@@ -180,6 +180,12 @@ def test_only_transcribed_clips_are_decoded():
     data = Windows([torch.zeros(80, 3000)] * 4, ["a", None, "  ", "b"])
     assert transcribed_clips(data, AsrConfig()) == [0, 3]
     assert transcribed_clips(data, AsrConfig(max_clips=1)) == [0]
+    # A reference the normaliser leaves without words has nothing to score (it would count
+    # as 0 words, and a corpus of such clips as WER 1.0).
+    data = Windows([torch.zeros(80, 3000)] * 5, ["a", "(laughs)", "?!", "[noise]", "b"])
+    assert transcribed_clips(data, AsrConfig()) == [0, 1, 2, 3, 4]
+    assert transcribed_clips(data, AsrConfig(), EnglishTextNormalizer()) == [0, 4]
+    assert transcribed_clips(data, AsrConfig(max_clips=1), EnglishTextNormalizer()) == [0]
     with pytest.raises(ValueError, match="evaluate.language"):
         EvaluateConfig(language="klingon").validate()
     with pytest.raises(ValueError, match="evaluate.bootstrap_samples"):
@@ -192,8 +198,8 @@ def test_identity_adapter_gives_stock_transcripts(tmp_path):
     path = tmp_path / "random.pt"
     save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), path, half=False)
     g = torch.Generator().manual_seed(0)
-    data = Windows([torch.randn(80, 3000, generator=g) * 0.5 for _ in range(3)],
-                   ["red green", "blue", "cat dog fish"])
+    data = Windows([torch.randn(80, 3000, generator=g) * 0.5 for _ in range(4)],
+                   ["red green", "blue", "?!", "cat dog fish"])  # "?!": no words to score
     config = AsrConfig(batch_size=2, decoding="greedy", bootstrap_unit="window")
     got = compare_asr(str(path), identity_vectors(), data, config,
                       torch.device("cpu"))

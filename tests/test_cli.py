@@ -36,9 +36,9 @@ def test_train_original_options_parse_and_reach_validation(tmp_path):
     assert "model: 'not-a-model'" in result.output
 
 
-def test_train_rejects_bad_value_before_work(tmp_path):
+def test_train_rejects_bad_value_before_work(tmp_path, random_checkpoint):
     result = runner.invoke(build_command(REPO / "params.yaml"),
-                           ["--num_codebooks", "0", "--model", str(REPO / "params.yaml")])
+                           ["--num_codebooks", "0", "--model", str(random_checkpoint)])
     assert result.exit_code == 2
     assert "command line: num_codebooks: must be an integer in [1, 64], got 0" in result.output
 

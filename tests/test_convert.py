@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torchaudio
 import whisper
 from typer.testing import CliRunner
 
-from bestrq import convert
+from bestrq import convert, hf_folder
 from bestrq.adapter import merge_vectors, read_adapter, save_vectors
 from bestrq.adapters.ia3 import add_ia3, ia3_state_dict
 from bestrq.synth import EspeakSynthesizer
@@ -159,7 +160,7 @@ def test_tiny_en_through_a_hf_folder_is_the_same_model(tmp_path):
     with torch.no_grad():
         assert (loaded.encoder(mel) - original.encoder(mel)).abs().max().item() <= 1e-5
     identity = model_identity(str(folder), loaded)
-    assert identity["sha256"] == convert.hf_folder_digest(folder) and identity["model"] == str(
+    assert identity["sha256"] == hf_folder.hf_folder_digest(folder) and identity["model"] == str(
         folder)
     assert identity["sha256"] != model_identity(str(TINY_EN), original)["sha256"]
 
@@ -316,7 +317,7 @@ def test_hub_name_loads_from_the_cache_and_fails_fast_without_network(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert calls and all(local for _, local in calls)  # cached: no network asked
     assert model_identity("openai/whisper-tiny.en", loaded)["sha256"] == \
-        convert.hf_folder_digest(folder)
+        hf_folder.hf_folder_digest(folder)
 
     def offline(repo_id, *, local_files_only=False, **kwargs):
         raise OSError("Name or service not known")
@@ -363,3 +364,104 @@ def test_an_adapter_remembers_a_hf_folder_base(tmp_path):
     save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS, seed=4), other, half=False)
     with pytest.raises(ValueError, match="was trained on .*small-hf"):
         export_merged(path, str(other), tmp_path / "m.pt")  # same weights, other file
+
+
+# --- a Hugging Face base folder is checked within bounds, before anything is allocated -----
+
+
+def _config_variant(tmp_path: Path, name: str, **changes: object) -> Path:
+    """A copy of the small HF folder whose config.json has `changes` applied."""
+    source = tmp_path / "small-hf"
+    if not source.is_dir():
+        _hf_folder(tmp_path)
+    folder = tmp_path / name
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"encoder_attention_heads": 0},
+     "encoder_attention_heads must be a whole number from 1 to 64, got 0"),
+    ({"decoder_attention_heads": 5}, "d_model 64 is not a multiple of decoder_attention_heads 5"),
+    ({"d_model": 98304}, "d_model must be a whole number from 1 to 8192, got 98304"),
+    ({"d_model": 4096, "encoder_ffn_dim": 16384, "decoder_ffn_dim": 16384,
+      "encoder_layers": 64, "decoder_layers": 64},
+     "a Whisper of these dims has 30.3 B parameters, more than 2 B (large-v3 has 1.55 B)"),
+    ({"encoder_layers": True}, "encoder_layers must be a whole number from 1 to 1048576, got True"),
+    ({"vocab_size": "51864"}, "vocab_size must be a whole number from 1 to 1048576, got '51864'"),
+])
+def test_hf_config_values_outside_whispers_are_refused_naming_the_file(
+        tmp_path: Path, changes: dict, message: str) -> None:
+    folder = _config_variant(tmp_path, "variant", **changes)
+    with pytest.raises(ValueError) as err:
+        validate_model_spec(str(folder))
+    assert str(err.value) == (f"model: {folder / 'config.json'}: not an openai-whisper "
+                              f"architecture ({message})")
+
+
+def test_parameter_count_is_whispers_own():
+    from whisper.model import ModelDimensions
+
+    for dims in (TINY_TEST_DIMS, ModelDimensions(80, 1500, 384, 6, 4, 51864, 448, 384, 6, 4)):
+        model = random_whisper(dims)
+        assert hf_folder.parameter_count(dims) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_config_nested_or_sized_to_exhaust_the_parser_is_one_error(tmp_path: Path) -> None:
+    folder = _config_variant(tmp_path, "nested")
+    depth = 50_000
+    (folder / "config.json").write_text('{"a": ' * depth + "1" + "}" * depth)
+    with pytest.raises(ValueError, match=f"model: cannot read {re.escape(str(folder))}/config"
+                                         r"\.json: nested too deeply"):
+        validate_model_spec(str(folder))
+    assert expected_n_mels(str(folder)) is None
+    (folder / "config.json").write_text(" " * (2 << 20) + "{}")
+    with pytest.raises(ValueError, match=r"config\.json: 2097154 bytes, more than the 1048576"):
+        validate_model_spec(str(folder))
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../model.safetensors", "sub/x.safetensors"])
+def test_a_weight_index_naming_files_outside_the_folder_is_refused(tmp_path: Path,
+                                                                   shard: str) -> None:
+    folder = _config_variant(tmp_path, "sharded")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.encoder.conv1.weight": shard}}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json names weight files "
+                                         r"outside the folder"):
+        validate_model_spec(str(folder))
+
+
+def test_weights_that_do_not_fit_the_config_are_one_error_naming_the_folder(
+        tmp_path: Path) -> None:
+    folder = _config_variant(tmp_path, "misfit", num_mel_bins=81)  # the weights have 80
+    with pytest.raises(ValueError, match=r"misfit: 1 weights do not have the shapes of "
+                                         r"config\.json's dims, e.g. encoder\.conv1\.weight "
+                                         r"\(64, 80, 3\) \(config\.json gives \(64, 81, 3\)\)"):
+        load_whisper(str(folder))
+
+
+class _Code:
+    """Anything a weights-only load refuses: unpickling it would run this module's code."""
+
+
+def test_a_checkpoint_that_is_not_weights_alone_fails_the_params_check(tmp_path: Path) -> None:
+    model = random_whisper(TINY_TEST_DIMS)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"dims": TINY_TEST_DIMS.__dict__, "model_state_dict": model.state_dict(),
+                "extra": _Code()}, pickled)
+    with pytest.raises(ValueError, match=f"model: {re.escape(str(pickled))} is not a checkpoint "
+                                         r"torch can load as weights alone \(UnpicklingError"):
+        validate_model_spec(str(pickled))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pt is not a checkpoint torch can load"):
+        validate_model_spec(str(garbage))
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": model.state_dict()}, other)
+    with pytest.raises(ValueError, match=r"other\.pt is not an openai-whisper checkpoint"):
+        validate_model_spec(str(other))
+    good = tmp_path / "good.pt"
+    save_whisper_checkpoint(model, good, half=False)
+    validate_model_spec(str(good))

@@ -330,3 +330,35 @@ def test_corrupt_archives_fail_in_one_line_naming_them(tmp_path: Path, sandbox) 
         # The earlier extraction is still whole, with nothing half-written beside it.
         assert _tree(target) == {"old.flac": b"earlier extraction"}, name
         assert sorted(p.name for p in target.parent.iterdir()) == ["target"], name
+
+
+def test_a_latin1_tar_member_name_is_extracted_as_its_bytes(tmp_path: Path, sandbox) -> None:
+    target, _ = sandbox
+    archive = _archive(tmp_path, "names.tar")
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        _add(tar, "corpus/café.flac", data=b"fLaC-not-really")  # stored as b"caf\xe9.flac"
+    assert b"caf\xe9.flac" in archive.read_bytes()
+    assert extract_archive(archive, target) == []
+    assert os.listdir(os.fsencode(target / "corpus")) == [b"caf\xe9.flac"]
+    assert (target / "corpus" / "caf\udce9.flac").read_bytes() == b"fLaC-not-really"
+
+
+def test_a_zip_name_flagged_utf8_but_not_is_one_error_naming_the_archive(
+        tmp_path: Path, sandbox) -> None:
+    target, _ = sandbox
+    archive = _archive(tmp_path, "names.zip")
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("corpus/cafX.flac", b"data")
+    # Flag the name as UTF-8 (bit 11) and make it latin-1, in both headers.
+    raw = archive.read_bytes().replace(b"cafX", b"caf\xe9")
+    local, central = raw.find(b"PK\x03\x04"), raw.find(b"PK\x01\x02")
+    raw = bytearray(raw)
+    raw[local + 7] |= 0x08
+    raw[central + 9] |= 0x08
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(ArchiveError) as err:
+        extract_archive(archive, target)
+    assert str(err.value).startswith(f"cannot extract archive {archive}: a member's name is "
+                                     "flagged as UTF-8 but is not (UnicodeDecodeError: 'utf-8' "
+                                     "codec can't decode byte 0xe9")
+    assert not target.exists()

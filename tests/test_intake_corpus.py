@@ -30,6 +30,7 @@ def _wav_header(path: Path, rate: int, samples: int = 64) -> None:
                      + body)
 
 
+LONG_NAME = "l" * 246 + ".wav"
 # name -> what must become of it: "window", "transcript", or a piece of the listed reason.
 EXPECTED: dict[str, str] = {
     "empty.wav": "cannot decode audio file",
@@ -74,6 +75,8 @@ EXPECTED: dict[str, str] = {
     "link.flac": "window",  # the user's own link to a file elsewhere
     "dangling.wav": "broken link",
     "linked_dir": "link to a folder, not followed",
+    "caf\udce9.flac": "window",  # b"caf\xe9.flac": latin-1 bytes, not UTF-8 (PEP 383's str)
+    LONG_NAME: "window",  # 35 s, 250 characters: its windows' names must be shortened
 }
 
 
@@ -122,6 +125,8 @@ def _build(root: Path, elsewhere: Path) -> None:
     (root / "notes.txt").write_text("recorded in the kitchen")
     (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     w(root / "clip.wave", _speech(1.0, seed=22), SAMPLE_RATE, format="WAV")
+    w(os.fsencode(root / "caf\udce9.flac"), _speech(1.0, seed=25), SAMPLE_RATE)
+    w(root / LONG_NAME, _speech(35.0, seed=26), SAMPLE_RATE)
     w(elsewhere / "real.flac", _speech(1.0, seed=23), SAMPLE_RATE)
     (root / "link.flac").symlink_to(elsewhere / "real.flac")
     (root / "dangling.wav").symlink_to(elsewhere / "gone.wav")

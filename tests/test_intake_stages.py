@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stage(project: Path, name: str, env: dict[str, str] | None = None
+def _stage(project: Path, name: str, env: dict[str, str] | None = None, timeout: float = 600
            ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _project(tmp_path: Path, download: dict) -> Path:
     project = tmp_path / "project"
-    project.mkdir()
+    project.mkdir(parents=True)
     (project / "params.yaml").write_text(yaml.safe_dump({"download": download}))
     return project
 
@@ -117,3 +124,167 @@ def test_odd_corpus_through_both_stages(tmp_path: Path) -> None:
     named = {Path(r["path"]).relative_to(corpus).as_posix() for r in listed}
     assert named == {n for n, want in EXPECTED.items() if want not in ("window", "transcript")} \
         | {"26/495/26-495.trans.txt"}  # its line for a missing file
+    # A name that is not UTF-8 reaches the features' index as the same bytes.
+    features = _stage(project, "features")
+    assert features.returncode == 0, features.stderr
+    ids = [i for split in ("train", "dev", "test") for i in json.loads(
+        (project / "data" / "features" / split / "index.json").read_text("utf-8"))["ids"]]
+    windows = [json.loads(line) for split in ("train", "dev", "test") for line in
+               (project / "data" / "segments" / f"{split}.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(w["id"] for w in windows)
+    assert len([w for w in windows if "caf\udce9" in w["sources"]]) == 1
+    manifest = [json.loads(line) for line in
+                (project / "data" / "raw" / "manifest.jsonl").read_text("utf-8").splitlines()]
+    (cafe,) = [e for e in manifest if e["id"] == "caf\udce9"]
+    assert os.fsencode(cafe["path"]) == os.fsencode(corpus) + b"/caf\xe9.flac"
+
+
+# --- every download is bounded (download.max_download_gb) ---------------------------------
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture()
+def endless_http() -> Iterator[tuple[str, list[int]]]:
+    """A server on 127.0.0.1: /endless.flac streams zeros without a Content-Length until the
+    client hangs up (at most 1 GB); /big.flac announces 5,000,000 bytes. Yields the base URL
+    and the bytes each /endless response got out."""
+    sent: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            if self.path == "/big.flac":
+                self.send_header("Content-Length", "5000000")
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(b"\0" * 5_000_000)
+                return
+            self.end_headers()  # HTTP/1.0 without a length: the body ends when the server closes
+            total = 0
+            try:
+                while total < 10**9:
+                    self.wfile.write(b"\0" * 65536)
+                    total += 65536
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            sent.append(total)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", sent
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _one_error(run: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, run.stderr
+    return errors[0]
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_link_to_a_device_or_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    around = tmp_path / "around"
+    around.mkdir()
+    (around / "keep.txt").write_text("mine")
+    (around / "zero.flac").symlink_to("/dev/zero")
+    os.mkfifo(around / "pipe.flac")
+    before = _tree_digest(around)
+    for name, kind in (("zero.flac", "a character device"), ("pipe.flac", "a FIFO")):
+        url = f"file://{around / name}"
+        project = _project(tmp_path / name, {"source": url, "max_download_gb": 0.01})
+        run = _stage(project, "download", timeout=60)  # a FIFO opened for reading would hang
+        assert run.returncode == 1
+        assert _one_error(run) == (
+            f"error: download.source: {url} is not a regular file (it is {kind}); point it at "
+            "an archive or audio file")
+        assert _files_under(project / "data") == []
+    assert _tree_digest(around) == before
+
+
+def test_a_stream_without_a_length_stops_at_max_download_gb(
+        tmp_path: Path, endless_http: tuple[str, list[int]]) -> None:
+    base, sent = endless_http
+    project = _project(tmp_path, {"source": f"{base}/endless.flac", "max_download_gb": 0.002})
+    run = _stage(project, "download", timeout=120)
+    assert run.returncode == 1
+    assert _one_error(run) == (
+        f"error: download of {base}/endless.flac stopped: it passed 2000000 bytes, more than "
+        "download.max_download_gb (0.002 GB); nothing was kept (raise "
+        "download.max_download_gb if the file is genuine)")
+    assert _files_under(project / "data") == []  # neither the cache's .part nor any output
+    # The client hung up soon after the cap (the server's socket buffers hold a few MB more).
+    deadline = time.time() + 10
+    while not sent and time.time() < deadline:
+        time.sleep(0.05)
+    assert sent and sent[0] < 100 * 10**6
+
+
+def test_an_announced_length_over_max_download_gb_is_refused_before_streaming(
+        tmp_path: Path, endless_http: tuple[str, list[int]]) -> None:
+    base, _ = endless_http
+    archive = tmp_path / "corpus.tar.gz"
+    archive.write_bytes(os.urandom(50_000))  # refused before a byte is read: any content does
+    for url in (f"{base}/big.flac", f"file://{archive}"):
+        project = _project(tmp_path / str(len(url)), {"source": url, "max_download_gb": 1e-6})
+        run = _stage(project, "download", timeout=120)
+        size = 5_000_000 if url.startswith("http") else archive.stat().st_size
+        assert run.returncode == 1
+        assert _one_error(run).startswith(
+            f"error: download of {url} stopped: it announces {size} bytes, more than "
+            "download.max_download_gb (1e-06 GB); nothing was kept")
+        assert _files_under(project / "data") == []
+    # By default the cap is max_extract_gb's: the same archive under a 1 kB extraction cap.
+    project = _project(tmp_path / "default", {"source": f"file://{archive}",
+                                              "max_extract_gb": 1e-6})
+    run = _stage(project, "download", timeout=120)
+    assert f"announces {archive.stat().st_size} bytes" in _one_error(run)
+
+
+def test_a_stopped_download_leaves_no_partial_file(
+        tmp_path: Path, endless_http: tuple[str, list[int]]) -> None:
+    base, _ = endless_http
+    project = _project(tmp_path, {"source": f"{base}/endless.flac"})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.download"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        parts: list[Path] = []
+        while time.time() < deadline and not any(p.stat().st_size > 10**6 for p in parts):
+            time.sleep(0.1)
+            parts = list((project / "data").rglob("*.part"))
+        assert parts, "the download never started"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert list((project / "data").rglob("*.part")) == []
+
+
+def test_a_password_in_the_url_is_never_printed_or_recorded(tmp_path: Path) -> None:
+    url = "http://bob:s3cret@127.0.0.1:9/corpus.tar.gz"  # port 9 (discard): refused here
+    project = _project(tmp_path, {"source": url})
+    run = _stage(project, "download", timeout=120)
+    assert run.returncode == 1
+    assert _one_error(run).startswith(
+        "error: download of http://bob:***@127.0.0.1:9/corpus.tar.gz failed: ")
+    assert "s3cret" not in run.stdout + run.stderr
+    for path in (project / "data").rglob("*"):
+        assert not path.is_file() or b"s3cret" not in path.read_bytes(), path

@@ -34,10 +34,10 @@ def test_dvc_yaml_tracks_every_hyperparameter_for_pretrain():
     assert stages["features"]["params"] == ["n_mels", "features"]
 
 
-def test_overrides_apply(tmp_path):
+def test_overrides_apply(tmp_path, random_checkpoint):
     path = tmp_path / "params.yaml"
     raw = repo_params()
-    raw["model"] = str(path)  # any existing file passes the model check
+    raw["model"] = str(random_checkpoint)  # a checkpoint file: no download
     path.write_text(yaml.safe_dump(raw))
     p = load_params(path, {"num_codebooks": 16, "batch_size": 8, "accumulate_gradients": 256},
                     stage="pretrain")
@@ -65,14 +65,14 @@ def test_overrides_apply(tmp_path):
     ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size"),
     ({"evaluate": {"batchsize": 1}}, "evaluate.batchsize"),
 ])
-def test_bad_parameter_fails_naming_it(change, message):
+def test_bad_parameter_fails_naming_it(change, message, random_checkpoint):
     raw = repo_params()
     for key, value in change.items():
         if isinstance(value, dict):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    raw["model"] = change.get("model", str(REPO / "params.yaml"))
+    raw["model"] = change.get("model", str(random_checkpoint))
     with pytest.raises(ValueError, match=message):
         validate(from_dict(raw))
 
@@ -134,10 +134,10 @@ def test_yaml_exponent_without_a_dot_is_explained(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-def test_command_line_values_are_checked_and_named_as_such(tmp_path):
+def test_command_line_values_are_checked_and_named_as_such(tmp_path, random_checkpoint):
     path = tmp_path / "params.yaml"
     raw = repo_params()
-    raw["model"] = str(path)
+    raw["model"] = str(random_checkpoint)
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError) as err:
         load_params(path, {"batch_size": 2.5, "codebook_size": None})  # None: not given

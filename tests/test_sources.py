@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from bestrq.atomic import atomic_path
 from bestrq.sources import (
     LIBRISPEECH_SUBSETS,
     ArchiveError,
@@ -36,6 +37,18 @@ from bestrq.synth import generate_sentences
 def _read_manifest(raw_dir: Path, name: str = "manifest.jsonl") -> list[dict]:
     lines = (raw_dir / name).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` (links as their target text, files by sha256)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
 def _tone(path: Path, seconds: float = 0.3, rate: int = 16000) -> None:
@@ -84,6 +97,9 @@ def _librispeech_tree(root: Path) -> None:
         (SourceConfig(max_extract_gb=0), r"download\.max_extract_gb"),
         (SourceConfig(max_ratio=0.5), r"download\.max_ratio"),
         (SourceConfig(max_ratio=True), r"download\.max_ratio"),
+        (SourceConfig(max_download_gb=0), r"download\.max_download_gb: must be a number > 0 "
+                                          r"or null"),
+        (SourceConfig(max_download_gb=-1.0), r"download\.max_download_gb"),
     ],
 )
 def test_validate_names_the_parameter(cfg: SourceConfig, pattern: str) -> None:
@@ -496,3 +512,104 @@ def test_fsspec_file_url(tmp_path: Path) -> None:
     checksum = _make_tarball(tmp_path, archive)
     stats = acquire(SourceConfig(source=f"file://{archive}", checksum=checksum), tmp_path / "raw")
     assert stats["num_files"] == 5 and stats["download_verified"] == 1
+
+
+@pytest.mark.parametrize("mask, folder, file", [(0o002, 0o775, 0o664), (0o077, 0o700, 0o600)])
+def test_what_the_download_writes_follows_the_umask(tmp_path: Path, mask: int, folder: int,
+                                                    file: int) -> None:
+    """mkdtemp and mkstemp make 0700 and 0600; a corpus shared with a group must not be."""
+    archive = tmp_path / "dev-tiny.tar.gz"
+    checksum = _make_tarball(tmp_path, archive)
+    old = os.umask(mask)
+    try:
+        acquire(SourceConfig(source=f"file://{archive}", checksum=checksum), tmp_path / "raw")
+        with atomic_path(tmp_path / "adapter.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    download = tmp_path / "raw" / "download"
+    folders = [download, *(p for p in download.rglob("*") if p.is_dir())]
+    files = [p for p in download.rglob("*") if p.is_file()]
+    files += list((tmp_path / "cache" / "downloads").rglob("*.tar.gz"))
+    files += [tmp_path / "adapter.safetensors", tmp_path / "raw" / "download.json"]
+    assert len(folders) >= 4 and len(files) >= 8
+    assert {oct(p.stat().st_mode & 0o777) for p in folders} == {oct(folder)}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(file)}
+
+
+# --- entries that cannot be read, links that loop, walks that never end -------------------
+
+
+def _proc_denied() -> bool:
+    try:
+        os.stat("/proc/1/cwd/x.wav")
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def test_unreadable_and_looping_entries_are_listed_not_fatal(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    _tone(root / "spk" / "good.flac")
+    (root / "spk" / "a.wav").symlink_to("b.wav")
+    (root / "spk" / "b.wav").symlink_to("a.wav")
+    (root / "spk" / "gone.wav").symlink_to("nowhere.wav")
+    denied = _proc_denied()
+    if denied:  # a link into another process's folder: EACCES even for root in a container
+        (root / "spk" / "bad.wav").symlink_to("/proc/1/cwd/x.wav")
+    before = _tree(root)
+    stats = acquire(SourceConfig(source=str(root)), tmp_path / "raw")
+    assert stats["num_files"] == 1
+    reasons = {Path(s["path"]).name: s["reason"]
+               for s in _read_manifest(tmp_path / "raw", "skipped.jsonl")}
+    expected = {"a.wav": "cannot read: Too many levels of symbolic links (ELOOP)",
+                "b.wav": "cannot read: Too many levels of symbolic links (ELOOP)",
+                "gone.wav": "broken link"}
+    if denied:
+        expected["bad.wav"] = "cannot read: Permission denied (EACCES)"
+    assert reasons == expected
+    assert _tree(root) == before
+
+
+def test_a_glob_does_not_follow_a_folder_link_that_loops(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    _librispeech_tree(root)
+    (root / "19" / "self").symlink_to(".")  # glob.glob('**') would walk 19/self/self/...
+    before = _tree(root)
+    stats = acquire(SourceConfig(source=str(root / "**" / "*.flac")), tmp_path / "raw")
+    assert stats["num_files"] == 5
+    skipped = _read_manifest(tmp_path / "raw", "skipped.jsonl")
+    assert skipped == [{"path": str(root / "19" / "self"),
+                        "reason": "link to a folder, not followed"}]
+    assert _tree(root) == before
+
+
+def test_glob_files_match_what_glob_glob_matches(tmp_path: Path) -> None:
+    import glob
+
+    from bestrq.folder_source import glob_files
+
+    for name in ("a.flac", ".hidden.flac", "x/b.flac", "x/.h/c.flac", "x/y/d.wav", "x/y/e.flac",
+                 ".dot/f.flac", "z1/g.flac", "z2/h.FLAC"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    for pattern in ("**/*.flac", "*.flac", "x/**/*.flac", "x/*/*.flac", "z[12]/*", "**/?.wav",
+                    ".*/*.flac", "x/**", "**/.h/*.flac", "**"):
+        full = str(tmp_path / pattern)
+        expected = sorted(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
+        assert glob_files(full, []) == expected, pattern
+
+
+def test_a_walk_past_its_bound_is_an_error_naming_the_folder(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    from bestrq import folder_source
+
+    root = tmp_path / "big"
+    for i in range(12):
+        _tone(root / f"{i}.flac", 0.05)
+    monkeypatch.setattr(folder_source, "MAX_ENTRIES", 10)
+    with pytest.raises(ValueError, match=f"download.source: more than 10 files and folders "
+                                         f"under {re.escape(str(root))}: point it at"):
+        acquire(SourceConfig(source=str(root)), tmp_path / "raw")
