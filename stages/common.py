@@ -65,6 +65,12 @@ def traceback_wanted() -> bool:
 take_traceback_flag(sys.argv)
 
 
+def print_error(err: BaseException | str, where: str = "") -> None:
+    """One red `error (where): ...` line on stderr, with any URL's password shown as `***`."""
+    prefix = f"error ({where})" if where else "error"
+    typer.secho(f"{prefix}: {redact(str(err))}", fg=typer.colors.RED, err=True)
+
+
 def params_or_exit(stage: str, path: str = "params.yaml",
                    overrides: dict[str, Any] | None = None) -> Params:
     """Validated params; a bad parameter ends the command before any work.
@@ -78,7 +84,7 @@ def params_or_exit(stage: str, path: str = "params.yaml",
     except (ValueError, FileNotFoundError) as err:
         if traceback_wanted():
             raise
-        typer.secho(f"error ({stage}): {err}", fg=typer.colors.RED, err=True)
+        print_error(err, stage)
         raise typer.Exit(code=2) from err
     if stage == "pretrain" and os.environ.get("LOCAL_RANK", "0") == "0":
         for note in params.train.advice():
@@ -194,7 +200,7 @@ def relaunch_under_torchrun(p: Params, module: str) -> None:
     except ValueError as err:
         if traceback_wanted():
             raise
-        typer.secho(f"error ({module}): {err}", fg=typer.colors.RED, err=True)
+        print_error(err, module)
         raise typer.Exit(code=2) from err
     if p.nproc > 1 or nodes.nnodes > 1:
         raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:], nodes))
@@ -225,7 +231,7 @@ def friendly_errors() -> Iterator[None]:
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         if traceback_wanted():
             raise
-        typer.secho(f"error: {redact(str(err))}", fg=typer.colors.RED, err=True)
+        print_error(err)
         raise typer.Exit(code=1) from err
     finally:
         while _CLAIMS:

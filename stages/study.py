@@ -26,7 +26,7 @@ from bestrq.study import (
     run_record,
     study_table,
 )
-from stages.common import LIVE, exit_on_sigterm
+from stages.common import LIVE, exit_on_sigterm, print_error
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -39,7 +39,7 @@ CURVE_NAMES = ("dev/loss", "dev/prior_loss", "dev/accuracy", "dev/prior_accuracy
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error (study): {message}", fg=typer.colors.RED, err=True)
+    print_error(message, "study")
     raise typer.Exit(code=2)
 
 

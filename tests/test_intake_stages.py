@@ -288,3 +288,10 @@ def test_a_password_in_the_url_is_never_printed_or_recorded(tmp_path: Path) -> N
     assert "s3cret" not in run.stdout + run.stderr
     for path in (project / "data").rglob("*"):
         assert not path.is_file() or b"s3cret" not in path.read_bytes(), path
+    # The params check, before any work, prints through the same redaction.
+    url = "gopher2://bob:s3cret@127.0.0.1/corpus.tar.gz"
+    (project / "params.yaml").write_text(yaml.safe_dump({"download": {"source": url}}))
+    run = _stage(project, "download", timeout=120)
+    assert run.returncode == 2
+    assert "error (download): " in run.stderr and "bob:***@127.0.0.1" in run.stderr
+    assert "s3cret" not in run.stdout + run.stderr
