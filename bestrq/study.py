@@ -119,14 +119,22 @@ def _interval(answer: dict[str, Any], stem: str) -> str:
             f"{answer[stem + '_high']:+.2f}]")
 
 
+def _per_seed(answer: dict[str, Any]) -> str:
+    seeds = sorted((int(k.removeprefix("ft_diff_seed_")), v) for k, v in answer.items()
+                   if k.startswith("ft_diff_seed_"))
+    return ", ".join(f"{v:+.2f}" for _, v in seeds) or "-"
+
+
 def study_table(records: list[dict[str, Any]], split: str = "test") -> str:
     """README's table: per run, the recipe, whether BEST-RQ beat the label prior on dev, and
     the test WERs (zero-shot and fine-tuned, stock and from the adapter) with the paired
-    speaker-bootstrap intervals of their differences (points; below 0 the adapter is better)."""
+    speaker-bootstrap intervals of their differences (points; below 0 the adapter is better)
+    and each fine-tune seed's difference (the pooled interval holds the seeds fixed, so their
+    spread is the part of the uncertainty it leaves out)."""
     head = ("| run | adapter | BEST-RQ layer | distilled | distill weight | updates | "
             "dev loss / prior (last) | beats prior at | zero-shot stock | zero-shot adapted "
             "| difference [95%] | fine-tuned stock | fine-tuned from adapter "
-            "| difference [95%] |")
+            "| difference [95%] | per seed |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for rec in records:
         p, answer = rec["params"], rec["metrics"]["report"][split]
@@ -138,7 +146,7 @@ def study_table(records: list[dict[str, Any]], split: str = "test") -> str:
             f"{held['prior_loss']:.2f} | {'never' if beat is None else int(beat)} | "
             f"{answer['stock']:.1f} | {answer['bestrq']:.1f} | {_interval(answer, 'zs')} | "
             f"{answer['ft_stock']:.1f} | {answer['ft_bestrq']:.1f} | "
-            f"{_interval(answer, 'ft')} |")
+            f"{_interval(answer, 'ft')} | {_per_seed(answer)} |")
     return "\n".join(lines)
 
 

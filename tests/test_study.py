@@ -65,7 +65,8 @@ def test_bad_grids_are_refused_naming_the_run_and_key(tmp_path, grid, message):
 def _record(name: str, dev_loss: list[float], prior: list[float]) -> dict:
     answer = {"stock": 30.0, "bestrq": 29.0, "ft_stock": 20.0, "ft_bestrq": 21.5,
               "zs_diff": -1.0, "zs_low": -2.5, "zs_high": 0.5,
-              "ft_diff": 1.5, "ft_low": 0.25, "ft_high": 2.75}
+              "ft_diff": 1.5, "ft_low": 0.25, "ft_high": 2.75,
+              "ft_diff_seed_10": -0.5, "ft_diff_seed_2": 3.0, "ft_diff_seed_0": 2.0}
     steps = [50.0 * (i + 1) for i in range(len(dev_loss))]
     return {"run": name,
             "params": {"adapter": "lora", "bestrq_layer": -3, "distill_layers": [-2, -1],
@@ -90,7 +91,7 @@ def test_first_beat_and_table_row():
     assert len(table) == 3 and table[0].count("|") == table[1].count("|") == table[2].count("|")
     assert table[2] == ("| lora-beard | lora | -3 | [-2, -1] | 10 | 1000 | 7.10 / 7.30 | 150 | "
                         "30.0 | 29.0 | -1.00 [-2.50, +0.50] | 20.0 | 21.5 | "
-                        "+1.50 [+0.25, +2.75] |")
+                        "+1.50 [+0.25, +2.75] | +2.00, +3.00, -0.50 |")
 
 
 FAKE_DVC = """#!{python}
