@@ -48,14 +48,13 @@ from torch.utils.data import DataLoader, Dataset
 from whisper.audio import N_FRAMES
 
 from bestrq.adapters import AdapterConfig, count_adapter_parameters
+from bestrq.batching import DataPosition, GlobalBatchSampler
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
+from bestrq.pretraining import BEST_RQ, MaskedClips
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
 from bestrq.throughput import mfu, model_flops
 from bestrq.train import (
-    DataPosition,
-    GlobalBatchSampler,
-    MaskedClips,
     TrainConfig,
     accumulate_gradients,
     autocast_dtype,
@@ -281,7 +280,7 @@ def main() -> None:
     mel = batch[0].to(device)  # (batch, n_mels, frames)
 
     params = list(model.trainable_parameters().values())
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(BEST_RQ.groups(model), config)
     masked = []
 
     def training_step() -> None:

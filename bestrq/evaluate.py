@@ -41,8 +41,8 @@ from bestrq.asr import (
 from bestrq.dataset import collate
 from bestrq.masking import target_valid
 from bestrq.model import ENCODER_STRIDE, BestRQModel
+from bestrq.pretraining import MaskedClips
 from bestrq.probes import ProbeConfig, probe, sample_frames
-from bestrq.train import MaskedClips
 from bestrq.whisper_model import load_whisper
 
 

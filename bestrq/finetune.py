@@ -29,8 +29,9 @@ from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from bestrq.adapters import IA3, AdapterConfig, add_adapter
+from bestrq.objective import Objective
 from bestrq.seeding import LABELS_STREAM, generator
-from bestrq.train import Objective, TrainConfig
+from bestrq.train import TrainConfig
 
 IGNORE = -100  # target of padding and prompt positions: no loss
 FRAMES_PER_MINUTE = 100 * 60  # Whisper's log-mel has 100 frames a second

@@ -1,6 +1,7 @@
-"""The training engine: AdamW on the trainable tensors (IA^3 vectors, BEST-RQ heads), resumable
-and distributed, for any objective (`Objective`): BEST-RQ pre-training and supervised fine-tuning
-run through the same loop, so resume, accumulation, precision and torchrun are written once.
+"""The training engine: AdamW on the trainable tensors, resumable and distributed, for any
+objective (`bestrq.objective.Objective`: its items, batches and optimiser groups): BEST-RQ
+pre-training and supervised fine-tuning run through the same loop, so resume, accumulation,
+precision and torchrun are written once.
 
 Determinism is by construction: the clip order of an epoch is a permutation seeded by
 (seed, epoch); the mask and noise of a clip are drawn from a seed of (seed, epoch, clip) inside
@@ -21,26 +22,26 @@ import random
 import resource
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from bestrq.batching import DataPosition, GlobalBatchSampler
 from bestrq.checkpoint import load_latest, save_checkpoint
 from bestrq.distributed import current, resolve_device
-from bestrq.masking import MaskingConfig, draw_sample_mask
+from bestrq.objective import Objective, ParamGroup
 from bestrq.precision import describe_precision, wants_bf16
 from bestrq.schedule import SCHEDULES, frozen_for, lr_lambda, updates
-from bestrq.seeding import MASK_STREAM, ORDER_STREAM, derived_seed, generator
-from bestrq.throughput import mfu, model_flops
+from bestrq.throughput import mfu
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -55,11 +56,10 @@ class TrainConfig:
     warmup_steps: float = 0.25
     max_steps: int = 50  # optimiser updates
     min_lr_ratio: float = 0.0
-    # The heads alone train first: the randomly drawn softmax heads would otherwise give the
-    # IA^3 vectors' first updates a random target. The vectors' schedule (warm-up included)
-    # starts when this phase ends.
+    # The objective's leading group (BEST-RQ's heads) trains alone first; the other groups'
+    # schedules (warm-up included) start when this phase ends.
     heads_only_steps: float = 0.1
-    # Applied to the heads only: decaying IA^3 scales pulls them to 0, away from identity.
+    # Applied to the groups the objective marks as decaying (BEST-RQ's heads).
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
@@ -123,7 +123,8 @@ class TrainConfig:
 
     @property
     def heads_only(self) -> int:
-        """Updates at the start in which only the heads train (none for a model without)."""
+        """Updates at the start in which only the leading group trains (BEST-RQ's heads; no
+        effect on an objective without one)."""
         return updates(self.heads_only_steps, self.max_steps, "heads_only_steps")
 
     def advice(self) -> list[str]:
@@ -139,15 +140,16 @@ class TrainConfig:
                          "warmup_steps: 0.25) scales with max_steps.")
         return notes
 
-    def schedules(self, has_heads: bool) -> list[Callable[[int], float]]:
-        """Multipliers of the peak rate per parameter group of `make_optimizer`: the IA^3
-        vectors' (frozen during the heads-only phase), then the heads' when there are any."""
+    def schedules(self, leads: Sequence[bool]) -> list[Callable[[int], float]]:
+        """Multipliers of the peak rate per optimiser group, given which groups lead
+        (`ParamGroup.leads`): a leading group's schedule starts at update 0, the others' are
+        frozen through the `heads_only` phase and start after it, when some group leads."""
         base = lr_lambda(self.lr_schedule, self.warmup, self.max_steps, self.min_lr_ratio)
-        if not has_heads:
-            return [base]
+        if not any(leads) or not self.heads_only:
+            return [base] * len(leads)
         later = lr_lambda(self.lr_schedule, self.warmup,
                           self.max_steps - self.heads_only, self.min_lr_ratio)
-        return [frozen_for(self.heads_only, later) if self.heads_only else base, base]
+        return [base if lead else frozen_for(self.heads_only, later) for lead in leads]
 
 
 @dataclass
@@ -157,142 +159,6 @@ class TrainResult:
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
     seconds: float = 0.0  # wall time of this call
     precision: str = "fp32"  # what autocast ran in (describe_precision)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def clip_seed(seed: int, epoch: int, clip: int) -> int:
-    """Seed of the mask and noise of `clip` in `epoch`."""
-    return derived_seed(seed, epoch, clip, MASK_STREAM)
-
-
-def epoch_order(num_clips: int, seed: int, epoch: int) -> Tensor:
-    """The global clip order of `epoch`: a permutation (num_clips,) seeded by (seed, epoch)."""
-    return torch.randperm(num_clips, generator=generator(seed, epoch, ORDER_STREAM))
-
-
-class MaskedClips(Dataset):
-    """Items keyed by (epoch, clip): (mel, num_frames, frame mask, noise) of that clip.
-
-    The mask and noise are drawn here, i.e. in the data-loader workers, from the clip's own seed.
-    """
-
-    def __init__(self, dataset: Dataset, masking: MaskingConfig, seed: int) -> None:
-        self.dataset, self.masking, self.seed = dataset, masking, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        epoch, clip = key
-        mel, num_frames = self.dataset[clip]  # (n_mels, frames), ()
-        n_mels, frames = mel.shape
-        mask, noise = draw_sample_mask(int(num_frames), frames, n_mels, self.masking,
-                                       clip_seed(self.seed, epoch, clip))
-        return mel, torch.as_tensor(num_frames, dtype=torch.int64), mask, noise
-
-
-@dataclass
-class DataPosition:
-    """Where the next global batch starts: epoch and clips of that epoch already consumed."""
-    epoch: int = 0
-    position: int = 0
-
-
-class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Endless micro-batches of (epoch, clip) keys for one rank, from a data position on.
-
-    Global batch g of an epoch covers order[g * G:(g + 1) * G] with G = batch * accumulate *
-    world; its micro-batch m of rank r is the slice starting at (m * world + r) * batch. An
-    epoch's tail shorter than G is dropped so that every update sees a full global batch.
-
-    A dataset of fewer than G clips is cycled within an update instead: the clip orders of
-    consecutive epochs are read as one stream and each global batch takes the next G keys of
-    it, so a clip recurs about G / N times per update, each time as another (epoch, clip) key
-    (another mask); `epochs_per_update` says how many.
-    """
-
-    def __init__(self, num_clips: int, batch_size: int, accumulate: int, world_size: int,
-                 rank: int, seed: int, start: DataPosition) -> None:
-        if num_clips < 1:
-            raise ValueError("the dataset has no clips")
-        self.num_clips, self.batch_size, self.accumulate = num_clips, batch_size, accumulate
-        self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.global_batch = batch_size * accumulate * world_size
-        self.cycles = num_clips < self.global_batch
-        self.start = self.normalise(start)
-
-    @property
-    def epochs_per_update(self) -> float:
-        return self.global_batch / self.num_clips
-
-    def normalise(self, pos: DataPosition) -> DataPosition:
-        if self.cycles:
-            extra, position = divmod(pos.position, self.num_clips)
-            return DataPosition(pos.epoch + extra, position)
-        if pos.position + self.global_batch > self.num_clips:
-            return DataPosition(pos.epoch + 1, 0)
-        return pos
-
-    def advance(self, pos: DataPosition) -> DataPosition:
-        """The position after one global batch."""
-        return self.normalise(DataPosition(pos.epoch, pos.position + self.global_batch))
-
-    def _keys(self, pos: DataPosition, first: int, count: int,
-              orders: dict[int, Tensor]) -> list[tuple[int, int]]:
-        """`count` keys of the stream from `first` places after `pos`."""
-        keys = []
-        for offset in range(pos.position + first, pos.position + first + count):
-            epoch, index = pos.epoch + offset // self.num_clips, offset % self.num_clips
-            if epoch not in orders:
-                orders[epoch] = epoch_order(self.num_clips, self.seed, epoch)
-            keys.append((epoch, int(orders[epoch][index])))
-        return keys
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        pos = self.start
-        orders: dict[int, Tensor] = {}
-        while True:
-            for epoch in [e for e in orders if e < pos.epoch]:
-                del orders[epoch]
-            for m in range(self.accumulate):
-                first = (m * self.world_size + self.rank) * self.batch_size
-                yield self._keys(pos, first, self.batch_size, orders)
-            pos = self.advance(pos)
-
-
-# ----------------------------------------------------------------------------- objective
-
-
-class StepOutput(Protocol):
-    """What a trainable model's forward returns for a micro-batch."""
-    loss: Tensor  # scalar fp32: mean over the micro-batch's `count` units
-    count: int  # units the loss averages over (masked targets, target tokens)
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What a run optimises; `train` is the same loop for every objective.
-
-    The model (an nn.Module with `trainable_parameters()`) is called as
-    `model(*batch, with_metrics=...)` and returns a `StepOutput`. A batch starts with
-    (mel (batch, n_mels, frames), valid frames (batch,)); what follows is the objective's own.
-    `items(model, dataset, seed)` turns the clips into a dataset keyed by (epoch, clip), with any
-    per-clip randomness drawn from the clip's own seed; `collate` batches its items (None: torch's
-    default); `flops(model, clips, count)` counts the model FLOPs of one update, for MFU.
-    """
-    name: str
-    items: Callable[[nn.Module, Dataset, int], Dataset]
-    collate: Callable[[list[Any]], tuple[Tensor, ...]] | None = None
-    flops: Callable[[nn.Module, int, int], float] | None = None
-
-
-BEST_RQ = Objective(
-    name="pretrain",
-    items=lambda model, dataset, seed: MaskedClips(dataset, model.masking, seed),
-    flops=lambda model, clips, count: model_flops(model, clips, count)["total"])
 
 
 # ----------------------------------------------------------------------------- state
@@ -329,16 +195,12 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: IA^3 vectors without decay, heads (if any) with it."""
-    params = model.trainable_parameters()
-    heads = [p for n, p in params.items() if n.startswith("heads.")]
-    others = [p for n, p in params.items() if not n.startswith("heads.")]
-    groups = [{"params": others, "weight_decay": 0.0}]
-    if heads:
-        groups.append({"params": heads, "weight_decay": config.weight_decay})
+def make_optimizer(groups: list[ParamGroup], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one group per `ParamGroup`, in order, `weight_decay` on those that decay."""
+    param_groups = [{"params": g.params, "weight_decay": config.weight_decay if g.decays else 0.0}
+                    for g in groups]
     # fused: one kernel per step on CPU and CUDA (16 codebooks' heads are 50M numbers on tiny)
-    return torch.optim.AdamW(groups, lr=config.learning_rate,
+    return torch.optim.AdamW(param_groups, lr=config.learning_rate,
                              betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                              fused=True)
 
@@ -423,7 +285,7 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_dir: Path,
-          log: LogFn | None = None, objective: Objective = BEST_RQ) -> TrainResult:
+          log: LogFn | None = None, *, objective: Objective) -> TrainResult:
     """Train `model`'s trainable tensors for `objective` on `dataset`, resuming from
     `checkpoint_dir`.
 
@@ -441,9 +303,11 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
     model.to(device)
     params_by_name = model.trainable_parameters()
     params = list(params_by_name.values())
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, config.schedules(has_heads=len(optimizer.param_groups) > 1))
+    groups = objective.groups(model)
+    optimizer = make_optimizer(groups, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  config.schedules([g.leads for g in groups]))
+    rate_names = [f"learning_rate_{g.name}" if g.name else "learning_rate" for g in groups]
 
     step, skipped, in_a_row, pos = 0, 0, 0, DataPosition()
     random.seed(config.seed)
@@ -485,7 +349,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
 
     wrapped: torch.nn.Module = model
     if info.distributed:
-        # Only IA^3 vectors and heads require grad, so DDP buckets and reduces just those.
+        # Only the trainable tensors require grad, so DDP buckets and reduces just those.
         wrapped = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=False)
@@ -526,8 +390,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
             loss = stats.loss_sum / stats.count.clamp_min(1.0)
             finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one host sync
             pos = sampler.advance(pos)
-            # the rates of this update: IA^3 vectors', heads' (when there are heads)
-            lr, lr_heads = (optimizer.param_groups[0]["lr"], optimizer.param_groups[-1]["lr"])
+            rates = {name: g["lr"] for name, g in zip(rate_names, optimizer.param_groups,
+                                                      strict=True)}  # this update's
             if finite:
                 optimizer.step()
                 scheduler.step()
@@ -552,10 +416,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
             if do_log:
                 metrics = _mean_metrics(stats.metrics)
                 metrics.update(
-                    loss=float(loss), grad_norm=float(grad_norm),
-                    learning_rate=lr,
-                    **({"learning_rate_heads": lr_heads} if len(optimizer.param_groups) > 1
-                       else {}),
+                    loss=float(loss), grad_norm=float(grad_norm), **rates,
                     nonfinite_skipped=float(skipped), step_time=step_time,
                     clips_per_second=clips_per_update / step_time,
                     frames_per_second=float(stats.frames) / step_time,

@@ -17,6 +17,7 @@ from bestrq.evaluate import heldout_tracker
 from bestrq.features import load_stats
 from bestrq.model import BestRQModel
 from bestrq.params import Params
+from bestrq.pretraining import BEST_RQ
 from bestrq.quantizer import RandomProjectionQuantizer
 from bestrq.train import train
 from bestrq.whisper_model import load_whisper, model_identity
@@ -81,7 +82,8 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
                    f"{len(dataset)} training clips")
     barrier()  # rank 0 may have moved stale checkpoints aside
     result = train(model, dataset, p.train, checkpoint_dir,
-                   log=_logger(p, live, model, dataset, features_dir, dist) if live else None)
+                   log=_logger(p, live, model, dataset, features_dir, dist) if live else None,
+                   objective=BEST_RQ)
     if live is None:
         return
     extra = {"step": result.step, "params": p.raw,

@@ -21,6 +21,7 @@ from whisper.model import ModelDimensions
 from bestrq.distributed import distributed_session
 from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
+from bestrq.pretraining import BEST_RQ
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
 from bestrq.train import TrainConfig, train
 from bestrq.whisper_model import random_whisper
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace, rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     model = small_model()
-    result = train(model, RandomClips(args.clips), config, args.ckpt, log)
+    result = train(model, RandomClips(args.clips), config, args.ckpt, log, objective=BEST_RQ)
     args.out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
     save_file(tensors, str(args.out / f"rank{rank}.safetensors"))

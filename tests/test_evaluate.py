@@ -17,8 +17,8 @@ from bestrq.evaluate import (
 )
 from bestrq.masking import MaskingConfig, target_valid
 from bestrq.model import BestRQModel
+from bestrq.pretraining import MaskedClips, clip_seed
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
-from bestrq.train import MaskedClips, clip_seed
 
 
 class Clips(Dataset):

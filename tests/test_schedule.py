@@ -73,20 +73,21 @@ def test_train_config_schedules_with_a_heads_only_phase():
     cfg = TrainConfig(lr_schedule="inverse_sqrt", warmup_steps=0.2, heads_only_steps=0.1,
                       max_steps=20)
     assert (cfg.warmup, cfg.heads_only) == (4, 2)
-    vectors, heads = cfg.schedules(has_heads=True)
+    vectors, heads = cfg.schedules([False, True])
     # heads: warm-up over updates 1..4, then sqrt(4 / n)
     assert [heads(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, math.sqrt(4 / 5)])
     # IA^3 vectors: nothing for updates 1-2, then the same schedule from update 3 on
     assert [vectors(s) for s in range(7)] == pytest.approx(
         [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, math.sqrt(4 / 5)])
     assert vectors(19) == pytest.approx(math.sqrt(4 / 18))
-    # a model without heads (fine-tuning) has one group and no phase
-    (only,) = cfg.schedules(has_heads=False)
+    # an objective without a leading group (fine-tuning) has no phase, however many groups
+    (only,) = cfg.schedules([False])
     assert only(0) == 0.25
+    assert [f(2) for f in cfg.schedules([False, False])] == [0.75, 0.75]
     # cosine: the vectors' decay ends at max_steps as the heads' does
     cos = TrainConfig(lr_schedule="cosine", warmup_steps=2, heads_only_steps=4, max_steps=12,
                       min_lr_ratio=0.1)
-    v, h = cos.schedules(has_heads=True)
+    v, h = cos.schedules([False, True])
     assert v(3) == 0.0 and v(4) == 0.5 and v(5) == 1.0 and v(11) == pytest.approx(0.1)
     assert h(11) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="heads_only_steps"):
@@ -105,6 +106,7 @@ def test_a_tiny_warmup_in_a_long_run_is_pointed_out():
 def test_rates_per_group_through_lambdalr_in_the_engine(tiny_whisper):
     from bestrq.masking import MaskingConfig
     from bestrq.model import BestRQModel
+    from bestrq.pretraining import BEST_RQ
     from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
     from bestrq.train import TrainConfig, make_optimizer
 
@@ -113,8 +115,14 @@ def test_rates_per_group_through_lambdalr_in_the_engine(tiny_whisper):
                         MaskingConfig())
     cfg = TrainConfig(learning_rate=1.0, lr_schedule="constant", warmup_steps=0,
                       heads_only_steps=2, max_steps=10)
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.schedules(has_heads=True))
+    groups = BEST_RQ.groups(model)
+    assert [(g.name, g.decays, g.leads) for g in groups] == [("", False, False),
+                                                            ("heads", True, True)]
+    assert {id(p) for p in groups[1].params} == {id(p) for p in model.heads.parameters()}
+    assert len(groups[0].params) + len(groups[1].params) == len(model.trainable_parameters())
+    opt = make_optimizer(groups, cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, cfg.weight_decay]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.schedules([g.leads for g in groups]))
     rates = []
     for _ in range(4):
         rates.append([g["lr"] for g in opt.param_groups])

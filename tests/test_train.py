@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,22 +13,25 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from whisper.model import MultiHeadAttention
 
+from bestrq.batching import DataPosition, GlobalBatchSampler, epoch_order
 from bestrq.checkpoint import list_checkpoints, load_latest
 from bestrq.masking import draw_sample_mask
 from bestrq.precision import describe_precision
+from bestrq.pretraining import BEST_RQ, MaskedClips, clip_seed
 from bestrq.throughput import encoder_flops, linear_flops, model_flops
 from bestrq.train import (
-    DataPosition,
-    GlobalBatchSampler,
-    MaskedClips,
     TrainConfig,
+    TrainResult,
     accumulate_gradients,
     autocast_dtype,
-    clip_seed,
-    epoch_order,
     finish_gradients,
-    train,
 )
+from bestrq.train import train as engine_train
+
+
+def train(*args: Any, **kwargs: Any) -> TrainResult:
+    """The engine with BEST-RQ's objective, as the pretrain stage runs it."""
+    return engine_train(*args, objective=BEST_RQ, **kwargs)
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 CPU = torch.device("cpu")
@@ -422,7 +426,7 @@ def test_deterministic_switches_torch_to_deterministic_kernels_same_result_on_cp
 
 
 def test_every_seed_stream_is_named_once_and_distinct():
-    from bestrq import asr, finetune, model, seeding, train
+    from bestrq import asr, batching, finetune, model, pretraining, seeding
 
     assert len(set(seeding.STREAMS.values())) == len(seeding.STREAMS)
     # The values spell the names (part of every committed result: they must not change).
@@ -431,6 +435,6 @@ def test_every_seed_stream_is_named_once_and_distinct():
     assert spelled == {"mask": "mask", "order": "order", "heads": "heads", "labels": "label",
                        "fallback": "fall"}
     assert (asr.FALLBACK_STREAM, finetune.LABELS_STREAM, model.HEADS_STREAM,
-            train.MASK_STREAM, train.ORDER_STREAM) == (
+            pretraining.MASK_STREAM, batching.ORDER_STREAM) == (
         seeding.FALLBACK_STREAM, seeding.LABELS_STREAM, seeding.HEADS_STREAM,
         seeding.MASK_STREAM, seeding.ORDER_STREAM)
