@@ -102,6 +102,11 @@ QUANTIZER_KEYS = {"num_codebooks": "num_codebooks", "codebook_size": "codebook_s
                   "quantizer_norm": "norm"}
 MASKING_KEYS = {"mask_prob": "mask_prob", "mask_span_ms": "span_ms",
                 "mask_noise_std": "noise_std", "mask_target_share": "target_share"}
+# Knobs that change how fast a run goes or what it logs, not what it computes, in any section
+# (matched on a key's last dotted part): a checkpoint made under other values is still resumed.
+# Every other knob a run reads is part of its checkpoints' identity (pretrain and finetune).
+SPEED_ONLY = ("num_workers", "prefetch_factor", "log_every", "checkpoint_every",
+              "keep_checkpoints", "device", "heldout_every")
 SECTIONS = {"download": sources.SourceConfig, "segment": segment.SegmentConfig,
             "features": features.FeatureConfig, "evaluate": EvaluateConfig,
             "finetune": FinetuneConfig}

@@ -18,7 +18,7 @@ from bestrq import report
 from bestrq.checkpoint import CheckpointClaim, RunSignature, claim_checkpoints, run_signature
 from bestrq.distributed import launch_torchrun, nodes_from_env, resolve_device
 from bestrq.jsonl import dumps
-from bestrq.params import SECTIONS, Params, load_params
+from bestrq.params import SECTIONS, SPEED_ONLY, Params, load_params
 from bestrq.train import autocast_dtype
 from bestrq.url_source import redact
 
@@ -136,14 +136,9 @@ def step_logger(live: Live, prefix: str = "train") -> Callable[[int, dict[str, f
     return log
 
 
-# Knobs that change how fast a run goes, not what it computes: a checkpoint made under other
-# values of these is still resumed. Matched on the last part of a dotted name (finetune.*).
-SPEED_KEYS = ("num_workers", "prefetch_factor", "log_every", "checkpoint_every",
-              "keep_checkpoints", "device", "heldout_every")
-
-
 def training_values(p: Params) -> dict[str, Any]:
-    """The top-level parameters of a pre-training run."""
+    """The top-level parameters: every knob of a pre-training run, and those a fine-tune
+    shares with it (model, seed, precision, optimiser, adapter kind, ...)."""
     return {k: v for k, v in p.raw.items() if k not in SECTIONS}
 
 
@@ -157,16 +152,16 @@ def resolved_autocast(p: Params) -> str:
 def checkpoint_key(values: dict[str, Any], features_dir: Path, schedule: str,
                    max_steps_key: str = "max_steps",
                    start_from: bytes | None = None) -> RunSignature:
-    """What a run's checkpoints must have been made with to be resumed: `values` (speed knobs
-    aside), the training features (statistics and index) and `start_from` (the adapter the run
-    starts from). Raising `max_steps_key` extends the run, unless `schedule` is cosine, whose
-    rate at every update after warm-up depends on it."""
+    """What a run's checkpoints must have been made with to be resumed: `values` (the knobs of
+    `bestrq.params.SPEED_ONLY` aside), the training features (statistics and index) and
+    `start_from` (the adapter the run starts from). Raising `max_steps_key` extends the run,
+    unless `schedule` is cosine, whose rate at every update after warm-up depends on it."""
     inputs: dict[str, Path | bytes] = {
         "features stats.json": features_dir / "stats.json",
         "features train/index.json": features_dir / "train" / "index.json"}
     if start_from is not None:
         inputs["starting adapter"] = start_from
-    return run_signature(values, inputs, ignore=SPEED_KEYS,
+    return run_signature(values, inputs, ignore=SPEED_ONLY,
                          extendable=() if schedule == "cosine" else (max_steps_key,))
 
 

@@ -51,6 +51,7 @@ from stages.common import (
     relaunch_under_torchrun,
     resolved_autocast,
     step_logger,
+    training_values,
     truncate_history,
     write_windows,
 )
@@ -58,15 +59,11 @@ from stages.common import (
 app = typer.Typer(add_completion=False, help=__doc__)
 
 STARTS = ("stock", "adapted")  # fine-tuned from stock Whisper / from the BEST-RQ adapter
-# Top-level knobs that change what a fine-tune computes (the rest of the engine's are speed).
-ENGINE_KEYS = ("model", "n_mels", "seed", "precision", "weight_decay", "adam_beta1",
-               "adam_beta2", "adam_eps", "grad_clip", "max_nonfinite", "deterministic",
-               "adapter", "lora_rank", "lora_alpha", "lora_targets")
-
-
 def run_values(p: Params, start: str, seed: int) -> dict[str, Any]:
-    """What one fine-tune run's checkpoints must have been made with."""
-    return {**{k: p.raw.get(k) for k in ENGINE_KEYS}, "finetune": p.finetune.to_dict(),
+    """What one fine-tune run's checkpoints must have been made with: every top-level knob (the
+    pretrain-only ones too: one rule, and a new knob can never resume a stale run; a speed knob
+    is dropped by `checkpoint_key`), the finetune section, the language and the start."""
+    return {**training_values(p), "finetune": p.finetune.to_dict(),
             "language": p.evaluate.language, "start": start, "autocast": resolved_autocast(p),
             "finetune_seed": seed}
 

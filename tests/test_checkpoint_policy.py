@@ -197,6 +197,44 @@ def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
     assert not {"num_workers", "device", "log_every", "download.source"} & set(pretrain.values)
 
 
+def test_one_identity_rule_for_pretrain_and_finetune(tmp_path):
+    """Every knob a run reads keys its checkpoints but the declared speed-only ones, for
+    pretrain and finetune alike: a knob nobody listed can never resume a stale run."""
+    from bestrq.params import SECTION_MODELS, SPEED_ONLY, TopLevel, load_params
+    from stages.common import training_values
+    from stages.finetune import run_values
+
+    declared = set(TopLevel.model_fields).union(*(m.model_fields for m in
+                                                  SECTION_MODELS.values()))
+    assert set(SPEED_ONLY) <= declared  # each speed-only name is a real knob
+    features = tmp_path / "features"
+    (features / "train").mkdir(parents=True)
+    (features / "stats.json").write_text("{}")
+    (features / "train" / "index.json").write_text("[]")
+    p = load_params(REPO / "params.yaml")
+
+    def fingerprints(raw_update: dict) -> tuple[str, str]:
+        p.raw.update(raw_update)
+        fine = checkpoint_key(run_values(p, "stock", 0), features, p.finetune.lr_schedule,
+                              "finetune.max_steps").fingerprint
+        pre = checkpoint_key(training_values(p), features, p.train.lr_schedule).fingerprint
+        return pre, fine
+
+    base = fingerprints({})
+    # mask_prob does not enter the stock fine-tune's computation, but one rule keys it too
+    for knob, value in (("new_knob", 1), ("mask_prob", 0.02), ("weight_decay", 0.1)):
+        saved = p.raw.get(knob)
+        changed = fingerprints({knob: value})
+        assert changed[0] != base[0] and changed[1] != base[1], knob
+        p.raw[knob] = saved
+        if saved is None:
+            del p.raw[knob]
+    for knob in ("num_workers", "log_every", "heldout_every"):
+        saved = p.raw[knob]
+        assert fingerprints({knob: saved + 1}) == base, knob
+        p.raw[knob] = saved
+
+
 def test_folder_of_the_previous_version_is_moved_aside(tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
