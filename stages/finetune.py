@@ -5,7 +5,7 @@ their difference."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from bestrq.distributed import (
 from bestrq.evaluate import compare_wers
 from bestrq.finetune import (
     FINETUNE,
+    TRAIN_OVERRIDES,
     FinetuneModel,
     LabelledClips,
     max_decoder_tokens,
@@ -51,7 +52,6 @@ from stages.common import (
     relaunch_under_torchrun,
     resolved_autocast,
     step_logger,
-    training_values,
     truncate_history,
     write_windows,
 )
@@ -60,10 +60,16 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 STARTS = ("stock", "adapted")  # fine-tuned from stock Whisper / from the BEST-RQ adapter
 def run_values(p: Params, start: str, seed: int) -> dict[str, Any]:
-    """What one fine-tune run's checkpoints must have been made with: every top-level knob (the
-    pretrain-only ones too: one rule, and a new knob can never resume a stale run; a speed knob
-    is dropped by `checkpoint_key`), the finetune section, the language and the start."""
-    return {**training_values(p), "finetune": p.finetune.to_dict(),
+    """What one fine-tune run's checkpoints must have been made with: the configs it is built
+    from, whole (the engine's knobs it shares with pre-training, the adapter's, the finetune
+    section's), so that a knob added to any of them keys the run without being listed anywhere
+    (speed knobs are dropped by `checkpoint_key`); the model, the language and the start. The
+    BEST-RQ knobs are not read by a fine-tune: the adapted start is keyed by the adapter's
+    bytes instead, and the stock start stays valid across pre-training experiments."""
+    shared = {k: v for k, v in asdict(p.finetune.train_config(p.train)).items()
+              if k not in TRAIN_OVERRIDES}
+    return {"model": p.raw.get("model"), "n_mels": p.raw.get("n_mels"), "train": shared,
+            "adapter": asdict(p.adapter), "finetune": p.finetune.to_dict(),
             "language": p.evaluate.language, "start": start, "autocast": resolved_autocast(p),
             "finetune_seed": seed}
 

@@ -198,8 +198,11 @@ def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
 
 
 def test_one_identity_rule_for_pretrain_and_finetune(tmp_path):
-    """Every knob a run reads keys its checkpoints but the declared speed-only ones, for
-    pretrain and finetune alike: a knob nobody listed can never resume a stale run."""
+    """A run is keyed by every knob of the configs it is built from, but the declared
+    speed-only ones: pretrain by all top-level knobs, a fine-tune by the engine, adapter and
+    finetune configs whole. No knob needs listing to key a run, so none resumes a stale one."""
+    from dataclasses import replace
+
     from bestrq.params import SECTION_MODELS, SPEED_ONLY, TopLevel, load_params
     from stages.common import training_values
     from stages.finetune import run_values
@@ -211,28 +214,29 @@ def test_one_identity_rule_for_pretrain_and_finetune(tmp_path):
     (features / "train").mkdir(parents=True)
     (features / "stats.json").write_text("{}")
     (features / "train" / "index.json").write_text("[]")
-    p = load_params(REPO / "params.yaml")
+    base = load_params(REPO / "params.yaml")
 
-    def fingerprints(raw_update: dict) -> tuple[str, str]:
-        p.raw.update(raw_update)
+    def keys(p) -> tuple[str, str]:
         fine = checkpoint_key(run_values(p, "stock", 0), features, p.finetune.lr_schedule,
                               "finetune.max_steps").fingerprint
         pre = checkpoint_key(training_values(p), features, p.train.lr_schedule).fingerprint
         return pre, fine
 
-    base = fingerprints({})
-    # mask_prob does not enter the stock fine-tune's computation, but one rule keys it too
-    for knob, value in (("new_knob", 1), ("mask_prob", 0.02), ("weight_decay", 0.1)):
-        saved = p.raw.get(knob)
-        changed = fingerprints({knob: value})
-        assert changed[0] != base[0] and changed[1] != base[1], knob
-        p.raw[knob] = saved
-        if saved is None:
-            del p.raw[knob]
-    for knob in ("num_workers", "log_every", "heldout_every"):
-        saved = p.raw[knob]
-        assert fingerprints({knob: saved + 1}) == base, knob
-        p.raw[knob] = saved
+    pre, fine = keys(base)
+    # Knobs named nowhere in the fine-tune's code key it through its configs.
+    for changed in (replace(base.train, max_nonfinite=9), replace(base.train, adam_eps=1e-6)):
+        assert keys(replace(base, train=changed))[1] != fine
+    assert keys(replace(base, adapter=replace(base.adapter, lora_alpha=8.0)))[1] != fine
+    assert keys(replace(base, finetune=replace(base.finetune, max_minutes=1.0)))[1] != fine
+    # A BEST-RQ knob keys the pre-training, not the stock fine-tune; a new top-level knob the
+    # pre-training; a speed knob neither.
+    raw = {**base.raw, "mask_prob": 0.02}
+    assert keys(replace(base, raw=raw))[0] != pre
+    assert keys(replace(base, raw=raw))[1] == fine
+    assert keys(replace(base, raw={**base.raw, "new_knob": 1}))[0] != pre
+    speed = replace(base, raw={**base.raw, "num_workers": 0, "heldout_every": 7},
+                    train=replace(base.train, num_workers=0, log_every=3, device="cpu"))
+    assert keys(speed) == (pre, fine)
 
 
 def test_folder_of_the_previous_version_is_moved_aside(tmp_path):
