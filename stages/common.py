@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import typer
 from dvclive import Live
 
 from bestrq import report
-from bestrq.checkpoint import CheckpointClaim, RunSignature, claim_checkpoints, run_signature
+from bestrq.checkpoint import RunSignature, claim_checkpoints, run_signature
 from bestrq.distributed import launch_torchrun, nodes_from_env, resolve_device
 from bestrq.jsonl import dumps
 from bestrq.params import SECTIONS, SPEED_ONLY, Params, load_params
@@ -38,8 +38,8 @@ FINETUNE_CHECKPOINTS = DATA / "finetune_checkpoints"  # <start>/step-*.pt
 LIVE = Path("dvclive")
 
 # `--traceback` on any command shows the full traceback of an error instead of one red line.
-# No command declares it: it is taken out of sys.argv here, when a stage module imports this one
-# and before Typer parses, and handed to torchrun's workers through the environment.
+# No command declares it: `run_app` takes it out of sys.argv before Typer parses, and it reaches
+# torchrun's workers through the environment.
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "BESTRQ_TRACEBACK"
 
@@ -62,7 +62,10 @@ def traceback_wanted() -> bool:
     return os.environ.get(TRACEBACK_ENV) == "1"
 
 
-take_traceback_flag(sys.argv)
+def run_app(app: Callable[[], Any]) -> None:
+    """A command's entry point: `--traceback` taken out of the arguments, then the command."""
+    take_traceback_flag(sys.argv)
+    app()
 
 
 def print_error(err: BaseException | str, where: str = "") -> None:
@@ -165,22 +168,13 @@ def checkpoint_key(values: dict[str, Any], features_dir: Path, schedule: str,
                          extendable=() if schedule == "cosine" else (max_steps_key,))
 
 
-# Checkpoint folders this process writes; released when the stage's `friendly_errors` block
-# ends (or the process does), so that a stage run in-process twice can claim them again.
-_CLAIMS: list[CheckpointClaim] = []
-
-
-def hold_checkpoints(checkpoint_dir: Path, key: RunSignature) -> int:
-    """Lock `checkpoint_dir` for this run (bestrq.checkpoint.claim_checkpoints: a second
-    writer, a folder that is not ours and changed parameters are dealt with there); the step to
-    resume from, 0 for a fresh run."""
-    for earlier in [c for c in _CLAIMS if c.directory.resolve() == checkpoint_dir.resolve()]:
-        # Left by an earlier run in this process that ended outside `friendly_errors`.
-        earlier.release()
-        _CLAIMS.remove(earlier)
-    held = claim_checkpoints(checkpoint_dir, key, report=lambda message: typer.secho(
-        message, fg=typer.colors.YELLOW, err=True))
-    _CLAIMS.append(held)
+def hold_checkpoints(claims: ExitStack, checkpoint_dir: Path, key: RunSignature) -> int:
+    """Lock `checkpoint_dir` for this run until `claims` closes
+    (bestrq.checkpoint.claim_checkpoints: a second writer, a folder that is not ours and
+    changed parameters are dealt with there); the step to resume from, 0 for a fresh run."""
+    held = claims.enter_context(claim_checkpoints(
+        checkpoint_dir, key, report=lambda message: typer.secho(message, fg=typer.colors.YELLOW,
+                                                                err=True)))
     return held.start
 
 
@@ -220,7 +214,7 @@ def truncate_history(live_dir: Path, last_step: int, under: str = "") -> None:
 @contextmanager
 def friendly_errors() -> Iterator[None]:
     """Turn the library's expected failures into one red line and exit code 1 (`--traceback`:
-    re-raise them); release the checkpoint folders claimed inside."""
+    re-raise them)."""
     try:
         yield
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
@@ -228,6 +222,3 @@ def friendly_errors() -> Iterator[None]:
             raise
         print_error(err)
         raise typer.Exit(code=1) from err
-    finally:
-        while _CLAIMS:
-            _CLAIMS.pop().release()

@@ -10,7 +10,15 @@ import typer
 
 from bestrq.sources import UnverifiedDownloadWarning, acquire, check_watch
 from bestrq.url_source import redact
-from stages.common import DATA, RAW, exit_on_sigterm, friendly_errors, open_live, params_or_exit
+from stages.common import (
+    DATA,
+    RAW,
+    exit_on_sigterm,
+    friendly_errors,
+    open_live,
+    params_or_exit,
+    run_app,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -49,7 +57,7 @@ def download(params: str = typer.Option("params.yaml", help="parameters file")) 
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from stages.common import (
     log_summary,
     open_live,
     params_or_exit,
+    run_app,
     write_windows,
 )
 
@@ -71,7 +72,7 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import typer
 from bestrq.adapter import export_merged
 from bestrq.convert import CT2_QUANTIZATIONS, require_export_extra
 from bestrq.peft_adapter import export_peft
-from stages.common import ADAPTER, DATA, friendly_errors
+from stages.common import ADAPTER, DATA, friendly_errors, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -89,7 +89,7 @@ def export(
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from stages.common import (
     finish_stage,
     friendly_errors,
     params_or_exit,
+    run_app,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -26,7 +27,7 @@ def features(params: str = typer.Option("params.yaml", help="parameters file")) 
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ their difference."""
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from stages.common import (
     params_or_exit,
     relaunch_under_torchrun,
     resolved_autocast,
+    run_app,
     step_logger,
     truncate_history,
     write_windows,
@@ -106,12 +108,12 @@ def skip(reason: str, metrics: dict[str, float], out_dir: Path) -> None:
 def run_finetune(p: Params, features_dir: Path = FEATURES, adapter_dir: Path = ADAPTER.parent,
                  out_dir: Path = FINETUNED, checkpoint_root: Path = FINETUNE_CHECKPOINTS) -> None:
     """Fine-tune from both starts, write both adapters, then compare their WERs (rank 0)."""
-    with distributed_session() as dist:
-        _finetune(p, dist, features_dir, adapter_dir, out_dir, checkpoint_root)
+    with distributed_session() as dist, ExitStack() as claims:
+        _finetune(p, dist, claims, features_dir, adapter_dir, out_dir, checkpoint_root)
 
 
-def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, out_dir: Path,
-              checkpoint_root: Path) -> None:
+def _finetune(p: Params, dist: DistInfo, claims: ExitStack, features_dir: Path,
+              adapter_dir: Path, out_dir: Path, checkpoint_root: Path) -> None:
     train_split = FeatureDataset(features_dir / "train")
     seeds = p.finetune.seeds
     draws = {seed: select_labelled(train_split.transcripts, train_split.num_frames,
@@ -148,7 +150,7 @@ def _finetune(p: Params, dist: DistInfo, features_dir: Path, adapter_dir: Path, 
     starts: dict[tuple[int, str], int] = {}
     if is_main():
         for run in runs:
-            starts[run] = hold_checkpoints(run_dir(checkpoint_root, p, *run), keys[run])
+            starts[run] = hold_checkpoints(claims, run_dir(checkpoint_root, p, *run), keys[run])
     barrier()  # rank 0 may have moved stale checkpoints aside
     live = open_live("finetune", resume=any(starts.values())) if is_main() else None
     results: dict[tuple[int, str], TrainResult] = {}
@@ -239,7 +241,7 @@ def finetune(params: str = typer.Option("params.yaml", help="parameters file")) 
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

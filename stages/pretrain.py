@@ -4,6 +4,7 @@ encoder."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import typer
@@ -35,6 +36,7 @@ from stages.common import (
     params_or_exit,
     relaunch_under_torchrun,
     resolved_autocast,
+    run_app,
     step_logger,
     training_values,
     truncate_history,
@@ -45,12 +47,12 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = ADAPTER,
                  checkpoint_dir: Path = CHECKPOINTS, live_name: str = "pretrain") -> None:
     """Train and write the adapter; rank 0 alone logs and writes."""
-    with distributed_session() as dist:
-        _train_and_save(p, dist, features_dir, adapter_path, checkpoint_dir, live_name)
+    with distributed_session() as dist, ExitStack() as claims:
+        _train_and_save(p, dist, claims, features_dir, adapter_path, checkpoint_dir, live_name)
 
 
-def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path: Path,
-                    checkpoint_dir: Path, live_name: str) -> None:
+def _train_and_save(p: Params, dist: DistInfo, claims: ExitStack, features_dir: Path,
+                    adapter_path: Path, checkpoint_dir: Path, live_name: str) -> None:
     if not (features_dir / "train" / "index.json").is_file():
         raise FileNotFoundError(f"no training features in {features_dir}/train: run "
                                 "`dvc repro features` first")
@@ -72,7 +74,7 @@ def _train_and_save(p: Params, dist: DistInfo, features_dir: Path, adapter_path:
     start = 0
     live = None
     if is_main():
-        start = hold_checkpoints(checkpoint_dir, key)
+        start = hold_checkpoints(claims, checkpoint_dir, key)
         live = open_live(live_name, resume=start > 0)
         if start:
             truncate_history(LIVE / live_name, start)
@@ -136,7 +138,7 @@ def pretrain(params: str = typer.Option("params.yaml", help="parameters file")) 
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from bestrq.report import difference_records, flatten, summary, wer_records
-from stages.common import ADAPTER, LIVE, friendly_errors, open_live, params_or_exit
+from stages.common import ADAPTER, LIVE, friendly_errors, open_live, params_or_exit, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -68,7 +68,7 @@ def report(params: str = typer.Option("params.yaml", help="parameters file")) ->
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

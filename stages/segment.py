@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from bestrq.segment import segment_corpus
-from stages.common import RAW, SEGMENTS, finish_stage, friendly_errors, params_or_exit
+from stages.common import RAW, SEGMENTS, finish_stage, friendly_errors, params_or_exit, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -24,7 +24,7 @@ def segment(params: str = typer.Option("params.yaml", help="parameters file")) -
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

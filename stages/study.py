@@ -26,7 +26,7 @@ from bestrq.study import (
     run_record,
     study_table,
 )
-from stages.common import LIVE, exit_on_sigterm, print_error
+from stages.common import LIVE, exit_on_sigterm, print_error, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -139,7 +139,7 @@ def plot(results: Annotated[Path, typer.Option(help="the records")] = RESULTS) -
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

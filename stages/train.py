@@ -17,7 +17,13 @@ import typer
 import yaml
 
 from bestrq.params import MODEL_HELP, TRAIN_HELP, TopLevel, hyperparameter_names
-from stages.common import FEATURES, friendly_errors, params_or_exit, relaunch_under_torchrun
+from stages.common import (
+    FEATURES,
+    friendly_errors,
+    params_or_exit,
+    relaunch_under_torchrun,
+    run_app,
+)
 from stages.pretrain import run_pretrain
 
 RUNS = Path("runs") / "train"
@@ -96,7 +102,7 @@ def build_command(params_file: Path = Path("params.yaml")) -> typer.Typer:
 
 
 def main() -> None:
-    build_command()()
+    run_app(build_command())
 
 
 if __name__ == "__main__":
