@@ -26,7 +26,6 @@ from bestrq.distributed import (
 from bestrq.evaluate import compare_wers
 from bestrq.finetune import (
     FINETUNE,
-    TRAIN_OVERRIDES,
     FinetuneModel,
     LabelledClips,
     max_decoder_tokens,
@@ -34,7 +33,7 @@ from bestrq.finetune import (
     tokenizer_for,
 )
 from bestrq.params import Params
-from bestrq.train import TrainResult, train
+from bestrq.train import TrainConfig, TrainResult, train
 from bestrq.whisper_model import load_whisper, model_identity
 from stages.common import (
     ADAPTER,
@@ -61,19 +60,26 @@ from stages.common import (
 app = typer.Typer(add_completion=False, help=__doc__)
 
 STARTS = ("stock", "adapted")  # fine-tuned from stock Whisper / from the BEST-RQ adapter
+
+
+def engine_config(p: Params, seed: int) -> TrainConfig:
+    """The engine's config of the fine-tune of `seed`: the finetune section's knobs over
+    pre-training's, and the fine-tune seed in place of the top-level one."""
+    return replace(p.finetune.train_config(p.train), seed=seed)
+
+
 def run_values(p: Params, start: str, seed: int) -> dict[str, Any]:
     """What one fine-tune run's checkpoints must have been made with: the configs it is built
-    from, whole (the engine's knobs it shares with pre-training, the adapter's, the finetune
-    section's), so that a knob added to any of them keys the run without being listed anywhere
-    (speed knobs are dropped by `checkpoint_key`); the model, the language and the start. The
-    BEST-RQ knobs are not read by a fine-tune: the adapted start is keyed by the adapter's
-    bytes instead, and the stock start stays valid across pre-training experiments."""
-    shared = {k: v for k, v in asdict(p.finetune.train_config(p.train)).items()
-              if k not in TRAIN_OVERRIDES}
-    return {"model": p.raw.get("model"), "n_mels": p.raw.get("n_mels"), "train": shared,
-            "adapter": asdict(p.adapter), "finetune": p.finetune.to_dict(),
-            "language": p.evaluate.language, "start": start, "autocast": resolved_autocast(p),
-            "finetune_seed": seed}
+    from, whole (the engine's exactly as it trains, the adapter's, the finetune section's), so
+    that a knob added to any of them keys the run without being listed anywhere (speed knobs
+    are dropped by `checkpoint_key`); the model, the language and the start. The BEST-RQ knobs
+    (the top-level seed among them) are not read by a fine-tune: the adapted start is keyed by
+    the adapter's bytes instead, and the stock start stays valid across pre-training
+    experiments."""
+    return {"model": p.raw.get("model"), "n_mels": p.raw.get("n_mels"),
+            "train": asdict(engine_config(p, seed)), "adapter": asdict(p.adapter),
+            "finetune": p.finetune.to_dict(), "language": p.evaluate.language, "start": start,
+            "autocast": resolved_autocast(p)}
 
 
 def run_dir(root: Path, p: Params, seed: int, start: str) -> Path:
@@ -157,7 +163,7 @@ def _finetune(p: Params, dist: DistInfo, claims: ExitStack, features_dir: Path,
     first: dict[str, float] = {}  # the first seed's labelled set, as the stage reports it
     for seed in seeds:
         data = LabelledClips(train_split, draws[seed], tokenizer, max_tokens)
-        config = replace(p.finetune.train_config(p.train), seed=seed)
+        config = engine_config(p, seed)
         first = first or {"labelled_minutes": data.minutes,
                           "truncated_transcripts": float(data.truncated)}
         if live is not None:

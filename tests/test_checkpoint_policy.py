@@ -233,6 +233,9 @@ def test_one_identity_rule_for_pretrain_and_finetune(tmp_path):
     raw = {**base.raw, "mask_prob": 0.02}
     assert keys(replace(base, raw=raw))[0] != pre
     assert keys(replace(base, raw=raw))[1] == fine
+    # The top-level seed is BEST-RQ's: the fine-tune trains with its own (finetune.seeds).
+    reseeded = replace(base, raw={**base.raw, "seed": 7}, train=replace(base.train, seed=7))
+    assert keys(reseeded)[0] != pre and keys(reseeded)[1] == fine
     assert keys(replace(base, raw={**base.raw, "new_knob": 1}))[0] != pre
     speed = replace(base, raw={**base.raw, "num_workers": 0, "heldout_every": 7},
                     train=replace(base.train, num_workers=0, log_every=3, device="cpu"))
