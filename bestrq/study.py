@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bestrq.params import from_dict, read_yaml, validate
+from bestrq.params import from_dict, validate
+from bestrq.params_file import read_yaml
 
 RUN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")  # also a DVC experiment name
 

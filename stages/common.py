@@ -15,11 +15,10 @@ import typer
 from dvclive import Live
 
 from bestrq import report
-from bestrq.checkpoint import RunSignature, claim_checkpoints, run_signature
-from bestrq.distributed import launch_torchrun, nodes_from_env, resolve_device
+from bestrq.checkpoint import RunSignature, claim_checkpoints
+from bestrq.distributed import launch_torchrun, nodes_from_env
 from bestrq.jsonl import dumps
-from bestrq.params import SECTIONS, SPEED_ONLY, Params, load_params
-from bestrq.train import autocast_dtype
+from bestrq.params import Params, load_params
 from bestrq.url_source import redact
 
 # Must match dvc.yaml.
@@ -137,35 +136,6 @@ def step_logger(live: Live, prefix: str = "train") -> Callable[[int, dict[str, f
             live.log_metric(f"{prefix}/{key}", float(value))
         live.next_step()
     return log
-
-
-def training_values(p: Params) -> dict[str, Any]:
-    """The top-level parameters: every knob of a pre-training run, and those a fine-tune
-    shares with it (model, seed, precision, optimiser, adapter kind, ...)."""
-    return {k: v for k, v in p.raw.items() if k not in SECTIONS}
-
-
-def resolved_autocast(p: Params) -> str:
-    """What `precision` resolves to on this run's device: `auto` is bf16 on some CPUs and fp32
-    on others, and a run resumed in the other precision would give the bytes of neither, so
-    this, not the knob's value alone, belongs to a checkpoint's identity."""
-    return "bf16" if autocast_dtype(p.train, resolve_device(p.train.device)) else "fp32"
-
-
-def checkpoint_key(values: dict[str, Any], features_dir: Path, schedule: str,
-                   max_steps_key: str = "max_steps",
-                   start_from: bytes | None = None) -> RunSignature:
-    """What a run's checkpoints must have been made with to be resumed: `values` (the knobs of
-    `bestrq.params.SPEED_ONLY` aside), the training features (statistics and index) and
-    `start_from` (the adapter the run starts from). Raising `max_steps_key` extends the run,
-    unless `schedule` is cosine, whose rate at every update after warm-up depends on it."""
-    inputs: dict[str, Path | bytes] = {
-        "features stats.json": features_dir / "stats.json",
-        "features train/index.json": features_dir / "train" / "index.json"}
-    if start_from is not None:
-        inputs["starting adapter"] = start_from
-    return run_signature(values, inputs, ignore=SPEED_ONLY,
-                         extendable=() if schedule == "cosine" else (max_steps_key,))
 
 
 def hold_checkpoints(claims: ExitStack, checkpoint_dir: Path, key: RunSignature) -> int:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 from contextlib import ExitStack
-from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -33,7 +31,8 @@ from bestrq.finetune import (
     tokenizer_for,
 )
 from bestrq.params import Params
-from bestrq.train import TrainConfig, TrainResult, train
+from bestrq.run_identity import finetune_engine_config, finetune_key
+from bestrq.train import TrainResult, train
 from bestrq.whisper_model import load_whisper, model_identity
 from stages.common import (
     ADAPTER,
@@ -43,14 +42,12 @@ from stages.common import (
     FINETUNED,
     LIVE,
     REPORTED,
-    checkpoint_key,
     friendly_errors,
     hold_checkpoints,
     log_summary,
     open_live,
     params_or_exit,
     relaunch_under_torchrun,
-    resolved_autocast,
     run_app,
     step_logger,
     truncate_history,
@@ -60,26 +57,6 @@ from stages.common import (
 app = typer.Typer(add_completion=False, help=__doc__)
 
 STARTS = ("stock", "adapted")  # fine-tuned from stock Whisper / from the BEST-RQ adapter
-
-
-def engine_config(p: Params, seed: int) -> TrainConfig:
-    """The engine's config of the fine-tune of `seed`: the finetune section's knobs over
-    pre-training's, and the fine-tune seed in place of the top-level one."""
-    return replace(p.finetune.train_config(p.train), seed=seed)
-
-
-def run_values(p: Params, start: str, seed: int) -> dict[str, Any]:
-    """What one fine-tune run's checkpoints must have been made with: the configs it is built
-    from, whole (the engine's exactly as it trains, the adapter's, the finetune section's), so
-    that a knob added to any of them keys the run without being listed anywhere (speed knobs
-    are dropped by `checkpoint_key`); the model, the language and the start. The BEST-RQ knobs
-    (the top-level seed among them) are not read by a fine-tune: the adapted start is keyed by
-    the adapter's bytes instead, and the stock start stays valid across pre-training
-    experiments."""
-    return {"model": p.raw.get("model"), "n_mels": p.raw.get("n_mels"),
-            "train": asdict(engine_config(p, seed)), "adapter": asdict(p.adapter),
-            "finetune": p.finetune.to_dict(), "language": p.evaluate.language, "start": start,
-            "autocast": resolved_autocast(p)}
 
 
 def run_dir(root: Path, p: Params, seed: int, start: str) -> Path:
@@ -145,12 +122,8 @@ def _finetune(p: Params, dist: DistInfo, claims: ExitStack, features_dir: Path,
     del base
     runs = [(seed, start) for seed in seeds for start in STARTS]
 
-    # nproc, nnodes: the global batch is batch_size * accumulate_gradients * processes.
-    keys = {run: checkpoint_key({**run_values(p, run[1], run[0]), "nproc": p.nproc,
-                                 "nnodes": p.nnodes},
-                                features_dir, p.finetune.lr_schedule, "finetune.max_steps",
-                                vectors if run[1] == "adapted" else None)
-            for run in runs}
+    keys = {run: finetune_key(p, features_dir, run[1], run[0],
+                              vectors if run[1] == "adapted" else None) for run in runs}
     same_on_every_rank([k.fingerprint for k in keys.values()],
                        "the parameters, training features or BEST-RQ adapter")
     starts: dict[tuple[int, str], int] = {}
@@ -163,7 +136,7 @@ def _finetune(p: Params, dist: DistInfo, claims: ExitStack, features_dir: Path,
     first: dict[str, float] = {}  # the first seed's labelled set, as the stage reports it
     for seed in seeds:
         data = LabelledClips(train_split, draws[seed], tokenizer, max_tokens)
-        config = engine_config(p, seed)
+        config = finetune_engine_config(p, seed)
         first = first or {"labelled_minutes": data.minutes,
                           "truncated_transcripts": float(data.truncated)}
         if live is not None:

@@ -20,6 +20,7 @@ from bestrq.model import BestRQModel
 from bestrq.params import Params
 from bestrq.pretraining import BEST_RQ
 from bestrq.quantizer import RandomProjectionQuantizer
+from bestrq.run_identity import pretrain_key
 from bestrq.train import train
 from bestrq.whisper_model import load_whisper, model_identity
 from stages.common import (
@@ -28,17 +29,14 @@ from stages.common import (
     CHECKPOINTS,
     FEATURES,
     LIVE,
-    checkpoint_key,
     friendly_errors,
     hold_checkpoints,
     log_summary,
     open_live,
     params_or_exit,
     relaunch_under_torchrun,
-    resolved_autocast,
     run_app,
     step_logger,
-    training_values,
     truncate_history,
 )
 
@@ -56,8 +54,7 @@ def _train_and_save(p: Params, dist: DistInfo, claims: ExitStack, features_dir: 
     if not (features_dir / "train" / "index.json").is_file():
         raise FileNotFoundError(f"no training features in {features_dir}/train: run "
                                 "`dvc repro features` first")
-    key = checkpoint_key({**training_values(p), "autocast": resolved_autocast(p)}, features_dir,
-                         p.train.lr_schedule)
+    key = pretrain_key(p, features_dir)
     same_on_every_rank(key.fingerprint, "the parameters or training features")
     base = load_whisper(p.model)
     if base.dims.n_mels != p.n_mels:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from bestrq.atomic import atomic_path
-from bestrq.params import read_yaml
+from bestrq.params_file import read_yaml
 from bestrq.study import (
     StudyRun,
     curves_spec,

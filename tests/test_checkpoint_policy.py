@@ -24,7 +24,7 @@ from bestrq.checkpoint import (
     run_signature,
     save_checkpoint,
 )
-from stages.common import checkpoint_key
+from bestrq.run_identity import checkpoint_key
 
 REPO = Path(__file__).resolve().parents[1]
 VALUES = {"codebook_size": 8192, "max_steps": 30, "lr_schedule": "inverse_sqrt",
@@ -171,9 +171,10 @@ def test_with_a_cosine_schedule_max_steps_is_a_new_run(tmp_path):
 
 
 def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
+    from dataclasses import replace
+
     from bestrq.params import load_params
-    from stages.common import training_values
-    from stages.finetune import run_values
+    from bestrq.run_identity import finetune_key, pretrain_key
 
     features = tmp_path / "features"
     (features / "train").mkdir(parents=True)
@@ -182,9 +183,8 @@ def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
     p = load_params(REPO / "params.yaml")
 
     def key(start: str, nproc: int = 1, seed: int = 0):
-        return checkpoint_key({**run_values(p, start, seed), "nproc": nproc}, features,
-                              p.finetune.lr_schedule, "finetune.max_steps",
-                              b"vectors" if start == "adapted" else None)
+        return finetune_key(replace(p, nproc=nproc), features, start, seed,
+                            b"vectors" if start == "adapted" else None)
 
     stock = key("stock")
     assert stock.extendable == ("finetune.max_steps",)  # its schedule is constant
@@ -192,7 +192,7 @@ def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
     assert "starting adapter" in key("adapted").inputs
     assert len({stock.fingerprint, key("adapted").fingerprint, key("stock", 2).fingerprint,
                 key("stock", seed=1).fingerprint}) == 4  # each seed's run is its own
-    pretrain = checkpoint_key(training_values(p), features, p.train.lr_schedule)
+    pretrain = pretrain_key(p, features)
     assert pretrain.extendable == ("max_steps",) and "nproc" in pretrain.values
     assert not {"num_workers", "device", "log_every", "download.source"} & set(pretrain.values)
 
@@ -204,8 +204,7 @@ def test_one_identity_rule_for_pretrain_and_finetune(tmp_path):
     from dataclasses import replace
 
     from bestrq.params import SECTION_MODELS, SPEED_ONLY, TopLevel, load_params
-    from stages.common import training_values
-    from stages.finetune import run_values
+    from bestrq.run_identity import finetune_key, pretrain_key
 
     declared = set(TopLevel.model_fields).union(*(m.model_fields for m in
                                                   SECTION_MODELS.values()))
@@ -217,9 +216,8 @@ def test_one_identity_rule_for_pretrain_and_finetune(tmp_path):
     base = load_params(REPO / "params.yaml")
 
     def keys(p) -> tuple[str, str]:
-        fine = checkpoint_key(run_values(p, "stock", 0), features, p.finetune.lr_schedule,
-                              "finetune.max_steps").fingerprint
-        pre = checkpoint_key(training_values(p), features, p.train.lr_schedule).fingerprint
+        fine = finetune_key(p, features, "stock", 0, None).fingerprint
+        pre = pretrain_key(p, features).fingerprint
         return pre, fine
 
     pre, fine = keys(base)
@@ -467,14 +465,13 @@ def test_precision_auto_is_keyed_by_what_it_resolves_to(tmp_path, monkeypatch, h
     # `auto` is fp32 on one CPU and bf16 on another: a checkpoint made in one must not be
     # resumed in the other (it was, before the resolved precision entered the key).
     from bestrq.params import load_params
-    from stages.common import resolved_autocast
-    from stages.finetune import run_values
+    from bestrq.run_identity import finetune_values, resolved_autocast
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     p = load_params(REPO / "params.yaml", {"device": "cpu"})
     assert p.raw["precision"] == "auto"
     assert resolved_autocast(p) == ("bf16" if has_bf16 else "fp32")
-    assert run_values(p, "stock", 0)["autocast"] == resolved_autocast(p)
+    assert finetune_values(p, "stock", 0)["autocast"] == resolved_autocast(p)
     forced = load_params(REPO / "params.yaml", {"device": "cpu", "precision": "fp32"})
     assert resolved_autocast(forced) == "fp32"
