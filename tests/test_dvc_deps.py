@@ -82,3 +82,82 @@ def test_every_stage_lists_exactly_the_code_it_imports():
         if listed != want:
             wrong[name] = {"missing": sorted(want - listed), "not imported": sorted(listed - want)}
     assert not wrong, "dvc.yaml deps differ from the imports: " + yaml.safe_dump(wrong)
+
+
+# ----------------------------------------------------------------------------- params
+def _changed(info, value):
+    """Another value of a knob that its declared type and bounds accept."""
+    from typing import Annotated, Literal, get_args, get_origin
+
+    from pydantic import TypeAdapter, ValidationError
+
+    kind = info.annotation
+    if value is None:  # an optional knob left unset
+        candidates = [1.0, 1, "x"]
+    elif get_origin(kind) is Literal:
+        candidates = [v for v in get_args(kind) if v != value]
+    elif kind is bool:
+        candidates = [not value]
+    elif get_origin(kind) is list:
+        item = get_args(kind)[0]
+        item = get_args(item)[0] if get_origin(item) is Annotated else item
+        candidates = ([[v] for v in get_args(item) if [v] != value]
+                      if get_origin(item) is Literal else
+                      [[value[0] + 1], [value[0] - 1]])
+    elif kind is str:
+        candidates = ["cpu", value + "x"]
+    else:
+        candidates = [value + 1, value - 1, value * 2, value / 2, 0.5]
+    check = TypeAdapter(Annotated[(kind, *info.metadata)] if info.metadata else kind)
+    for candidate in candidates:
+        try:
+            if check.validate_python(candidate, strict=True) != value:
+                return candidate
+        except ValidationError:
+            continue
+    raise AssertionError(f"no other value for {info}")
+
+
+def test_every_knob_that_keys_a_run_is_a_param_of_its_stage(tmp_path):
+    """Params cannot drift either: a knob that changes a run's checkpoint identity (what the
+    run computes, bestrq.run_identity) is a `params:` dependency of the stage that runs it, so
+    DVC re-runs the stage when it changes. Every declared knob is tried, sections' included, so
+    a new one is checked without being named here."""
+    from dataclasses import replace
+
+    from bestrq.params import SECTION_MODELS, TopLevel, from_dict
+    from bestrq.run_identity import finetune_key, pretrain_key
+
+    features = tmp_path / "features"
+    (features / "train").mkdir(parents=True)
+    (features / "stats.json").write_text("{}")
+    (features / "train" / "index.json").write_text("[]")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    keys = {"pretrain": lambda p: pretrain_key(p, features).fingerprint,
+            "finetune": lambda p: (finetune_key(p, features, "stock", p.finetune.seeds[0], None)
+                                   .fingerprint)}
+    base = {stage: key(from_dict(raw)) for stage, key in keys.items()}
+    knobs = [(name, info, None) for name, info in TopLevel.model_fields.items()
+             if name not in SECTION_MODELS]
+    knobs += [(name, info, section) for section, model in SECTION_MODELS.items()
+              for name, info in model.model_fields.items()]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    missing, tried = {}, 0
+    for name, info, section in knobs:
+        changed = dict(raw, **({section: {**raw[section], name: None}} if section else {}))
+        where = changed[section] if section else changed
+        where[name] = _changed(info, (raw[section] if section else raw)[name])
+        p = from_dict(changed)
+        dotted = f"{section}.{name}" if section else name
+        for stage, key in keys.items():
+            if key(p) != base[stage]:
+                tried += 1
+                listed = set(stages[stage]["params"])
+                if dotted not in listed and section not in listed:
+                    missing.setdefault(stage, []).append(dotted)
+    assert tried > 40  # the perturbations reach the identities
+    assert not missing, f"knobs that key a run but are not params of its stage: {missing}"
+    # The fine-tune is not keyed by BEST-RQ's own knobs (mask_prob, the top-level seed, ...).
+    p = from_dict(dict(raw, mask_prob=raw["mask_prob"] * 2, seed=raw["seed"] + 1))
+    assert keys["finetune"](p) == base["finetune"] != keys["finetune"](
+        replace(p, finetune=replace(p.finetune, max_steps=p.finetune.max_steps + 1)))
