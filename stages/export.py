@@ -30,6 +30,7 @@ from stages.common import ADAPTER, DATA, friendly_errors, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
+
 class Format(str, Enum):
     """The formats of bestrq.convert.FORMATS, as Typer choices."""
 

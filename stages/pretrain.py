@@ -42,6 +42,7 @@ from stages.common import (
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
+
 def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = ADAPTER,
                  checkpoint_dir: Path = CHECKPOINTS, live_name: str = "pretrain") -> None:
     """Train and write the adapter; rank 0 alone logs and writes."""

@@ -33,6 +33,7 @@ def train(*args: Any, **kwargs: Any) -> TrainResult:
     """The engine with BEST-RQ's objective, as the pretrain stage runs it."""
     return engine_train(*args, objective=BEST_RQ, **kwargs)
 
+
 WORKER = Path(__file__).with_name("_train_worker.py")
 CPU = torch.device("cpu")
 
