@@ -65,9 +65,11 @@ def at(curve: list[list[float]], step: float) -> float | None:
 
 def table(records: list[dict[str, Any]], steps: list[int]) -> str:
     """Per record: dev loss minus prior at `steps` (below 0: BEST-RQ beats the label
-    frequencies), the last dev accuracy against the prior's, the last train BEST-RQ loss."""
+    frequencies), and at the last of `steps` the dev accuracy against the prior's and the train
+    BEST-RQ loss (a longer record, the study's, is read at the same update)."""
+    last = steps[-1]
     head = ("| variant | " + " | ".join(f"dev loss - prior @{s}" for s in steps)
-            + " | dev accuracy / prior (last) | train BEST-RQ loss (last) |")
+            + f" | dev accuracy / prior @{last} | train BEST-RQ loss @{last} |")
     lines = [head, "|" + "---|" * (len(steps) + 3)]
     for rec in records:
         c = rec["curves"]
@@ -75,10 +77,12 @@ def table(records: list[dict[str, Any]], steps: list[int]) -> str:
         for s in steps:
             loss, prior = at(c["dev/loss"], s), at(c["dev/prior_loss"], s)
             gaps.append("-" if loss is None or prior is None else f"{loss - prior:+.3f}")
-        acc, prior_acc = c["dev/accuracy"][-1][1], c["dev/prior_accuracy"][-1][1]
+        acc, prior_acc = at(c["dev/accuracy"], last), at(c["dev/prior_accuracy"], last)
+        loss = at(c["train/bestrq_loss"], last)
         lines.append(f"| {rec['variant']} | " + " | ".join(gaps)
-                     + f" | {100 * acc:.1f}% / {100 * prior_acc:.1f}% "
-                     f"| {c['train/bestrq_loss'][-1][1]:.2f} |")
+                     + (" | -" if acc is None or prior_acc is None else
+                        f" | {100 * acc:.1f}% / {100 * prior_acc:.1f}%")
+                     + (" | - |" if loss is None else f" | {loss:.2f} |"))
     return "\n".join(lines)
 
 
