@@ -70,7 +70,8 @@ def main() -> None:
     rows = []
     for norm in ("global", "utterance"):
         q = RandomProjectionQuantizer(QuantizerConfig(
-            n_mels=args.n_mels, num_codebooks=args.num_codebooks, seed=args.seed, norm=norm),
+            n_mels=args.n_mels, num_codebooks=args.num_codebooks, seed=args.seed,
+            quantizer_norm=norm),
             mean, std)
         base[norm] = labels_of(q, audio, frames, args.n_mels)
         same = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -39,6 +40,7 @@ from bestrq.asr import (
     wer_comparison,
 )
 from bestrq.dataset import collate
+from bestrq.knobs import BatchSize, ClipCount, Seed, Text, Workers, check, knob
 from bestrq.masking import target_valid
 from bestrq.model import ENCODER_STRIDE, BestRQModel
 from bestrq.pretraining import MaskedClips
@@ -48,20 +50,30 @@ from bestrq.whisper_model import load_whisper
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 4
-    max_clips: int = 0  # 0: the whole eval split
-    seed: int = 1234  # masks of held-out clips and WER bootstrap; fixed across experiments
-    num_workers: int = 0
-    asr: bool = True  # also the WER of stock vs adapted Whisper on transcribed eval clips
-    asr_max_clips: int = 0  # 0: every transcribed eval clip
-    asr_batch_size: int = 8
-    language: str = "en"
-    bootstrap_samples: int = 1000  # resamples of the 95% WER intervals
-    bootstrap_unit: str = "speaker"  # speaker (then their windows) | window
-    decoding: str = "fallback"  # whisper.transcribe's temperature fallback | greedy
-    probes: bool = True  # label-free probes of the stock and adapted encoder's output
-    probe_frames: int = 20_000  # encoder frames they use, drawn from the eval clips
-    probe_clusters: int = 32  # k-means clusters of the Davies-Bouldin index
+    batch_size: Annotated[BatchSize, knob("clips per batch of the BEST-RQ pass")] = 4
+    max_clips: Annotated[ClipCount, knob("clips of each split used (0: all)")] = 0
+    seed: Annotated[Seed, knob(
+        "masks of the held-out clips, probes' draw and the WER bootstrap; fixed across "
+        "experiments")] = 1234
+    num_workers: Annotated[Workers, knob("data-loader worker processes", speed_only=True)] = 0
+    asr: Annotated[bool, knob(
+        "also the WER of stock vs adapted Whisper on the transcribed test and dev clips")] = True
+    asr_max_clips: Annotated[ClipCount, knob("transcribed clips decoded (0: all)")] = 0
+    asr_batch_size: Annotated[BatchSize, knob("windows decoded at once")] = 8
+    language: Annotated[Text, knob(
+        "language of the eval audio (ignored by English-only models)")] = "en"
+    bootstrap_samples: Annotated[int, knob(
+        "resamples of the 95% paired bootstrap WER intervals", ge=100, le=10**7)] = 1000
+    bootstrap_unit: Annotated[Literal["speaker", "window"], knob(
+        "what the intervals resample: speaker (then their windows) | window")] = "speaker"
+    decoding: Annotated[Literal["fallback", "greedy"], knob(
+        "fallback (whisper.transcribe's temperatures) | greedy (temperature 0)")] = "fallback"
+    probes: Annotated[bool, knob(
+        "effective rank and Davies-Bouldin index of stock and adapted encoder")] = True
+    probe_frames: Annotated[int, knob(
+        "encoder frames the probes use (seeded draw from each split)", ge=1, le=10**7)] = 20_000
+    probe_clusters: Annotated[int, knob(
+        "k-means clusters of the Davies-Bouldin index", ge=2, le=10**5)] = 32
 
     def probe_config(self) -> ProbeConfig:
         return ProbeConfig(max_frames=self.probe_frames, clusters=self.probe_clusters,
@@ -75,15 +87,7 @@ class EvaluateConfig:
                          bootstrap_unit=self.bootstrap_unit, decoding=self.decoding)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"evaluate.batch_size must be >= 1, got {self.batch_size}")
-        if self.max_clips < 0:
-            raise ValueError(f"evaluate.max_clips must be >= 0, got {self.max_clips}")
-        if self.num_workers < 0:
-            raise ValueError(f"evaluate.num_workers must be >= 0, got {self.num_workers}")
-        if not isinstance(self.asr, bool):
-            raise ValueError(f"evaluate.asr must be true or false, got {self.asr!r}")
-        self.probe_config().validate()
+        check(self, "evaluate.")
         self.asr_config().validate()
 
 

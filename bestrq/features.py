@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import soundfile as sf
@@ -33,10 +34,12 @@ from whisper.audio import (
 from bestrq.atomic import atomic_write_text
 from bestrq.distributed import resolve_device
 from bestrq.jsonl import dumps, read_jsonl
+from bestrq.knobs import BatchSize, Text, check, knob
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")  # segment's
 SUPPORTED_N_MELS: frozenset[int] = frozenset({80, 128})
-SUPPORTED_DTYPES: frozenset[str] = frozenset({"float16", "float32"})
+Dtype = Literal["float16", "float32"]
+SUPPORTED_DTYPES: frozenset[str] = frozenset(get_args(Dtype))
 STD_EPSILON = 1e-5
 MEL_SHARD = "mel-{:05d}.npy"
 FRAMES_SHARD = "frames-{:05d}.npy"
@@ -46,10 +49,13 @@ STATS_FILE = "stats.json"
 
 @dataclass
 class FeatureConfig:
-    batch_size: int = 16  # clips per log-mel batch
-    shard_size: int = 2048  # clips per memory-mapped shard file
-    dtype: str = "float16"  # storage dtype of the log-mels: float16 | float32
-    device: str = "auto"  # auto -> cuda if available else cpu
+    batch_size: Annotated[BatchSize, knob("clips per log-mel batch")] = 16
+    shard_size: Annotated[int, knob(
+        "clips per memory-mapped shard file", ge=1, le=10**8)] = 2048
+    dtype: Annotated[Dtype, knob(
+        "storage dtype of the log-mels")] = "float16"
+    device: Annotated[Text, knob("auto (cuda if available, else cpu) | cpu | cuda[:N]",
+                                 speed_only=True)] = "auto"
 
 
 @dataclass(frozen=True)
@@ -64,14 +70,7 @@ class Clip:
 
 def validate(cfg: FeatureConfig) -> None:
     """Raise ValueError naming the offending parameter if ``cfg`` cannot work."""
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ValueError(f"features.batch_size must be an integer >= 1, got {cfg.batch_size!r}")
-    if not isinstance(cfg.shard_size, int) or cfg.shard_size < 1:
-        raise ValueError(f"features.shard_size must be an integer >= 1, got {cfg.shard_size!r}")
-    if cfg.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"features.dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {cfg.dtype!r}"
-        )
+    check(cfg, "features.")
     if cfg.device == "auto":
         return
     try:

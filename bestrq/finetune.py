@@ -18,7 +18,7 @@ fp32 whatever the autocast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,20 @@ from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from bestrq.adapters import IA3, AdapterConfig, add_adapter
+from bestrq.knobs import (
+    Accumulate,
+    BatchSize,
+    ClipCount,
+    LearningRate,
+    Length,
+    Ratio,
+    Seed,
+    Steps,
+    check,
+    knob,
+)
 from bestrq.objective import Objective
+from bestrq.schedule import Schedule
 from bestrq.seeding import LABELS_STREAM, generator
 from bestrq.train import TrainConfig
 
@@ -46,19 +59,27 @@ TRAIN_OVERRIDES = ("batch_size", "accumulate_gradients", "learning_rate", "lr_sc
 class FinetuneConfig:
     """How much labelled data, and how long, the supervised fine-tune gets."""
 
-    max_clips: int = 0  # transcribed train clips used; 0: no limit
-    max_minutes: float = 0.0  # and at most this much of their audio; 0: no limit
-    batch_size: int = 4
-    accumulate_gradients: int = 1
-    learning_rate: float = 3e-3
-    lr_schedule: str = "constant"
-    warmup_steps: float = 2
-    max_steps: int = 10
-    min_lr_ratio: float = 0.0
-    checkpoint_every: int = 5
-    # Both fine-tunes are repeated per seed (labelled draw and data order); figures are given
-    # per seed and pooled. The first seed's adapters are the stage's main outputs.
-    seeds: list[int] = field(default_factory=lambda: [0])
+    max_clips: Annotated[ClipCount, knob(
+        "transcribed train clips used (0: all), drawn with the seed")] = 0
+    max_minutes: Annotated[float, knob(
+        "and at most this many minutes of their audio (0: no limit)", ge=0, le=10**8)] = 0.0
+    # The engine's knobs that the fine-tune sets apart from pre-training (TRAIN_OVERRIDES).
+    batch_size: Annotated[BatchSize, knob("the fine-tune's clips per micro-batch")] = 4
+    accumulate_gradients: Annotated[Accumulate, knob(
+        "the fine-tune's micro-batches per update")] = 1
+    learning_rate: Annotated[LearningRate, knob("the fine-tune's peak rate")] = 3e-3
+    lr_schedule: Annotated[Schedule, knob("the fine-tune's schedule")] = "constant"
+    warmup_steps: Annotated[Length, knob(
+        "the fine-tune's warm-up (share of its max_steps, or updates)")] = 2
+    max_steps: Annotated[Steps, knob("the fine-tune's updates")] = 10
+    min_lr_ratio: Annotated[Ratio, knob("the fine-tune's schedule floor")] = 0.0
+    checkpoint_every: Annotated[Steps, knob(
+        "the fine-tune's updates between checkpoints", speed_only=True)] = 5
+    # Figures are given per seed and pooled; the first seed's adapters are the stage's main
+    # outputs.
+    seeds: Annotated[list[Seed], knob(
+        "both fine-tunes are run once per seed (labelled draw and data order)",
+        min_length=1, max_length=100)] = field(default_factory=lambda: [0])
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """The engine's config: pre-training's, with this section's knobs in place (and no
@@ -67,16 +88,10 @@ class FinetuneConfig:
                        **{name: getattr(self, name) for name in TRAIN_OVERRIDES})
 
     def validate(self, base: TrainConfig) -> None:
-        """Raise ValueError naming the first invalid `finetune.` parameter."""
-        seeds = self.seeds
-        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or any(
-                isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds):
-            raise ValueError(f"finetune.seeds must be a non-empty list of distinct integers "
-                             f">= 0, got {seeds!r}")
-        for name in ("max_clips", "max_minutes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"finetune.{name} must be a number >= 0, got {value!r}")
+        """Raise ValueError naming the invalid `finetune.` parameters."""
+        check(self, "finetune.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"finetune.seeds: names a seed twice: {self.seeds!r}")
         try:
             self.train_config(base).validate()
         except ValueError as err:

@@ -1,58 +1,68 @@
 """Span masking with noise, as in BEST-RQ (arXiv 2202.01855 sec. 2.2).
 
 Every valid feature frame starts a masked span with probability `mask_prob`; a span covers
-`span_ms` of audio (400 ms = 40 frames at Whisper's 10 ms hop) and overlapping spans merge.
-Masked frames are replaced by noise drawn from N(0, noise_std) in the normalised feature space.
-Padding frames are never masked. A target (`stack` frames, one encoder frame) is predicted when
-at least `target_share` of its frames are masked: the default 1.0 predicts only targets whose
-own frames are all noise (NeMo NEST thresholds the stacked frames the same way, at 0.8); 0.5
-with two stacked frames predicts a target that still shows one of its own frames.
+`mask_span_ms` of audio (400 ms = 40 frames at Whisper's 10 ms hop) and overlapping spans merge.
+Masked frames are replaced by noise drawn from N(0, mask_noise_std) in the normalised feature
+space. Padding frames are never masked. A target (`stack` frames, one encoder frame) is
+predicted when at least `mask_target_share` of its frames are masked: the default 1.0 predicts
+only targets whose own frames are all noise (NeMo NEST thresholds the stacked frames the same
+way, at 0.8); 0.5 with two stacked frames predicts a target that still shows one of its own
+frames.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from whisper.audio import HOP_LENGTH, SAMPLE_RATE
 
+from bestrq.knobs import check, knob
+
 FRAME_MS = 1000.0 * HOP_LENGTH / SAMPLE_RATE  # 10 ms
+
+
+# Names of the knobs in an adapter file's description (format 1): files keep the names they
+# were first written with, so every adapter made before still loads and a run's bytes do not
+# change with a rename in the code.
+FILE_NAMES = {"mask_span_ms": "span_ms", "mask_noise_std": "noise_std",
+              "mask_target_share": "target_share"}
 
 
 @dataclass
 class MaskingConfig:
-    mask_prob: float = 0.01
-    span_ms: float = 400.0
-    noise_std: float = 0.1
-    target_share: float = 1.0  # share of a target's stacked frames that must be masked
+    mask_prob: Annotated[float, knob(
+        "probability that a frame starts a masked span (paper: 0.01)", gt=0, le=1)] = 0.01
+    mask_span_ms: Annotated[float, knob(
+        "masked span length in ms (paper: 400 ms = 40 frames)", ge=FRAME_MS, le=30_000)] = 400.0
+    mask_noise_std: Annotated[float, knob(
+        "std of the noise replacing masked frames, normalised space (paper: 0.1)",
+        ge=0, le=100)] = 0.1
+    mask_target_share: Annotated[float, knob(
+        "share of a target's stacked frames that must be masked for it to be predicted (1.0: "
+        "all; 0.5 with 2 stacked frames: any one)", gt=0, le=1)] = 1.0
 
     def validate(self) -> None:
-        if not 0.0 < self.mask_prob <= 1.0:
-            raise ValueError(f"mask_prob must be in (0, 1], got {self.mask_prob}")
-        if self.span_ms < FRAME_MS:
-            raise ValueError(
-                f"mask_span_ms must be >= one frame ({FRAME_MS} ms), got {self.span_ms}")
-        if self.noise_std < 0:
-            raise ValueError(f"mask_noise_std must be >= 0, got {self.noise_std}")
-        if not 0.0 < self.target_share <= 1.0:
-            raise ValueError(f"mask_target_share must be in (0, 1], got {self.target_share}")
+        check(self)
 
     @property
     def span_frames(self) -> int:
-        return int(round(self.span_ms / FRAME_MS))
+        return int(round(self.mask_span_ms / FRAME_MS))
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """What an adapter file records (`FILE_NAMES`)."""
+        return {FILE_NAMES.get(k, k): v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MaskingConfig:
         """A config saved in an adapter; files written before `target_share` existed predicted
         a target when any of its frames was masked (0.5 of two frames)."""
-        return cls(**{"target_share": 0.5, **values})
+        names = {v: k for k, v in FILE_NAMES.items()}
+        return cls(**{names.get(k, k): v for k, v in {"target_share": 0.5, **values}.items()})
 
 
 def span_mask(num_valid: Tensor, num_frames: int, mask_prob: float, span: int,
@@ -115,7 +125,7 @@ def draw_sample_mask(num_valid: int, num_frames: int, n_mels: int, config: Maski
     generator = torch.Generator().manual_seed(seed)
     mask = span_mask(torch.tensor([num_valid]), num_frames, config.mask_prob, config.span_frames,
                      generator)[0]
-    return mask, draw_noise((n_mels, num_frames), config.noise_std, generator)
+    return mask, draw_noise((n_mels, num_frames), config.mask_noise_std, generator)
 
 
 def expected_mask_fraction(num_frames: int, mask_prob: float, span: int) -> float:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 from whisper.model import AudioEncoder
 
 from bestrq.adapters import IA3, AdapterConfig, adapter_disabled, adapter_state_dict, add_adapter
+from bestrq.knobs import check, knob
 from bestrq.masking import (
     MaskingConfig,
     apply_noise,
@@ -32,6 +35,29 @@ from bestrq.quantizer import RandomProjectionQuantizer
 from bestrq.seeding import HEADS_STREAM, generator
 
 ENCODER_STRIDE = 2  # Whisper's conv stem halves the 10 ms frame rate
+Layer = Annotated[int, Field(ge=-1024, le=1023)]  # a block; negative counts from the top
+
+
+@dataclass
+class LossConfig:
+    """Where the losses read the encoder, and the weight of the distillation guard."""
+
+    distill_weight: Annotated[float, knob(
+        "weight of the distillation guard: MSE of the adapted to the stock encoder's output on "
+        "the clean input (0: off)", ge=0, le=10**6)] = 0.0
+    distill_layers: Annotated[list[Layer], knob(
+        "encoder blocks whose outputs are distilled to the stock encoder's (a list; negative "
+        "counts from the top; [-1]: the encoder's output)", min_length=1, max_length=1024)] = \
+        field(default_factory=lambda: [-1])
+    distill_padding: Annotated[bool, knob(
+        "the distillation counts padded frames too (Whisper's decoder attends to them)")] = False
+    bestrq_layer: Annotated[Layer, knob(
+        "encoder block whose output feeds the BEST-RQ heads (negative counts from the top; -1: "
+        "the last; BEARD: a middle block, the upper ones distilled)")] = -1
+
+    def validate(self) -> None:
+        """Bounds only: which blocks exist is known once the encoder is (`BestRQModel`)."""
+        check(self)
 
 
 def seeded_linear(in_features: int, out_features: int, gen: torch.Generator) -> nn.Linear:
@@ -214,8 +240,7 @@ class BestRQModel(nn.Module):
         adapter: what is trained in the encoder (LoRA's A drawn from the quantizer's seed)."""
         super().__init__()
         masking.validate()
-        if not distill_weight >= 0.0:
-            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
+        check(LossConfig(distill_weight, list(distill_layers), distill_padding, bestrq_layer))
         self.distill_weight = float(distill_weight)
         blocks = len(encoder.blocks)
         self.bestrq_layer = resolve_layer(bestrq_layer, blocks, "bestrq_layer")
@@ -224,8 +249,6 @@ class BestRQModel(nn.Module):
             raise ValueError(f"distill_layers: must be a non-empty list of distinct blocks, got "
                              f"{list(distill_layers)!r}")
         self.distill_layers = tuple(sorted(resolved))
-        if not isinstance(distill_padding, bool):
-            raise ValueError(f"distill_padding: must be true or false, got {distill_padding!r}")
         self.distill_padding = distill_padding
         stack = quantizer.config.stack_frames
         if stack % ENCODER_STRIDE:
@@ -275,13 +298,13 @@ class BestRQModel(nn.Module):
             frame_mask = span_mask(num_valid, mel.shape[-1], self.masking.mask_prob,
                                    self.masking.span_frames, generator)  # (batch, frames)
         if noise is None:
-            noise = draw_noise(tuple(z.shape), self.masking.noise_std, generator)
+            noise = draw_noise(tuple(z.shape), self.masking.mask_noise_std, generator)
         noisy = apply_noise(z, frame_mask.to(z.device), noise)
         x = self.quantizer.denormalize(noisy)  # (batch, n_mels, frames)
         targets = mel.shape[-1] // stack
         valid = target_valid(num_valid, targets, stack)  # (batch, targets)
         loss_mask = target_mask(frame_mask.to(z.device), stack,
-                                self.masking.target_share)[:, :targets] & valid
+                                self.masking.mask_target_share)[:, :targets] & valid
         # Labels of the unmasked features, for the predicted targets only (-1 elsewhere).
         labels = self.quantizer(self.quantizer.label_input(mel, num_valid),
                                 where=None if all_labels else loss_mask)

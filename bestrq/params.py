@@ -1,314 +1,98 @@
-"""Typed, validated views of params.yaml: the one place where parameter names meet configs.
+"""params.yaml composed from the configs' knobs: the one place where its layout meets them.
 
-Training hyper-parameters are top-level keys (so `dvc exp run -S num_codebooks=16` and the
-`train --num_codebooks 16` CLI use the same names); each data stage has its own section.
+Each knob is declared once, beside the code that uses it (`bestrq.knobs`: type, bounds, help,
+speed-only). The knobs of the `TOP` configs are params.yaml's top-level keys (so
+`dvc exp run -S num_codebooks=16` and `train --num_codebooks 16` use the same names); each
+data stage's config is a section (`SECTIONS`). A knob keeps its name from params.yaml to the
+config field.
 
 Checking happens in two steps, both before any work:
-1. declared types and ranges (`TopLevel` and one pydantic model per section, strict: no bool
-   for a number, no float for an integer, no text for either), with messages that name the key;
+1. declared types and ranges (`TopLevel`, composed here; strict: no bool for a number, no float
+   for an integer, no text for either), with messages that name the key and where its value
+   came from;
 2. what needs more than one value or the outside world (`validate`: the model exists, n_mels
    matches it, the configs' own `validate`).
-params.yaml stays the one source of values; the library's configs (dataclasses) are built from
-the checked values.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 
 from bestrq import features, segment, sources
-from bestrq.adapters import KINDS, TARGETS, AdapterConfig
+from bestrq.adapters import AdapterConfig
 from bestrq.evaluate import EvaluateConfig
 from bestrq.finetune import FinetuneConfig
+from bestrq.knobs import (
+    Section,
+    declared,
+    model_of,
+    problems,
+    speed_only,
+)
 from bestrq.masking import MaskingConfig
+from bestrq.model import LossConfig
 from bestrq.params_file import quote, read_yaml
 from bestrq.quantizer import QuantizerConfig
+from bestrq.run import RunConfig
 from bestrq.train import TrainConfig
-from bestrq.whisper_model import expected_n_mels, validate_model_spec
 
-# Top-level keys that are not fields of TrainConfig, with their help text.
-MODEL_HELP: dict[str, str] = {
-    "model": "Whisper model name (tiny, base.en, ..., large-v3, turbo), checkpoint path, or "
-             "Hugging Face Whisper folder or hub name (openai/whisper-small)",
-    "n_mels": "mel bins of the model's input: 80, or 128 for large-v3 and turbo",
-    "nproc": "training processes on this machine (torchrun); 1 runs without torchrun",
-    "nnodes": "machines in the run, nproc processes each (torchrun; this machine's rank and "
-              "node 0's address: BESTRQ_NODE_RANK, BESTRQ_MASTER_ADDR)",
-    "heldout_every": "every this many updates (and at the last), the BEST-RQ loss and accuracy "
-                     "on the dev split beside the label prior's (dev/ curves); 0: never",
-    "num_codebooks": "codebooks N (1: BEST-RQ; >1: USM multi-softmax)",
-    "codebook_size": "codes per codebook (paper: 8192)",
-    "code_dim": "dimension of the random projection and codes (paper: 16)",
-    "stack_frames": "10 ms log-mel frames stacked per target (2 = Whisper's 20 ms encoder rate)",
-    "mask_prob": "probability that a frame starts a masked span (paper: 0.01)",
-    "mask_span_ms": "masked span length in ms (paper: 400 ms = 40 frames)",
-    "mask_noise_std": "std of the noise replacing masked frames, normalised space (paper: 0.1)",
-    "mask_target_share": "share of a target's stacked frames that must be masked for it to be "
-                         "predicted (1.0: all; 0.5 with 2 stacked frames: any one)",
-    "quantizer_norm": "statistics of the quantizer's input: utterance (each clip's own: "
-                      "targets do not follow the recording level) | global (the train split's)",
-    "distill_weight": "weight of the distillation guard: MSE of the adapted to the stock "
-                      "encoder's output on the clean input (0: off)",
-    "distill_layers": "encoder blocks whose outputs are distilled to the stock encoder's (a "
-                      "list; negative counts from the top; [-1]: the encoder's output)",
-    "distill_padding": "the distillation counts padded frames too (Whisper's decoder attends "
-                       "to them)",
-    "bestrq_layer": "encoder block whose output feeds the BEST-RQ heads (negative counts from "
-                    "the top; -1: the last; BEARD: a middle block, the upper ones distilled)",
-    "adapter": "what is trained, in pre-training (encoder) and the fine-tune (encoder and "
-               "decoder): ia3 (vectors on k, v, FFN) | lora (PEFT's LoRA on lora_targets)",
-    "lora_rank": "LoRA's rank r (PEFT's Whisper recipe: 32)",
-    "lora_alpha": "LoRA's alpha: the update is scaled by alpha / r",
-    "lora_targets": "Linears LoRA adapts, in every block (a list of query, key, value, out, "
-                    "fc1, fc2; attention targets in self- and cross-attention)",
-}
-# Help text of TrainConfig's fields, for `train --help`.
-TRAIN_HELP: dict[str, str] = {
-    "batch_size": "clips per micro-batch per process",
-    "accumulate_gradients": "micro-batches per optimiser update",
-    "learning_rate": "peak learning rate of AdamW",
-    "lr_schedule": "inverse_sqrt (BEST-RQ's Transformer schedule) | cosine | constant",
-    "warmup_steps": "linear warm-up: a share of max_steps (below 1) or updates (>= 1)",
-    "max_steps": "optimiser updates in the run",
-    "min_lr_ratio": "floor of the schedule, as a fraction of learning_rate",
-    "heads_only_steps": "first updates that train the heads alone, as a share of max_steps "
-                        "(below 1) or updates (>= 1); the IA^3 schedule starts after them",
-    "weight_decay": "AdamW decay of the heads (never of the IA^3 vectors)",
-    "adam_beta1": "AdamW beta1",
-    "adam_beta2": "AdamW beta2",
-    "adam_eps": "AdamW epsilon",
-    "grad_clip": "max global gradient norm; 0 disables clipping",
-    "precision": "auto (bf16 autocast on CUDA and on CPUs with AVX-512 BF16 or AMX, fp32 "
-                 "elsewhere) | bf16 | fp32",
-    "checkpoint_every": "optimiser updates between checkpoints",
-    "keep_checkpoints": "checkpoints kept on disk",
-    "log_every": "optimiser updates between logged steps",
-    "num_workers": "data-loader worker processes",
-    "prefetch_factor": "batches each worker prepares ahead",
-    "seed": "seed of the quantizer, data order and masks",
-    "device": "auto | cpu | cuda | cuda:N",
-    "max_nonfinite": "non-finite updates in a row that stop the run",
-    "deterministic": "CUDA: deterministic kernels, bitwise-repeatable GPU runs (slower)",
-}
-QUANTIZER_KEYS = {"num_codebooks": "num_codebooks", "codebook_size": "codebook_size",
-                  "code_dim": "code_dim", "stack_frames": "stack_frames",
-                  "quantizer_norm": "norm"}
-MASKING_KEYS = {"mask_prob": "mask_prob", "mask_span_ms": "span_ms",
-                "mask_noise_std": "noise_std", "mask_target_share": "target_share"}
-# Knobs that change how fast a run goes or what it logs, not what it computes, in any section
-# (matched on a key's last dotted part): a checkpoint made under other values is still resumed.
-# Every other knob a run reads is part of its checkpoints' identity (pretrain and finetune).
-SPEED_ONLY = ("num_workers", "prefetch_factor", "log_every", "checkpoint_every",
-              "keep_checkpoints", "device", "heldout_every")
+# The configs whose knobs are params.yaml's top-level keys (one flat namespace: the names work
+# in `dvc exp run -S name=value` and `train --name value`), and the sections'.
+TOP = {"run": RunConfig, "quantizer": QuantizerConfig, "masking": MaskingConfig,
+       "loss": LossConfig, "adapter": AdapterConfig, "train": TrainConfig}
 SECTIONS = {"download": sources.SourceConfig, "segment": segment.SegmentConfig,
             "features": features.FeatureConfig, "evaluate": EvaluateConfig,
             "finetune": FinetuneConfig}
-
-# ----------------------------------------------------------------------------- declarations
-# Upper bounds catch typos and unit mix-ups (a count in samples, a rate in percent) before a
-# run allocates or schedules something absurd; they are far above any real use.
-SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence take it; negatives they do not
-STEPS_MAX = 10**9
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
-Steps = Annotated[int, Field(ge=1, le=STEPS_MAX)]
-Workers = Annotated[int, Field(ge=0, le=1024)]
-Schedule = Literal["inverse_sqrt", "cosine", "constant"]
-Text = Annotated[str, Field(min_length=1)]
-# A length in updates (>= 1) or a share of max_steps (below 1): `schedule.updates`.
-Length = Annotated[float, Field(ge=0, le=STEPS_MAX)]
-# Declared once for the knobs that several sections set (pre-training at the top level, the
-# fine-tune under `finetune:`, evaluation and features).
-BatchSize = Annotated[int, Field(ge=1, le=65536)]
-Accumulate = Annotated[int, Field(ge=1, le=2**20)]
-LearningRate = Annotated[float, Field(gt=0, le=10.0)]
-Ratio = Annotated[float, Field(ge=0, le=1)]
-ClipCount = Annotated[int, Field(ge=0, le=10**9)]  # 0: no limit
-
-_TRAIN = TrainConfig()
-_ADAPTER = AdapterConfig()
-_QUANTIZER = QuantizerConfig()
-_MASKING = MaskingConfig()
-_SOURCE = sources.SourceConfig()
-_SEGMENT = segment.SegmentConfig()
-_FEATURES = features.FeatureConfig()
-_EVALUATE = EvaluateConfig()
-_FINETUNE = FinetuneConfig()
+SECTION_MODELS: dict[str, type[Section]] = {name: model_of(cls) for name, cls in SECTIONS.items()}
 
 
-class _Section(BaseModel):
-    # strict: YAML's 2.5, true and '0.5' stay what they are instead of becoming 2, 1 and 0.5.
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+def _compose() -> type[Section]:
+    """The pydantic model of all of params.yaml, from the configs' declarations."""
+    top: dict[str, tuple[Any, Any]] = {}
+    for cls in TOP.values():
+        for name, spec in declared(cls).items():
+            if name in top:
+                raise TypeError(f"knob {name} is declared twice ({cls.__name__} and another "
+                                "top-level config): a knob has one declaration")
+            top[name] = spec
+    # Adapter files (format 1) record the values in this model's order, which put
+    # quantizer_norm after the masking knobs before the knobs moved into the configs; kept, so
+    # that a run's bytes do not change. Nothing else reads the order.
+    order = [name for name in top if name != "quantizer_norm"]
+    order.insert(order.index("mask_target_share") + 1, "quantizer_norm")
+    spec = {name: top[name] for name in order}
+    spec.update({name: (model, Field(default_factory=model))
+                 for name, model in SECTION_MODELS.items()})
+    return create_model("TopLevel", __base__=Section, **spec)  # type: ignore[call-overload]
 
 
-class DownloadParams(_Section):
-    source: Text = _SOURCE.source
-    num_utterances: Annotated[int, Field(ge=1, le=10**7)] = _SOURCE.num_utterances
-    num_speakers: Annotated[int, Field(ge=1, le=10**4)] = _SOURCE.num_speakers
-    seed: Seed = _SOURCE.seed
-    checksum: str = _SOURCE.checksum
-    watch: Text = _SOURCE.watch
-    max_extract_gb: Annotated[float, Field(gt=0, le=10**6)] = _SOURCE.max_extract_gb
-    max_ratio: Annotated[float, Field(ge=1, le=10**6)] = _SOURCE.max_ratio
-    max_download_gb: Annotated[float, Field(gt=0, le=10**6)] | None = _SOURCE.max_download_gb
+TopLevel = _compose()
 
 
-class SegmentParams(_Section):
-    max_seconds: Annotated[float, Field(gt=0, le=30.0)] = _SEGMENT.max_seconds
-    min_seconds: Annotated[float, Field(ge=0, lt=30.0)] = _SEGMENT.min_seconds
-    pack: bool = _SEGMENT.pack
-    dev_fraction: Annotated[float, Field(gt=0, lt=1)] = _SEGMENT.dev_fraction
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = _SEGMENT.test_fraction
-    transcribed_share: Ratio = _SEGMENT.transcribed_share
-    seed: Seed = _SEGMENT.seed
-    num_workers: Workers = _SEGMENT.num_workers
+def _speed_only() -> tuple[str, ...]:
+    """The names of the knobs declared speed-only. Run identity matches them on a key's last
+    dotted part, so a name must be speed-only in every config that declares it, or in none."""
+    flags: dict[str, set[bool]] = {}
+    for model in (TopLevel, *SECTION_MODELS.values()):
+        for name, info in model.model_fields.items():
+            if name not in SECTIONS:
+                flags.setdefault(name, set()).add(speed_only(info))
+    mixed = sorted(name for name, seen in flags.items() if len(seen) > 1)
+    if mixed:
+        raise TypeError(f"knobs {mixed} are speed-only in one config and not in another")
+    return tuple(sorted(name for name, seen in flags.items() if True in seen))
 
 
-class FeaturesParams(_Section):
-    batch_size: BatchSize = _FEATURES.batch_size
-    shard_size: Annotated[int, Field(ge=1, le=10**8)] = _FEATURES.shard_size
-    dtype: Literal["float16", "float32"] = _FEATURES.dtype  # type: ignore[assignment]
-    device: Text = _FEATURES.device
-
-
-class EvaluateParams(_Section):
-    batch_size: BatchSize = _EVALUATE.batch_size
-    max_clips: ClipCount = _EVALUATE.max_clips
-    seed: Seed = _EVALUATE.seed
-    num_workers: Workers = _EVALUATE.num_workers
-    asr: bool = _EVALUATE.asr
-    asr_max_clips: ClipCount = _EVALUATE.asr_max_clips
-    asr_batch_size: BatchSize = _EVALUATE.asr_batch_size
-    language: Text = _EVALUATE.language
-    bootstrap_samples: Annotated[int, Field(ge=100, le=10**7)] = _EVALUATE.bootstrap_samples
-    bootstrap_unit: Literal["speaker", "window"] = _EVALUATE.bootstrap_unit  # type: ignore
-    decoding: Literal["fallback", "greedy"] = _EVALUATE.decoding  # type: ignore
-    probes: bool = _EVALUATE.probes
-    probe_frames: Annotated[int, Field(ge=1, le=10**7)] = _EVALUATE.probe_frames
-    probe_clusters: Annotated[int, Field(ge=2, le=10**5)] = _EVALUATE.probe_clusters
-
-
-class FinetuneParams(_Section):
-    max_clips: ClipCount = _FINETUNE.max_clips
-    max_minutes: Annotated[float, Field(ge=0, le=10**8)] = _FINETUNE.max_minutes
-    batch_size: BatchSize = _FINETUNE.batch_size
-    accumulate_gradients: Accumulate = _FINETUNE.accumulate_gradients
-    learning_rate: LearningRate = _FINETUNE.learning_rate
-    lr_schedule: Schedule = _FINETUNE.lr_schedule  # type: ignore[assignment]
-    warmup_steps: Length = _FINETUNE.warmup_steps
-    max_steps: Steps = _FINETUNE.max_steps
-    min_lr_ratio: Ratio = _FINETUNE.min_lr_ratio
-    checkpoint_every: Steps = _FINETUNE.checkpoint_every
-    seeds: Annotated[list[Seed], Field(min_length=1, max_length=100)] = _FINETUNE.seeds
-
-
-class TopLevel(_Section):
-    """Every key of params.yaml: the training hyper-parameters and one field per section."""
-
-    model: Text = "tiny.en"
-    n_mels: Annotated[int, Field(ge=1, le=1024)] = _QUANTIZER.n_mels
-    nproc: Annotated[int, Field(ge=1, le=1024)] = 1
-    nnodes: Annotated[int, Field(ge=1, le=65536)] = 1
-    heldout_every: Annotated[int, Field(ge=0, le=STEPS_MAX)] = 5
-    num_codebooks: Annotated[int, Field(ge=1, le=64)] = _QUANTIZER.num_codebooks
-    codebook_size: Annotated[int, Field(ge=1, le=2**20)] = _QUANTIZER.codebook_size
-    code_dim: Annotated[int, Field(ge=1, le=4096)] = _QUANTIZER.code_dim
-    stack_frames: Annotated[int, Field(ge=1, le=64)] = _QUANTIZER.stack_frames
-    mask_prob: Annotated[float, Field(gt=0, le=1)] = _MASKING.mask_prob
-    mask_span_ms: Annotated[float, Field(gt=0, le=30_000)] = _MASKING.span_ms
-    mask_noise_std: Annotated[float, Field(ge=0, le=100)] = _MASKING.noise_std
-    mask_target_share: Annotated[float, Field(gt=0, le=1)] = _MASKING.target_share
-    quantizer_norm: Literal["utterance", "global"] = _QUANTIZER.norm  # type: ignore[assignment]
-    distill_weight: Annotated[float, Field(ge=0, le=10**6)] = 0.0
-    distill_layers: Annotated[list[Annotated[int, Field(ge=-1024, le=1023)]],
-                              Field(min_length=1, max_length=1024)] = [-1]
-    distill_padding: bool = False
-    bestrq_layer: Annotated[int, Field(ge=-1024, le=1023)] = -1
-    adapter: Literal[KINDS] = _ADAPTER.kind  # type: ignore[valid-type]
-    lora_rank: Annotated[int, Field(ge=1, le=4096)] = _ADAPTER.lora_rank
-    lora_alpha: Annotated[float, Field(gt=0, le=10**6)] = _ADAPTER.lora_alpha
-    lora_targets: Annotated[list[Literal[tuple(TARGETS)]],  # type: ignore[valid-type]
-                            Field(min_length=1, max_length=len(TARGETS))] = \
-        list(_ADAPTER.lora_targets)
-    batch_size: BatchSize = _TRAIN.batch_size
-    accumulate_gradients: Accumulate = _TRAIN.accumulate_gradients
-    learning_rate: LearningRate = _TRAIN.learning_rate
-    lr_schedule: Schedule = _TRAIN.lr_schedule  # type: ignore[assignment]
-    warmup_steps: Length = _TRAIN.warmup_steps
-    max_steps: Steps = _TRAIN.max_steps
-    min_lr_ratio: Ratio = _TRAIN.min_lr_ratio
-    heads_only_steps: Length = _TRAIN.heads_only_steps
-    weight_decay: Annotated[float, Field(ge=0, le=100)] = _TRAIN.weight_decay
-    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = _TRAIN.adam_beta1
-    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = _TRAIN.adam_beta2
-    adam_eps: Annotated[float, Field(gt=0, le=1)] = _TRAIN.adam_eps
-    grad_clip: Annotated[float, Field(ge=0, le=10**6)] = _TRAIN.grad_clip
-    precision: Literal["auto", "bf16", "fp32"] = _TRAIN.precision  # type: ignore[assignment]
-    checkpoint_every: Steps = _TRAIN.checkpoint_every
-    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = _TRAIN.keep_checkpoints
-    log_every: Steps = _TRAIN.log_every
-    num_workers: Workers = _TRAIN.num_workers
-    prefetch_factor: Annotated[int, Field(ge=1, le=1024)] = _TRAIN.prefetch_factor
-    seed: Seed = _TRAIN.seed
-    device: Text = _TRAIN.device
-    max_nonfinite: Annotated[int, Field(ge=1, le=10**6)] = _TRAIN.max_nonfinite
-    deterministic: bool = _TRAIN.deterministic
-    download: DownloadParams = Field(default_factory=DownloadParams)
-    segment: SegmentParams = Field(default_factory=SegmentParams)
-    features: FeaturesParams = Field(default_factory=FeaturesParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
-
-
-SECTION_MODELS: dict[str, type[_Section]] = {
-    "download": DownloadParams, "segment": SegmentParams, "features": FeaturesParams,
-    "evaluate": EvaluateParams, "finetune": FinetuneParams}
-
-
-def expected(model: type[BaseModel], name: str) -> str:
-    """What `model.name` must be, in words: "an integer in [1, 64]", "true or false", ..."""
-    info = model.model_fields[name]
-    kind = info.annotation
-    if get_origin(kind) is Literal:
-        return "one of " + ", ".join(str(v) for v in get_args(kind))
-    if get_origin(kind) is list:
-        item = get_args(kind)[0]
-        item = get_args(item)[0] if get_origin(item) is Annotated else item
-        if get_origin(item) is Literal:
-            return "a non-empty list of distinct names among " + ", ".join(get_args(item))
-        return "a non-empty list of distinct integers (see its help for the range)"
-    if kind is bool:
-        return "true or false"
-    if isinstance(kind, type) and issubclass(kind, BaseModel):
-        return f"a mapping of {name} parameters"
-    bounds: dict[str, Any] = {}
-    for item in info.metadata:  # annotated_types' Ge, Gt, Le, Lt, MinLen
-        for attr in ("ge", "gt", "le", "lt", "min_length"):
-            if getattr(item, attr, None) is not None:
-                bounds[attr] = getattr(item, attr)
-    if kind is str:
-        return "a non-empty string" if bounds.get("min_length") else "a string"
-    noun = "an integer" if kind is int else "a number"
-
-    def show(v: float) -> str:
-        return str(v) if isinstance(v, int) else f"{v:g}"
-
-    low = ("[", show(bounds["ge"])) if "ge" in bounds else \
-        ("(", show(bounds["gt"])) if "gt" in bounds else None
-    high = (show(bounds["le"]), "]") if "le" in bounds else \
-        (show(bounds["lt"]), ")") if "lt" in bounds else None
-    if low and high:
-        return f"{noun} in {low[0]}{low[1]}, {high[0]}{high[1]}"
-    if low:
-        return f"{noun} {'>=' if low[0] == '[' else '>'} {low[1]}"
-    if high:
-        return f"{noun} {'<=' if high[1] == ']' else '<'} {high[0]}"
-    return noun
+# Knobs that change how fast a run goes or what it logs, not what it computes: a checkpoint
+# made under other values is still resumed. Every other knob a run reads is part of its
+# checkpoints' identity (pretrain and finetune: `bestrq.run_identity`).
+SPEED_ONLY = _speed_only()
 
 
 def _hint(value: Any, want: str) -> str:
@@ -327,24 +111,17 @@ def _hint(value: Any, want: str) -> str:
 def _messages(err: ValidationError, origin: dict[str, str], source: str) -> list[str]:
     """One line per problem, each naming the dotted key and where its value came from."""
     lines = []
-    for item in err.errors():
-        # An item of a top-level list (lora_targets.1) is reported as the list's key.
-        loc = [str(part) for part in item["loc"]
-               if not (isinstance(part, int) and item["loc"][0] not in SECTION_MODELS)]
-        key = ".".join(loc)
+    for key, want, value in problems(err, {"": TopLevel, **SECTION_MODELS}):
         where = origin.get(key, source)
-        owner: type[BaseModel] = TopLevel
-        if len(loc) == 2:
-            owner = SECTION_MODELS[loc[0]]
-        if item["type"] == "extra_forbidden":
-            known = sorted(owner.model_fields)
-            close = difflib.get_close_matches(loc[-1], known, n=1)
-            guess = f" (did you mean {close[0]}?)" if close else ""
-            lines.append(f"{where}: unknown parameter {key}{guess}; known: {', '.join(known)}")
+        if want:
+            lines.append(f"{where}: {key}: must be {want}, got {quote(value)}"
+                         f"{_hint(value, want)}")
             continue
-        want = expected(owner, loc[-1])
-        value = item["input"]
-        lines.append(f"{where}: {key}: must be {want}, got {quote(value)}{_hint(value, want)}")
+        section, _, name = key.rpartition(".")  # an unknown key
+        known = sorted(SECTION_MODELS[section].model_fields if section else TopLevel.model_fields)
+        close = difflib.get_close_matches(name, known, n=1)
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{where}: unknown parameter {key}{guess}; known: {', '.join(known)}")
     return lines
 
 
@@ -359,7 +136,7 @@ def check_types(raw: Any, origin: dict[str, str] | None = None,
     # An empty section (`download:` alone) reads as null: it means "all defaults".
     raw = {k: ({} if k in SECTIONS and v is None else v) for k, v in raw.items()}
     try:
-        top = TopLevel.model_validate(raw).model_dump()
+        top = TopLevel.model_validate(raw).model_dump(mode="json")
     except ValidationError as err:
         raise ValueError("\n".join(_messages(err, origin or {}, source))) from None
     _check_paths(top, source)
@@ -371,18 +148,14 @@ def check_types(raw: Any, origin: dict[str, str] | None = None,
 
 @dataclass
 class Params:
-    model: str
-    n_mels: int
-    nproc: int
-    nnodes: int
-    heldout_every: int
-    distill_weight: float
-    distill_layers: list[int]
-    distill_padding: bool
-    bestrq_layer: int
-    adapter: AdapterConfig
+    """params.yaml as the library's configs: one per top-level config (`TOP`), one per
+    section (`SECTIONS`)."""
+
+    run: RunConfig
     quantizer: QuantizerConfig
     masking: MaskingConfig
+    loss: LossConfig
+    adapter: AdapterConfig
     train: TrainConfig
     download: sources.SourceConfig
     segment: segment.SegmentConfig
@@ -393,8 +166,15 @@ class Params:
 
 
 def hyperparameter_names() -> list[str]:
-    """Every top-level key of params.yaml, in a stable order."""
-    return [*MODEL_HELP, *(f.name for f in fields(TrainConfig) if f.name not in MODEL_HELP)]
+    """Every top-level key of params.yaml (the knobs of the `TOP` configs), in a stable order."""
+    return [name for name in TopLevel.model_fields if name not in SECTIONS]
+
+
+def _build(cls: type, values: dict[str, Any], **filled: Any) -> Any:
+    """Config `cls` from the checked values of its knobs (as its declarations hold them: a
+    tuple where params.yaml has a list) and `filled`, its other fields."""
+    knobs = model_of(cls).model_validate({name: values[name] for name in declared(cls)})
+    return cls(**knobs.model_dump(), **filled)
 
 
 def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
@@ -402,19 +182,12 @@ def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
     """Check the declared types and ranges of a params.yaml mapping and build the configs
     (ValueError naming every bad key); `validate` does the checks beyond one value."""
     top = check_types(raw, origin, source)
-    train_values = {f.name: top[f.name] for f in fields(TrainConfig)}
-    quantizer = QuantizerConfig(n_mels=top["n_mels"], seed=top["seed"],
-                                **{QUANTIZER_KEYS[k]: top[k] for k in QUANTIZER_KEYS})
-    masking = MaskingConfig(**{MASKING_KEYS[k]: top[k] for k in MASKING_KEYS})
-    sections = {name: cls(**top[name]) for name, cls in SECTIONS.items()}
-    return Params(model=top["model"], n_mels=top["n_mels"], nproc=top["nproc"],
-                  nnodes=top["nnodes"], heldout_every=top["heldout_every"],
-                  distill_weight=top["distill_weight"], distill_layers=top["distill_layers"],
-                  distill_padding=top["distill_padding"], bestrq_layer=top["bestrq_layer"],
-                  adapter=AdapterConfig(top["adapter"], top["lora_rank"], top["lora_alpha"],
-                                        tuple(top["lora_targets"])),
-                  quantizer=quantizer, masking=masking,
-                  train=TrainConfig(**train_values), raw=top, **sections)
+    # The quantizer's input and seed are the run's.
+    filled: dict[str, dict[str, Any]] = {
+        "quantizer": {"n_mels": top["n_mels"], "seed": top["seed"]}}
+    configs = {name: _build(cls, top, **filled.get(name, {})) for name, cls in TOP.items()}
+    sections = {name: _build(cls, top[name]) for name, cls in SECTIONS.items()}
+    return Params(**configs, **sections, raw=top)
 
 
 def validate(params: Params, stage: str | None = None) -> None:
@@ -426,19 +199,12 @@ def validate(params: Params, stage: str | None = None) -> None:
         segment.validate(params.segment)
     if stage in (None, "features"):
         features.validate(params.features)
-        if params.n_mels not in features.SUPPORTED_N_MELS:
+        if params.run.n_mels not in features.SUPPORTED_N_MELS:
             raise ValueError(f"n_mels must be one of {sorted(features.SUPPORTED_N_MELS)}, "
-                             f"got {params.n_mels}")
+                             f"got {params.run.n_mels}")
     if stage in (None, "pretrain", "evaluate", "finetune"):
-        validate_model_spec(params.model)
-        model_mels = expected_n_mels(params.model)
-        if model_mels is not None and model_mels != params.n_mels:
-            raise ValueError(f"n_mels: model {params.model!r} takes {model_mels} mel bins but "
-                             f"n_mels is {params.n_mels}; set n_mels: {model_mels}")
-        params.quantizer.validate()
-        params.masking.validate()
-        params.adapter.validate()
-        params.train.validate()
+        for name in TOP:
+            getattr(params, name).validate()
     if stage in (None, "evaluate", "finetune"):
         params.evaluate.validate()
     if stage in (None, "finetune"):

@@ -3,7 +3,11 @@ BF16 or AMX), fp32 elsewhere. Training and decoding ask the same question here."
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+Precision = Literal["auto", "bf16", "fp32"]
 
 
 def cpu_has_bf16() -> bool:

@@ -27,11 +27,6 @@ class ProbeConfig:
     iterations: int = 30  # Lloyd iterations
     seed: int = 0
 
-    def validate(self) -> None:
-        for name in ("max_frames", "clusters", "iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"evaluate.probe_{name} must be >= 1, got {getattr(self, name)}")
-
 
 def effective_rank(x: Tensor, eps: float = 1e-7) -> float:
     """RankMe of embeddings (frames, dim): exp(-sum p_k log p_k), p_k = s_k / sum(s) + eps, over

@@ -5,8 +5,8 @@ Log-mel frames are normalised per mel bin, stacked to the encoder's frame rate, 
 frozen random matrix and labelled with the index of the nearest frozen random code (cosine
 similarity). Nothing here is trained: the quantizer only makes targets.
 
-Normalisation (`norm`): "global" uses the train split's per-bin statistics, as the paper does;
-"utterance" each clip's own per-bin statistics over its real frames, as NeMo NEST
+Normalisation (`quantizer_norm`): "global" uses the train split's per-bin statistics, as the
+paper does; "utterance" each clip's own per-bin statistics over its real frames, as NeMo NEST
 (`per_feature`) and SpeechBrain (`sentence`) do. Whisper's log-mel turns a gain into a shift of
 every bin, so global statistics keep the recording level in the targets and per-utterance ones
 remove it (README: "Label agreement under gain").
@@ -16,40 +16,51 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from bestrq.knobs import check, knob
+
+# Statistics of the quantizer's input: each clip's own, or the train split's.
+Norm = Literal["utterance", "global"]
+NORMS: tuple[str, ...] = get_args(Norm)
+# Names in an adapter file's description (format 1), kept as first written (`masking.FILE_NAMES`).
+FILE_NAMES = {"quantizer_norm": "norm"}
+
 
 @dataclass
 class QuantizerConfig:
+    # n_mels and seed are the run's (top-level n_mels and seed), not knobs of their own.
     n_mels: int = 80
-    num_codebooks: int = 1  # N >= 1; N = 1 is the original BEST-RQ, N > 1 USM's multi-softmax
-    codebook_size: int = 8192
-    code_dim: int = 16
-    stack_frames: int = 2  # 10 ms frames per target; 2 matches Whisper's 20 ms encoder frames
+    num_codebooks: Annotated[int, knob(
+        "codebooks N (1: BEST-RQ; >1: USM multi-softmax)", ge=1, le=64)] = 1
+    codebook_size: Annotated[int, knob("codes per codebook (paper: 8192)", ge=1, le=2**20)] = 8192
+    code_dim: Annotated[int, knob(
+        "dimension of the random projection and codes (paper: 16)", ge=1, le=4096)] = 16
+    stack_frames: Annotated[int, knob(
+        "10 ms log-mel frames stacked per target (2 = Whisper's 20 ms encoder rate)",
+        ge=1, le=64)] = 2
     seed: int = 0
-    norm: str = "utterance"  # statistics of the quantizer's input: "global" | "utterance"
+    quantizer_norm: Annotated[Norm, knob(
+        "statistics of the quantizer's input: utterance (each clip's own: targets do not follow "
+        "the recording level) | global (the train split's)")] = "utterance"
 
     def validate(self) -> None:
-        for name in ("n_mels", "num_codebooks", "codebook_size", "code_dim", "stack_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.norm not in NORMS:
-            raise ValueError(f"quantizer_norm must be one of {', '.join(NORMS)}, "
-                             f"got {self.norm!r}")
+        check(self)
+        if self.n_mels < 1:
+            raise ValueError(f"n_mels must be >= 1, got {self.n_mels}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What an adapter file records (`FILE_NAMES`)."""
+        return {FILE_NAMES.get(k, k): v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QuantizerConfig:
         """A config saved in an adapter; files written before `norm` existed used "global"."""
-        return cls(**{"norm": "global", **values})
-
-
-NORMS = ("global", "utterance")
+        names = {v: k for k, v in FILE_NAMES.items()}
+        return cls(**{names.get(k, k): v for k, v in {"norm": "global", **values}.items()})
 
 
 def utterance_normalize(mel: Tensor, num_valid: Tensor, eps: float = 1e-5) -> Tensor:
@@ -111,7 +122,7 @@ class RandomProjectionQuantizer(nn.Module):
     def label_input(self, mel: Tensor, num_valid: Tensor) -> Tensor:
         """What the quantizer labels: Whisper log-mel (batch, n_mels, frames) normalised by
         `norm`'s statistics (num_valid (batch,): real frames per clip), same shape."""
-        if self.config.norm == "utterance":
+        if self.config.quantizer_norm == "utterance":
             return utterance_normalize(mel.float(), num_valid)
         return self.normalize(mel.float())
 

@@ -77,6 +77,6 @@ def finetune_key(p: Params, features_dir: Path, start: str, seed: int,
     """The identity of one fine-tune run: its values, the world size (nproc, nnodes: the global
     batch is batch_size * accumulate_gradients * processes), the features and, for the adapted
     start, the bytes of the adapter it starts from."""
-    return checkpoint_key({**finetune_values(p, start, seed), "nproc": p.nproc,
-                           "nnodes": p.nnodes},
+    return checkpoint_key({**finetune_values(p, start, seed), "nproc": p.run.nproc,
+                           "nnodes": p.run.nnodes},
                           features_dir, p.finetune.lr_schedule, "finetune.max_steps", start_from)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
-SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+Schedule = Literal["inverse_sqrt", "cosine", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def updates(value: float, max_steps: int, name: str) -> int:

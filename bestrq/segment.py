@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, groupby
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
 from bestrq.audio import AudioDecodeError, split_stream, stream_audio, write_audio
 from bestrq.jsonl import read_jsonl, write_jsonl
+from bestrq.knobs import Ratio, Seed, Workers, check, knob
 
 __all__ = ["SPLITS", "SegmentConfig", "Unit", "check_splittable", "hide_transcripts", "pack_units",
            "segment_corpus", "split_corpus", "validate"]
@@ -43,46 +45,34 @@ SPLITS: tuple[str, ...] = ("train", "dev", "test")
 class SegmentConfig:
     """Parameters of the "segment" stage."""
 
-    max_seconds: float = 30.0  # Whisper's window
-    min_seconds: float = 0.5  # drop shorter pieces
-    pack: bool = True  # pack short utterances of one group into windows <= max_seconds
-    dev_fraction: float = 0.1  # share of the windows, drawn by speaker/recording group
-    test_fraction: float = 0.2
-    transcribed_share: float = 1.0  # of the transcribed train windows, those that keep their text
-    seed: int = 0
-    num_workers: int = 1  # decoding processes; 0: one per CPU core
+    max_seconds: Annotated[float, knob(
+        "longest window, in seconds (at most Whisper's 30)", gt=0,
+        le=WHISPER_WINDOW_SECONDS)] = 30.0
+    min_seconds: Annotated[float, knob(
+        "shorter pieces are dropped", ge=0, lt=WHISPER_WINDOW_SECONDS)] = 0.5
+    pack: Annotated[bool, knob(
+        "pack short utterances of one group into windows <= max_seconds")] = True
+    dev_fraction: Annotated[float, knob(
+        "share of the windows in dev, drawn by speaker or recording", gt=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, knob("share of the windows in test, as dev's",
+                                         gt=0, lt=1)] = 0.2
+    transcribed_share: Annotated[Ratio, knob(
+        "of the transcribed train windows, the share that keeps its text (a seeded draw)")] = 1.0
+    seed: Annotated[Seed, knob("the split and the transcribed draw")] = 0
+    num_workers: Annotated[Workers, knob(
+        "decoding processes; 0: one per CPU core (the output is the same)",
+        speed_only=True)] = 1
 
 
 def validate(cfg: SegmentConfig) -> None:
     """Check every parameter before any work; ValueError names the bad one."""
-    if not 0 < cfg.max_seconds <= WHISPER_WINDOW_SECONDS:
-        raise ValueError(
-            f"segment.max_seconds: must be in (0, {WHISPER_WINDOW_SECONDS:g}] (Whisper's window), "
-            f"got {cfg.max_seconds}"
-        )
-    if not 0 <= cfg.min_seconds < cfg.max_seconds:
-        raise ValueError(
-            f"segment.min_seconds: must be >= 0 and < max_seconds ({cfg.max_seconds}), "
-            f"got {cfg.min_seconds}"
-        )
-    for name in ("dev_fraction", "test_fraction"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-            raise ValueError(f"segment.{name}: must be in (0, 1), got {value!r}")
+    check(cfg, "segment.")
+    if cfg.min_seconds >= cfg.max_seconds:
+        raise ValueError(f"segment.min_seconds: must be < max_seconds ({cfg.max_seconds}), "
+                         f"got {cfg.min_seconds}")
     if cfg.dev_fraction + cfg.test_fraction >= 1:
         raise ValueError(f"segment.dev_fraction + segment.test_fraction: must be < 1 (train needs "
                          f"the rest), got {cfg.dev_fraction} + {cfg.test_fraction}")
-    share = cfg.transcribed_share
-    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
-        raise ValueError(f"segment.transcribed_share: must be in [0, 1], got {share!r}")
-    if not isinstance(cfg.pack, bool):
-        raise ValueError(f"segment.pack: must be true or false, got {cfg.pack!r}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ValueError(f"segment.seed: must be an integer, got {cfg.seed!r}")
-    if not isinstance(cfg.num_workers, int) or isinstance(cfg.num_workers, bool) \
-            or cfg.num_workers < 0:
-        raise ValueError(f"segment.num_workers: must be an integer >= 0 (0: one per CPU core), "
-                         f"got {cfg.num_workers!r}")
 
 
 @dataclass

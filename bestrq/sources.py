@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
+from pydantic import Field
 from tqdm import tqdm
 
 from bestrq.archive import ArchiveError, extract_archive
@@ -34,6 +35,7 @@ from bestrq.folder_source import (
     index_folder,
 )
 from bestrq.jsonl import write_jsonl
+from bestrq.knobs import Seed, Text, check, knob
 from bestrq.url_source import (
     DOWNLOAD_DIR,
     DOWNLOAD_RECORD,
@@ -107,18 +109,27 @@ LIBRISPEECH_SUBSETS: dict[str, tuple[str, str]] = {
 class SourceConfig:
     """Which audio to acquire (the "download" stage's parameters)."""
 
-    source: str = "synthetic"  # "synthetic" | folder or glob | URL | "librispeech:<subset>"
-    num_utterances: int = 240  # synthetic: how many sentences
-    num_speakers: int = 8  # synthetic: voice/rate/pitch combinations
-    seed: int = 0
-    checksum: str = ""  # "sha256:<hex>" or "md5:<hex>" for URL sources; presets carry their own
-    # The path dvc.yaml makes a dependency of the download stage: for a folder or glob source
-    # the folder holding its audio (so that edited audio re-runs the pipeline); for the other
-    # sources the stage's own code, already a dependency.
-    watch: str = "stages/download.py"
-    max_extract_gb: float = 200.0  # an archive that extracts to more is refused
-    max_ratio: float = 100.0  # ... and one that expands more than this many times its size
-    max_download_gb: float | None = None  # a download passing this stops; None: max_extract_gb
+    source: Annotated[Text, knob(
+        "synthetic | a folder | a glob ('audio/**/*.flac') | a URL | librispeech:<subset>")] = \
+        "synthetic"
+    num_utterances: Annotated[int, knob(
+        "synthetic: how many sentences", ge=1, le=10**7)] = 240
+    num_speakers: Annotated[int, knob(
+        "synthetic: voice/rate/pitch combinations", ge=1, le=10**4)] = 8
+    seed: Annotated[Seed, knob("synthetic: the sentences, voices and their order")] = 0
+    checksum: Annotated[str, knob(
+        "sha256:<hex> or md5:<hex> of a URL source's download (presets carry their own)")] = ""
+    # For a folder or glob source the folder holding its audio (so that edited audio re-runs the
+    # pipeline); for the other sources the stage's own code, already a dependency.
+    watch: Annotated[Text, knob(
+        "the path dvc.yaml makes a dependency of the download stage")] = "stages/download.py"
+    max_extract_gb: Annotated[float, knob(
+        "an archive that extracts to more is refused", gt=0, le=10**6)] = 200.0
+    max_ratio: Annotated[float, knob(
+        "... and one that expands more than this many times its size (a zip bomb)",
+        ge=1, le=10**6)] = 100.0
+    max_download_gb: Annotated[Annotated[float, Field(gt=0, le=10**6)] | None, knob(
+        "a download (URL, file://) passing this is stopped; null: max_extract_gb")] = None
 
 
 def source_kind(source: str) -> str:
@@ -134,33 +145,13 @@ def source_kind(source: str) -> str:
     return "folder"
 
 
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-
-
 def validate(cfg: SourceConfig) -> None:
     """Check every parameter before any work; ValueError names the bad one."""
-    if not isinstance(cfg.source, str) or not cfg.source.strip():
-        raise ValueError("download.source: must be a non-empty string")
+    check(cfg, "download.")
     if cfg.checksum:
         parse_checksum(cfg.checksum)
-    if not isinstance(cfg.watch, str) or not cfg.watch.strip():
-        raise ValueError(f"download.watch: must be a non-empty path, got {cfg.watch!r}")
-    if not _positive_number(cfg.max_extract_gb):
-        raise ValueError(f"download.max_extract_gb: must be a number > 0, got "
-                         f"{cfg.max_extract_gb!r}")
-    if cfg.max_download_gb is not None and not _positive_number(cfg.max_download_gb):
-        raise ValueError(f"download.max_download_gb: must be a number > 0 or null (the same as "
-                         f"max_extract_gb), got {cfg.max_download_gb!r}")
-    if not _positive_number(cfg.max_ratio) or cfg.max_ratio < 1:
-        raise ValueError(f"download.max_ratio: must be a number >= 1, got {cfg.max_ratio!r}")
     kind = source_kind(cfg.source)
-    if kind == "synthetic":
-        if cfg.num_utterances < 1:
-            raise ValueError(f"download.num_utterances: must be >= 1, got {cfg.num_utterances}")
-        if cfg.num_speakers < 1:
-            raise ValueError(f"download.num_speakers: must be >= 1, got {cfg.num_speakers}")
-    elif kind == "librispeech":
+    if kind == "librispeech":
         subset = cfg.source.split(":", 1)[1]
         if subset not in LIBRISPEECH_SUBSETS:
             raise ValueError(
@@ -172,7 +163,7 @@ def validate(cfg: SourceConfig) -> None:
     elif kind == "glob":
         if not any(is_audio_file(p) for p in glob_files(cfg.source, [])):
             raise ValueError(f"download.source: glob {cfg.source} matches no audio files")
-    else:
+    elif kind == "folder":
         path = Path(cfg.source).expanduser()
         if not path.exists():
             raise ValueError(f"download.source: folder {path} does not exist")

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -38,9 +38,22 @@ from tqdm import tqdm
 from bestrq.batching import DataPosition, GlobalBatchSampler
 from bestrq.checkpoint import load_latest, save_checkpoint
 from bestrq.distributed import current, resolve_device
+from bestrq.knobs import (
+    Accumulate,
+    BatchSize,
+    LearningRate,
+    Length,
+    Ratio,
+    Seed,
+    Steps,
+    Text,
+    Workers,
+    check,
+    knob,
+)
 from bestrq.objective import Objective, ParamGroup
-from bestrq.precision import describe_precision, wants_bf16
-from bestrq.schedule import SCHEDULES, frozen_for, lr_lambda, updates
+from bestrq.precision import Precision, describe_precision, wants_bf16
+from bestrq.schedule import Schedule, frozen_for, lr_lambda, updates
 from bestrq.throughput import mfu
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -48,63 +61,56 @@ LogFn = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 4  # clips per micro-batch per process
-    accumulate_gradients: int = 1  # micro-batches per optimiser update
-    learning_rate: float = 3e-3  # IA^3 paper's rate
-    lr_schedule: str = "inverse_sqrt"
-    # Lengths below 1 are shares of max_steps (`schedule.updates`), >= 1 whole updates.
-    warmup_steps: float = 0.25
-    max_steps: int = 50  # optimiser updates
-    min_lr_ratio: float = 0.0
+    batch_size: Annotated[BatchSize, knob("clips per micro-batch per process")] = 4
+    accumulate_gradients: Annotated[Accumulate, knob("micro-batches per optimiser update")] = 1
+    learning_rate: Annotated[LearningRate, knob("peak learning rate of AdamW")] = 3e-3
+    lr_schedule: Annotated[Schedule, knob(
+        "inverse_sqrt (BEST-RQ's Transformer schedule) | cosine | constant")] = "inverse_sqrt"
+    warmup_steps: Annotated[Length, knob(
+        "linear warm-up: a share of max_steps (below 1) or updates (>= 1)")] = 0.25
+    max_steps: Annotated[Steps, knob("optimiser updates in the run")] = 50
+    min_lr_ratio: Annotated[Ratio, knob(
+        "floor of the schedule, as a fraction of learning_rate")] = 0.0
     # The objective's leading group (BEST-RQ's heads) trains alone first; the other groups'
     # schedules (warm-up included) start when this phase ends.
-    heads_only_steps: float = 0.1
+    heads_only_steps: Annotated[Length, knob(
+        "first updates that train the heads alone, as a share of max_steps (below 1) or "
+        "updates (>= 1); the IA^3 schedule starts after them")] = 0.1
     # Applied to the groups the objective marks as decaying (BEST-RQ's heads).
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    precision: str = "auto"  # auto: bf16 autocast on CUDA and bf16-capable CPUs | bf16 | fp32
-    checkpoint_every: int = 25  # optimiser updates between checkpoints
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    seed: int = 0
-    device: str = "auto"
-    max_nonfinite: int = 5  # this many non-finite updates in a row stop the run
-    # CUDA: deterministic kernels where torch has them (bitwise-repeatable GPU runs, slower);
+    weight_decay: Annotated[float, knob(
+        "AdamW decay of the heads (never of the IA^3 vectors)", ge=0, le=100)] = 0.0
+    adam_beta1: Annotated[float, knob("AdamW beta1", ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, knob("AdamW beta2", ge=0, lt=1)] = 0.98
+    adam_eps: Annotated[float, knob("AdamW epsilon", gt=0, le=1)] = 1e-8
+    grad_clip: Annotated[float, knob(
+        "max global gradient norm; 0 disables clipping", ge=0, le=10**6)] = 1.0
+    precision: Annotated[Precision, knob(
+        "auto (bf16 autocast on CUDA and on CPUs with AVX-512 BF16 or AMX, fp32 elsewhere) | "
+        "bf16 | fp32")] = "auto"
+    checkpoint_every: Annotated[Steps, knob(
+        "optimiser updates between checkpoints", speed_only=True)] = 25
+    keep_checkpoints: Annotated[int, knob(
+        "checkpoints kept on disk", speed_only=True, ge=1, le=1000)] = 2
+    log_every: Annotated[Steps, knob(
+        "optimiser updates between logged steps", speed_only=True)] = 1
+    num_workers: Annotated[Workers, knob("data-loader worker processes", speed_only=True)] = 2
+    prefetch_factor: Annotated[int, knob(
+        "batches each worker prepares ahead", speed_only=True, ge=1, le=1024)] = 2
+    seed: Annotated[Seed, knob("seed of the quantizer, data order and masks")] = 0
+    device: Annotated[Text, knob("auto | cpu | cuda | cuda:N", speed_only=True)] = "auto"
+    max_nonfinite: Annotated[int, knob(
+        "non-finite updates in a row that stop the run", ge=1, le=10**6)] = 5
     # CPU runs are deterministic without it.
-    deterministic: bool = False
+    deterministic: Annotated[bool, knob(
+        "CUDA: deterministic kernels, bitwise-repeatable GPU runs (slower)")] = False
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid parameter."""
-        positive = ("batch_size", "accumulate_gradients", "max_steps", "checkpoint_every",
-                    "keep_checkpoints", "log_every", "prefetch_factor", "max_nonfinite")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "heads_only_steps", "num_workers", "weight_decay",
-                     "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
-                             f"got {self.lr_schedule!r}")
+        """Raise ValueError naming the invalid parameters."""
+        check(self)
         lr_lambda(self.lr_schedule, self.warmup, self.max_steps, self.min_lr_ratio)
         if self.heads_only >= self.max_steps:
             raise ValueError(f"heads_only_steps ({self.heads_only} updates) must leave updates "
                              f"for the IA^3 vectors within max_steps ({self.max_steps})")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.adam_eps > 0:
-            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.device != "auto":
             try:
                 torch.device(self.device)

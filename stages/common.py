@@ -138,6 +138,30 @@ def step_logger(live: Live, prefix: str = "train") -> Callable[[int, dict[str, f
     return log
 
 
+class LiveLog:
+    """A recipe's log (`bestrq.recipes`' PretrainLog, FinetuneLog) on DVCLive: lines on stdout,
+    step curves under dvclive/<name>/."""
+
+    def __init__(self, name: str, resume: bool) -> None:
+        self.name = name
+        self.live = open_live(name, resume=resume)
+
+    def say(self, message: str) -> None:
+        typer.echo(message)
+
+    def resume(self, curve: str, step: int) -> None:
+        """Run `curve` goes on from `step`: the rows it logged after it are dropped."""
+        truncate_history(LIVE / self.name, step, under=curve)
+
+    def steps(self, curve: str = "train") -> Callable[[int, dict[str, float]], None]:
+        return step_logger(self.live, curve)
+
+    def at(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
+        self.live.step = step
+        for key, value in metrics.items():
+            self.live.log_metric(f"{prefix}/{key}", value)
+
+
 def hold_checkpoints(claims: ExitStack, checkpoint_dir: Path, key: RunSignature) -> int:
     """Lock `checkpoint_dir` for this run until `claims` closes
     (bestrq.checkpoint.claim_checkpoints: a second writer, a folder that is not ours and
@@ -155,14 +179,14 @@ def relaunch_under_torchrun(p: Params, module: str) -> None:
     if "LOCAL_RANK" in os.environ:
         return
     try:
-        nodes = nodes_from_env(p.nnodes)
+        nodes = nodes_from_env(p.run.nnodes)
     except ValueError as err:
         if traceback_wanted():
             raise
         print_error(err, module)
         raise typer.Exit(code=2) from err
-    if p.nproc > 1 or nodes.nnodes > 1:
-        raise typer.Exit(code=launch_torchrun(p.nproc, module, sys.argv[1:], nodes))
+    if p.run.nproc > 1 or nodes.nnodes > 1:
+        raise typer.Exit(code=launch_torchrun(p.run.nproc, module, sys.argv[1:], nodes))
 
 
 def truncate_history(live_dir: Path, last_step: int, under: str = "") -> None:

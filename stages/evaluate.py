@@ -41,8 +41,8 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
     metrics: dict[str, float] = {}
     with friendly_errors():
         tensors, info = read_adapter(ADAPTER)
-        base = load_whisper(p.model)
-        check_base(base, info, ADAPTER, p.model)
+        base = load_whisper(p.run.model)
+        check_base(base, info, ADAPTER, p.run.model)
         model = build_model(base, info, tensors)
         del base
         train = FeatureDataset(FEATURES / "train")  # the label prior's frequencies
@@ -60,7 +60,7 @@ def evaluate(params: str = typer.Option("params.yaml", help="parameters file")) 
         for split, dataset in datasets.items():
             if p.evaluate.asr:
                 rows: list[dict] = []
-                found[split].update(compare_asr(p.model, tensors, dataset, asr, device, rows,
+                found[split].update(compare_asr(p.run.model, tensors, dataset, asr, device, rows,
                                                 adapter_config(info)))
                 windows += [{"split": split, **row} for row in rows]
             found[split]["clips"] = float(min(len(dataset), p.evaluate.max_clips or len(dataset)))

@@ -22,7 +22,7 @@ def features(params: str = typer.Option("params.yaml", help="parameters file")) 
     """Write data/features/{train,eval}/ shards and data/features/stats.json."""
     p = params_or_exit("features", params)
     with friendly_errors():
-        stats = compute_features(SEGMENTS, FEATURES, p.n_mels, p.features)
+        stats = compute_features(SEGMENTS, FEATURES, p.run.n_mels, p.features)
     finish_stage("features", stats)
 
 

@@ -5,12 +5,10 @@ their difference."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import typer
-from dvclive import Live
 
 from bestrq.dataset import FeatureDataset
 from bestrq.distributed import distributed_session, is_main
@@ -23,6 +21,7 @@ from stages.common import (
     FINETUNE_CHECKPOINTS,
     FINETUNED,
     LIVE,
+    LiveLog,
     friendly_errors,
     hold_checkpoints,
     log_summary,
@@ -30,28 +29,10 @@ from stages.common import (
     params_or_exit,
     relaunch_under_torchrun,
     run_app,
-    step_logger,
-    truncate_history,
     write_windows,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-class _DvcLiveLog:
-    """The recipe's log on DVCLive: lines on stdout, step curves under dvclive/finetune."""
-
-    def __init__(self, live: Live) -> None:
-        self.live = live
-
-    def say(self, message: str) -> None:
-        typer.echo(message)
-
-    def resume(self, curve: str, step: int) -> None:
-        truncate_history(LIVE / "finetune", step, under=curve)
-
-    def steps(self, curve: str) -> Callable[[int, dict[str, float]], None]:
-        return step_logger(self.live, curve)
 
 
 def skip(reason: str, metrics: dict[str, float], out_dir: Path) -> None:
@@ -77,11 +58,11 @@ def run_finetune(p: Params, features_dir: Path = FEATURES, adapter_dir: Path = A
                      "some (LibriSpeech-style *.trans.txt, transcripts.tsv or manifest.jsonl "
                      "beside the audio; segment.transcribed_share above 0)", found, out_dir)
             return
-        log: _DvcLiveLog | None = None
+        log: LiveLog | None = None
 
-        def open_log(resume: bool) -> _DvcLiveLog:
+        def open_log(resume: bool) -> LiveLog:
             nonlocal log
-            log = _DvcLiveLog(open_live("finetune", resume=resume))
+            log = LiveLog("finetune", resume=resume)
             return log
 
         figures = finetune_runs(p, dist, train_split, draws, adapter_dir / ADAPTER_ONLY_NAME,

@@ -3,12 +3,10 @@ encoder."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import typer
-from dvclive import Live
 
 from bestrq.distributed import distributed_session
 from bestrq.params import Params
@@ -18,49 +16,28 @@ from stages.common import (
     ADAPTER_ONLY_NAME,
     CHECKPOINTS,
     FEATURES,
-    LIVE,
+    LiveLog,
     friendly_errors,
     hold_checkpoints,
     log_summary,
-    open_live,
     params_or_exit,
     relaunch_under_torchrun,
     run_app,
-    step_logger,
-    truncate_history,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-class _DvcLiveLog:
-    """The recipe's log on DVCLive: lines on stdout, curves under dvclive/<name>."""
-
-    def __init__(self, live: Live) -> None:
-        self.live = live
-
-    def say(self, message: str) -> None:
-        typer.echo(message)
-
-    def steps(self) -> Callable[[int, dict[str, float]], None]:
-        return step_logger(self.live)
-
-    def at(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
-        self.live.step = step
-        for key, value in metrics.items():
-            self.live.log_metric(f"{prefix}/{key}", value)
-
-
 def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = ADAPTER,
                  checkpoint_dir: Path = CHECKPOINTS, live_name: str = "pretrain") -> None:
     """Train and write the adapter; rank 0 alone logs and writes."""
-    log: _DvcLiveLog | None = None
+    log: LiveLog | None = None
 
-    def open_log(start: int) -> _DvcLiveLog:
+    def open_log(start: int) -> LiveLog:
         nonlocal log
-        log = _DvcLiveLog(open_live(live_name, resume=start > 0))
+        log = LiveLog(live_name, resume=start > 0)
         if start:
-            truncate_history(LIVE / live_name, start)
+            log.resume("", start)
         return log
 
     with distributed_session() as dist, ExitStack() as claims:

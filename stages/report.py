@@ -54,7 +54,7 @@ def report(params: str = typer.Option("params.yaml", help="parameters file")) ->
     with friendly_errors():
         sources = read_sources()
         metrics = summary(sources)
-        record = run_record(p.model, ADAPTER.with_suffix(".json"), sources)
+        record = run_record(p.run.model, ADAPTER.with_suffix(".json"), sources)
     with open_live("report") as live:
         for key, value in metrics.items():
             live.log_metric(key, value, plot=False)

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_origin
 import typer
 import yaml
 
-from bestrq.params import MODEL_HELP, TRAIN_HELP, TopLevel, hyperparameter_names
+from bestrq.params import TopLevel, hyperparameter_names
 from stages.common import (
     FEATURES,
     friendly_errors,
@@ -47,8 +47,8 @@ def _yaml_value(text: str) -> Any:
 
 
 def _option(name: str, default: Any) -> inspect.Parameter:
-    help_text = MODEL_HELP.get(name) or TRAIN_HELP.get(name, name.replace("_", " "))
-    kind = TopLevel.model_fields[name].annotation
+    info = TopLevel.model_fields[name]
+    help_text, kind = info.description, info.annotation
     # The original CLI spells options with underscores; dashes work too.
     spellings = dict.fromkeys([name, name.replace("_", "-")])
     if kind is bool:
@@ -66,9 +66,11 @@ def _option(name: str, default: Any) -> inspect.Parameter:
 
 
 def build_command(params_file: Path = Path("params.yaml")) -> typer.Typer:
-    """A Typer app whose options are every top-level key of params.yaml, typed as declared
-    in bestrq.params (an integer option rejects 2.5, naming the option)."""
-    declared = {name: info.default for name, info in TopLevel.model_fields.items()}
+    """A Typer app whose options are every top-level key of params.yaml, typed and described
+    as declared beside the configs (`bestrq.knobs`; an integer option rejects 2.5, naming
+    the option)."""
+    declared = {name: info.get_default(call_default_factory=True)
+                for name, info in TopLevel.model_fields.items()}
     defaults = {**declared, **_defaults(params_file)}
     names = hyperparameter_names()
 
@@ -76,7 +78,8 @@ def build_command(params_file: Path = Path("params.yaml")) -> typer.Typer:
         out = Path(kwargs.pop("output_dir"))
         features_dir = Path(kwargs.pop("features_dir"))
         for name, value in kwargs.items():  # a list given as YAML: --distill_layers "[-2, -1]"
-            if get_origin(TopLevel.model_fields[name].annotation) is list and value is not None:
+            if get_origin(TopLevel.model_fields[name].annotation) in (list, tuple) \
+                    and value is not None:
                 kwargs[name] = _yaml_value(value)
         p = params_or_exit("pretrain", str(params_file), overrides=kwargs)
         relaunch_under_torchrun(p, "stages.train")

@@ -60,7 +60,8 @@ def small_model(codebook_size: int = 64, num_codebooks: int = 1) -> BestRQModel:
     whisper = random_whisper(SMALL_DIMS, seed=0)
     quantizer = RandomProjectionQuantizer(QuantizerConfig(num_codebooks=num_codebooks,
                                                           codebook_size=codebook_size))
-    return BestRQModel(whisper.encoder, quantizer, MaskingConfig(mask_prob=0.05, span_ms=100.0))
+    return BestRQModel(whisper.encoder, quantizer,
+                       MaskingConfig(mask_prob=0.05, mask_span_ms=100.0))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -183,7 +183,7 @@ def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
     p = load_params(REPO / "params.yaml")
 
     def key(start: str, nproc: int = 1, seed: int = 0):
-        return finetune_key(replace(p, nproc=nproc), features, start, seed,
+        return finetune_key(replace(p, run=replace(p.run, nproc=nproc)), features, start, seed,
                             b"vectors" if start == "adapted" else None)
 
     stock = key("stock")

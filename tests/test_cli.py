@@ -51,7 +51,7 @@ def test_train_takes_a_list_option_as_yaml(monkeypatch):
     result = runner.invoke(build_command(REPO / "params.yaml"),
                            ["--distill_layers", "[-2, -1]", "--bestrq_layer", "-3"])
     assert result.exit_code == 0, result.output
-    assert seen["p"].distill_layers == [-2, -1] and seen["p"].bestrq_layer == -3
+    assert seen["p"].loss.distill_layers == [-2, -1] and seen["p"].loss.bestrq_layer == -3
     result = runner.invoke(build_command(REPO / "params.yaml"), ["--distill_layers", "[a"])
     assert result.exit_code == 2 and "distill_layers: must be a non-empty list" in result.output
 

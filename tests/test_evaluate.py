@@ -87,7 +87,7 @@ def test_prior_from_the_eval_clips_scores_their_label_frequencies(tiny_whisper):
     # the frequency of the most common label among the masked targets, its loss the smoothed
     # cross-entropy of those targets' own label distribution.
     q = RandomProjectionQuantizer(QuantizerConfig(num_codebooks=2, codebook_size=8))
-    model = BestRQModel(tiny_whisper.encoder, q, MaskingConfig(mask_prob=1.0, span_ms=10))
+    model = BestRQModel(tiny_whisper.encoder, q, MaskingConfig(mask_prob=1.0, mask_span_ms=10))
     data = Clips(3)  # 3000, 2700 and 2400 valid frames
     cfg = EvaluateConfig(batch_size=2)
     labels = q(q.label_input(data.mel, data.frames))  # (3, N, 1500)
@@ -127,8 +127,8 @@ class Patterns(Dataset):
 def test_trained_heads_beat_the_label_prior_on_held_out_clips(tiny_whisper):
     # Global statistics: per-utterance ones would remove each clip's constant spectrum, the
     # only thing these clips hold besides noise.
-    q = RandomProjectionQuantizer(QuantizerConfig(codebook_size=16, norm="global"))
-    model = BestRQModel(tiny_whisper.encoder, q, MaskingConfig(mask_prob=0.01, span_ms=100))
+    q = RandomProjectionQuantizer(QuantizerConfig(codebook_size=16, quantizer_norm="global"))
+    model = BestRQModel(tiny_whisper.encoder, q, MaskingConfig(mask_prob=0.01, mask_span_ms=100))
     train, held_out = Patterns(8, seed=1), Patterns(4, seed=2)
     cfg, cpu = EvaluateConfig(batch_size=4, seed=3), torch.device("cpu")
     before = evaluate_adapter(model, held_out, train, cfg, cpu, progress=False)
@@ -162,6 +162,7 @@ def test_trained_heads_beat_the_label_prior_on_held_out_clips(tiny_whisper):
 
 
 def test_bootstrap_samples_are_validated():
-    with pytest.raises(ValueError, match="evaluate.bootstrap_samples must be >= 100"):
+    with pytest.raises(ValueError,
+                       match=r"evaluate.bootstrap_samples: must be an integer in \[100, "):
         EvaluateConfig(bootstrap_samples=10).validate()
     EvaluateConfig(bootstrap_samples=100).validate()

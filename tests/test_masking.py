@@ -15,7 +15,8 @@ from bestrq.masking import (
 
 def test_default_span_is_400ms_40_frames():
     cfg = MaskingConfig()
-    assert (cfg.mask_prob, cfg.span_ms, cfg.noise_std, cfg.span_frames) == (0.01, 400.0, 0.1, 40)
+    assert (cfg.mask_prob, cfg.mask_span_ms, cfg.mask_noise_std, cfg.span_frames) == \
+        (0.01, 400.0, 0.1, 40)
 
 
 def test_masked_fraction_matches_analytic_expectation():
@@ -72,7 +73,7 @@ def test_target_mask_share_of_stacked_frames():
     assert target_mask(four, 4, 0.1)[0].tolist() == [True, True]
     assert target_valid(torch.tensor([5]), 4, 2)[0].tolist() == [True, True, False, False]
     with pytest.raises(ValueError, match="mask_target_share"):
-        MaskingConfig(target_share=0.0).validate()
+        MaskingConfig(mask_target_share=0.0).validate()
 
 
 def test_exposure_by_hand():
@@ -94,7 +95,7 @@ def test_default_rule_leaves_no_predicted_target_an_own_frame():
     g = torch.Generator().manual_seed(4)
     nv = torch.randint(1000, 3001, (64,), generator=g)
     mask = span_mask(nv, 3000, 0.01, 40, g)
-    default = target_exposure(mask, nv, 2, MaskingConfig().target_share)
+    default = target_exposure(mask, nv, 2, MaskingConfig().mask_target_share)
     anyone = target_exposure(mask, nv, 2, 0.5)
     assert default["targets"] > 10_000 and default["own_frame"] == 0.0
     # any-frame rule: a span of 40 frames starts on an odd frame half the time, and each
@@ -122,9 +123,9 @@ def test_sample_mask_deterministic_per_seed():
 
 
 @pytest.mark.parametrize(("kw", "name"), [({"mask_prob": 0}, "mask_prob"),
-                                          ({"span_ms": 1}, "mask_span_ms"),
-                                          ({"noise_std": -1}, "mask_noise_std"),
-                                          ({"target_share": 1.5}, "mask_target_share")])
+                                          ({"mask_span_ms": 1}, "mask_span_ms"),
+                                          ({"mask_noise_std": -1}, "mask_noise_std"),
+                                          ({"mask_target_share": 1.5}, "mask_target_share")])
 def test_bad_config_names_the_parameter(kw, name):
     with pytest.raises(ValueError, match=name):
         MaskingConfig(**kw).validate()

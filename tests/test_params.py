@@ -20,7 +20,7 @@ def test_repo_params_are_complete_and_valid():
     p = from_dict(raw)
     assert p.quantizer.num_codebooks == 1 and p.quantizer.codebook_size == 8192
     assert p.quantizer.code_dim == 16 and p.masking.span_frames == 40
-    assert p.masking.mask_prob == 0.01 and p.masking.noise_std == 0.1
+    assert p.masking.mask_prob == 0.01 and p.masking.mask_noise_std == 0.1
     assert p.quantizer.seed == p.train.seed == raw["seed"]
 
 
@@ -77,10 +77,13 @@ def test_bad_parameter_fails_naming_it(change, message, random_checkpoint):
         validate(from_dict(raw))
 
 
-def test_every_hyperparameter_has_help():
-    from bestrq.params import MODEL_HELP, TRAIN_HELP
+def test_every_knob_has_its_help_beside_its_declaration():
+    from bestrq.params import SECTION_MODELS, TopLevel
 
-    assert set(hyperparameter_names()) <= set(MODEL_HELP) | set(TRAIN_HELP)
+    for model in (TopLevel, *SECTION_MODELS.values()):
+        for name, info in model.model_fields.items():
+            if name not in SECTION_MODELS:
+                assert info.description and len(info.description) > 10, (model, name)
 
 
 def test_n_mels_must_match_the_model_before_any_work():
@@ -105,12 +108,10 @@ def test_every_key_has_a_declared_type_and_the_configs_defaults():
     p = from_dict({})
     for name, cls in SECTIONS.items():
         assert getattr(p, name) == cls(), name
-    from bestrq.masking import MaskingConfig
-    from bestrq.quantizer import QuantizerConfig
-    from bestrq.train import TrainConfig
+    from bestrq.params import TOP
 
-    assert (p.train, p.quantizer, p.masking) == (TrainConfig(), QuantizerConfig(),
-                                                 MaskingConfig())
+    for name, cls in TOP.items():
+        assert getattr(p, name) == cls(), name
 
 
 def test_checked_values_are_normalised_and_complete():

@@ -120,7 +120,7 @@ def test_utterance_labels_do_not_follow_the_recording_level():
     z = mel[0][:, : nv[0]]
     stats = (z.mean(-1), z.std(-1))
     for norm, floor in (("utterance", 0.99), ("global", None)):
-        q = RandomProjectionQuantizer(QuantizerConfig(norm=norm, seed=3), *stats)
+        q = RandomProjectionQuantizer(QuantizerConfig(quantizer_norm=norm, seed=3), *stats)
         labels = q(q.label_input(mel, nv))[:, 0]  # (4, 1500)
         same = [(labels[i] == labels[0])[valid[i]].float().mean().item() for i in (1, 2, 3)]
         if floor is not None:
@@ -160,7 +160,7 @@ def test_labels_where_equal_the_full_labels_there():
 def test_config_from_an_older_adapter_keeps_global_statistics():
     saved = QuantizerConfig(codebook_size=16).to_dict()
     del saved["norm"]
-    assert QuantizerConfig.from_dict(saved).norm == "global"
-    assert QuantizerConfig().norm == "utterance"
+    assert QuantizerConfig.from_dict(saved).quantizer_norm == "global"
+    assert QuantizerConfig().quantizer_norm == "utterance"
     with pytest.raises(ValueError, match="quantizer_norm"):
-        QuantizerConfig(norm="batch").validate()
+        QuantizerConfig(quantizer_norm="batch").validate()

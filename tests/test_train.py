@@ -256,7 +256,7 @@ def test_gradient_clipping_bounds_the_gradient_the_optimiser_steps_with(tmp_path
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    for clip, folder in ((1e-3, "clipped"), (1e9, "free")):
+    for clip, folder in ((1e-3, "clipped"), (1e6, "free")):
         logged = []
         train(small_model(), RandomClips(8), fast_config(max_steps=2, grad_clip=clip),
               tmp_path / folder, lambda s, m, out=logged: out.append(m))

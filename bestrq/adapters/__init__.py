@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -41,29 +41,37 @@ from bestrq.adapters.lora import (
     target_pattern,
 )
 from bestrq.adapters.state import copy_matching
+from bestrq.knobs import check, knob
 
-KINDS = ("ia3", "lora")
+Kind = Literal["ia3", "lora"]
+KINDS: tuple[str, ...] = get_args(Kind)
+Target = Literal[tuple(TARGETS)]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     """Which adapter, and its shape (the lora_* fields matter only to LoRA)."""
 
-    kind: str = "ia3"
-    lora_rank: int = 32  # r (PEFT's Whisper recipe: 32)
-    lora_alpha: float = 64.0  # the update is scaled by alpha / r
-    lora_targets: tuple[str, ...] = field(default=("query", "value"))
+    adapter: Annotated[Kind, knob(
+        "what is trained, in pre-training (encoder) and the fine-tune (encoder and decoder): "
+        "ia3 (vectors on k, v, FFN) | lora (PEFT's LoRA on lora_targets)")] = "ia3"
+    lora_rank: Annotated[int, knob("LoRA's rank r (PEFT's Whisper recipe: 32)",
+                                   ge=1, le=4096)] = 32
+    lora_alpha: Annotated[float, knob("LoRA's alpha: the update is scaled by alpha / r",
+                                      gt=0, le=10**6)] = 64.0
+    # strict=False: params.yaml gives a list, the config holds a tuple.
+    lora_targets: Annotated[tuple[Target, ...], knob(
+        "Linears LoRA adapts, in every block (a list of query, key, value, out, fc1, fc2; "
+        "attention targets in self- and cross-attention)",
+        min_length=1, max_length=len(TARGETS), strict=False)] = ("query", "value")
+
+    @property
+    def kind(self) -> str:
+        return self.adapter
 
     def validate(self) -> None:
-        """ValueError naming the first bad field and what it must be."""
-        if self.kind not in KINDS:
-            raise ValueError(f"adapter: must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
-                or self.lora_rank < 1:
-            raise ValueError(f"lora_rank: must be an integer >= 1, got {self.lora_rank!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) \
-                or not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha: must be a number > 0, got {self.lora_alpha!r}")
+        """ValueError naming the bad fields and what they must be."""
+        check(self)
         if len(set(self.lora_targets)) != len(self.lora_targets):
             raise ValueError(f"lora_targets: names a target twice: {list(self.lora_targets)!r}")
         target_pattern(self.lora_targets)
@@ -77,8 +85,10 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> AdapterConfig:
-        """The inverse of `to_dict`; None (files made before LoRA) is IA^3."""
+        """The inverse of `to_dict` (a file names the knob `adapter` "kind"); None (files made
+        before LoRA) is IA^3."""
         values = dict(values or {"kind": "ia3"})
+        values["adapter"] = values.pop("kind")
         if "lora_targets" in values:
             values["lora_targets"] = tuple(values["lora_targets"])
         config = cls(**values)

@@ -95,8 +95,8 @@ def finetune_runs(p: Params, dist: DistInfo, train_split: FeatureDataset,
     gives the log once every run is claimed. Returns the runs' own figures (labelled set,
     train seconds and precision per run) on rank 0, None elsewhere."""
     vectors, tensors = start_adapter(start_file, p)
-    base = load_whisper(p.model)
-    identity = model_identity(p.model, base)
+    base = load_whisper(p.run.model)
+    identity = model_identity(p.run.model, base)
     tokenizer, max_tokens = tokenizer_for(base, p.evaluate.language), max_decoder_tokens(base)
     del base
     runs = [(seed, start) for seed in p.finetune.seeds for start in STARTS]
@@ -116,7 +116,7 @@ def finetune_runs(p: Params, dist: DistInfo, train_split: FeatureDataset,
         figures = figures or {"labelled_minutes": data.minutes,
                               "truncated_transcripts": float(data.truncated)}
         if log is not None:
-            log.say(f"finetune: {p.model} on {dist.device} x{dist.world_size}, seed {seed}: "
+            log.say(f"finetune: {p.run.model} on {dist.device} x{dist.world_size}, seed {seed}: "
                     f"{len(data)} labelled clips ({data.minutes:.1f} min, {data.truncated} cut "
                     f"to the decoder's context), {config.max_steps} updates from each start")
         for start in STARTS:
@@ -126,7 +126,7 @@ def finetune_runs(p: Params, dist: DistInfo, train_split: FeatureDataset,
                 if starts[run]:
                     log.say(f"finetune: {name}: resuming from the checkpoint of step "
                             f"{starts[run]}")
-            model = load_whisper(p.model)
+            model = load_whisper(p.run.model)
             if start == "adapted":
                 # The BEST-RQ encoder adapter; the decoder's computes the stock decoder.
                 load_vectors(model, tensors, p.adapter, seed)
@@ -164,7 +164,7 @@ def compare_finetuned(p: Params, features_dir: Path, out_dir: Path, file_name: s
     untranscribed = []
     for split in SPLITS:
         rows: list[dict] = []
-        found = compare_wers(p.model, systems, FeatureDataset(features_dir / split),
+        found = compare_wers(p.run.model, systems, FeatureDataset(features_dir / split),
                              p.evaluate.asr_config(p.train.precision),
                              resolve_device(p.train.device), baseline="stock", other="adapted",
                              windows=rows, repeats=[str(s) for s in seeds] if many else None)

@@ -10,7 +10,7 @@ go is the caller's (`PretrainLog`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -66,15 +66,16 @@ def pretrain(p: Params, dist: DistInfo, features_dir: Path, adapter_path: Path,
                                 "`dvc repro features` first")
     key = pretrain_key(p, features_dir)
     same_on_every_rank(key.fingerprint, "the parameters or training features")
-    base = load_whisper(p.model)
-    if base.dims.n_mels != p.n_mels:
-        raise ValueError(f"n_mels: model {p.model!r} takes {base.dims.n_mels} mel bins but "
-                         f"n_mels is {p.n_mels}; set n_mels: {base.dims.n_mels}, re-run features")
-    identity = model_identity(p.model, base)
+    base = load_whisper(p.run.model)
+    if base.dims.n_mels != p.run.n_mels:
+        raise ValueError(f"n_mels: model {p.run.model!r} takes {base.dims.n_mels} mel bins "
+                         f"but n_mels is {p.run.n_mels}; set n_mels: {base.dims.n_mels}, "
+                         "re-run features")
+    identity = model_identity(p.run.model, base)
     mean, std = load_stats(features_dir)
     quantizer = RandomProjectionQuantizer(p.quantizer, mean, std)
-    model = BestRQModel(base.encoder, quantizer, p.masking, p.distill_weight, p.bestrq_layer,
-                        p.distill_layers, p.distill_padding, p.adapter)
+    model = BestRQModel(base.encoder, quantizer, p.masking, **asdict(p.loss),
+                        adapter=p.adapter)
     del base  # the decoder is not needed for pre-training
     dataset = FeatureDataset(features_dir / "train")
 
@@ -84,7 +85,7 @@ def pretrain(p: Params, dist: DistInfo, features_dir: Path, adapter_path: Path,
         log = open_log(start)
         if start:
             log.say(f"pretrain: resuming from the checkpoint of step {start}")
-        log.say(f"pretrain: {p.model} on {dist.device} x{dist.world_size}, "
+        log.say(f"pretrain: {p.run.model} on {dist.device} x{dist.world_size}, "
                 f"{count_adapter_parameters(model.encoder)} {p.adapter.kind} parameters, "
                 f"{len(dataset)} training clips")
     barrier()  # rank 0 may have moved stale checkpoints aside
@@ -108,13 +109,13 @@ def _with_heldout(p: Params, log: PretrainLog, model: BestRQModel, train_split: 
     whether pre-training learns more than the label frequencies."""
     steps = log.steps()
     dev_dir = features_dir / "dev"
-    if not p.heldout_every or not (dev_dir / "index.json").is_file():
+    if not p.run.heldout_every or not (dev_dir / "index.json").is_file():
         return steps
     heldout = heldout_tracker(model, FeatureDataset(dev_dir), train_split, p.evaluate,
                               dist.device)
 
     def both(step: int, metrics: dict[str, float]) -> None:
-        if step % p.heldout_every == 0 or step == p.train.max_steps:
+        if step % p.run.heldout_every == 0 or step == p.train.max_steps:
             log.at(step, "dev", heldout())
         steps(step, metrics)
 
