@@ -12,6 +12,8 @@ The full step is the one the default run takes: with the distillation guard at
 input. With --compare-precision fp32,bf16 it times the full step and the bare adapted encoder
 for each precision in a fresh child process and prints them side by side, against the goals:
 bf16's full step >= 1.6x faster than fp32's, and the full step <= 1.35x the bare encoder.
+With --compare-distill clean,masked it does the same per `distill_input` (masked: the BEST-RQ
+pass distilled on its unmasked frames, no second adapted pass).
 
 With --compare-adapter ia3,lora it times the full step, the bare adapted encoder and peak
 memory for each adapter (LoRA at --lora-rank on --lora-targets, PEFT's Whisper recipe by
@@ -31,6 +33,8 @@ FLOP/s, and no more memory than the extra heads' weights, gradients and AdamW st
         --compare-precision fp32,bf16
     python bench/train_overhead.py --model tiny.en --batch-size 4 --steps 3 --warmup 1 \
         --device cpu --compare-adapter ia3,lora
+    python bench/train_overhead.py --model tiny.en --batch-size 4 --device cpu \
+        --compare-distill clean,masked
 """
 
 from __future__ import annotations
@@ -179,30 +183,50 @@ def compare_adapter(args: argparse.Namespace, kinds: list[str]) -> None:
               f"{(row['peak_bytes'] - base['peak_bytes']) / 1e9:12.2f}")
 
 
-def compare_precision(args: argparse.Namespace, precisions: list[str]) -> None:
-    """The full step (distillation included) and the bare adapted encoder, per precision, each
-    in a child process, side by side."""
+def full_and_bare(args: argparse.Namespace, flag: str, values: list[str],
+                  column: str) -> list[dict]:
+    """The full step and the bare adapted encoder for each value of `flag` (the others as
+    given), each in a child process, printed side by side; the rows."""
     source = ["--random"] if args.random else ["--model", args.model]
+    given = {"--precision": args.precision, "--distill-input": args.distill_input}
     common = [*source, "--batch-size", str(args.batch_size), "--codebook-size",
               str(args.codebook_size), "--num-codebooks", str(args.num_codebooks),
               "--mask-prob", str(args.mask_prob), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--device", args.device, "--distill-weight",
-              str(args.distill_weight), "--json", "--with-bare"]
-    rows = run_children(common, "--precision", precisions)
+              str(args.distill_weight), "--json", "--with-bare",
+              *(x for name, value in given.items() if name != flag for x in (name, value))]
+    rows = run_children(common, flag, values)
     base = rows[0]
     print(f"device {base['device']}, batch {args.batch_size}, codebooks {args.num_codebooks} x "
           f"{args.codebook_size}, distill_weight {args.distill_weight}, {args.steps} steps")
-    print("precision       |  full step s | bare encoder s | full / bare | full step vs first")
+    print(f"{column:15s} |  full step s | bare encoder s | full / bare | full step vs first")
     for row in rows:
-        print(f"{row['precision']:15s} | {row['step_s']:12.3f} | {row['bare_s']:14.3f} | "
+        print(f"{row[column]:15s} | {row['step_s']:12.3f} | {row['bare_s']:14.3f} | "
               f"{row['step_s'] / row['bare_s']:11.3f} | {base['step_s'] / row['step_s']:17.2f}x")
-    last = rows[-1]
+    return rows
+
+
+def compare_precision(args: argparse.Namespace, precisions: list[str]) -> None:
+    """The full step (distillation included) and the bare adapted encoder, per precision."""
+    rows = full_and_bare(args, "--precision", precisions, "precision")
+    base, last = rows[0], rows[-1]
     speedup = base["step_s"] / last["step_s"]
     overhead = last["step_s"] / last["bare_s"]
     verdict = {True: "met", False: "NOT met"}
     print(f"speed-up goal ({last['precision']} full step >= 1.6x {base['precision']}'s): "
           f"{speedup:.2f}x {verdict[speedup >= 1.6]}; overhead goal (full <= 1.35x bare, "
           f"distillation on): {overhead:.3f} {verdict[overhead <= 1.35]}")
+
+
+def compare_distill(args: argparse.Namespace, inputs: list[str]) -> None:
+    """The full step and the bare adapted encoder per `distill_input` (clean: a second adapted
+    pass; masked: the BEST-RQ pass distilled on its unmasked frames)."""
+    rows = full_and_bare(args, "--distill-input", inputs, "distill_input")
+    for row in rows:
+        overhead = row["step_s"] / row["bare_s"]
+        print(f"overhead goal (full <= 1.35x bare, distillation on) with distill_input "
+              f"{row['distill_input']}: {overhead:.3f} "
+              f"{'met' if overhead <= 1.35 else 'NOT met'}")
 
 
 def main() -> None:
@@ -232,6 +256,11 @@ def main() -> None:
     parser.add_argument("--with-bare", action="store_true",
                         help="with --json: time the bare encoder too (used by "
                              "--compare-precision)")
+    parser.add_argument("--distill-input", default="clean", choices=("clean", "masked"),
+                        help="params.yaml's distill_input")
+    parser.add_argument("--compare-distill", metavar="I,I",
+                        help="e.g. clean,masked: the full step and the bare encoder per "
+                             "distill_input, side by side")
     parser.add_argument("--adapter", default="ia3", choices=("ia3", "lora"))
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--lora-targets", default="query,value",
@@ -252,6 +281,9 @@ def main() -> None:
     if args.compare_adapter:
         compare_adapter(args, args.compare_adapter.split(","))
         return
+    if args.compare_distill:
+        compare_distill(args, args.compare_distill.split(","))
+        return
 
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
@@ -266,7 +298,7 @@ def main() -> None:
                             lora_alpha=2.0 * args.lora_rank,
                             lora_targets=tuple(args.lora_targets.split(",")))
     model = BestRQModel(whisper.encoder, quantizer, MaskingConfig(mask_prob=args.mask_prob),
-                        args.distill_weight, adapter=adapter)
+                        args.distill_weight, adapter=adapter, distill_input=args.distill_input)
     del whisper.decoder  # not used; frees its memory
     model.to(device)
     if args.features is not None:
@@ -306,7 +338,7 @@ def main() -> None:
         row = {"num_codebooks": args.num_codebooks, "step_s": full, "step_cpu_s": full_cpu,
                "flops": flops, "peak_bytes": peak_memory_bytes(device), "masked": masked[-1],
                "heads_bytes": heads_state_bytes(model), "device": str(device),
-               "adapter": args.adapter,
+               "adapter": args.adapter, "distill_input": args.distill_input,
                "adapter_parameters": count_adapter_parameters(model.encoder),
                "precision": str(dtype or torch.float32)}
         if args.with_bare:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from bestrq.seeding import HEADS_STREAM, generator
 
 ENCODER_STRIDE = 2  # Whisper's conv stem halves the 10 ms frame rate
 Layer = Annotated[int, Field(ge=-1024, le=1023)]  # a block; negative counts from the top
+DistillInput = Literal["clean", "masked"]
 
 
 @dataclass
@@ -51,6 +52,10 @@ class LossConfig:
         field(default_factory=lambda: [-1])
     distill_padding: Annotated[bool, knob(
         "the distillation counts padded frames too (Whisper's decoder attends to them)")] = False
+    distill_input: Annotated[DistillInput, knob(
+        "what the adapted encoder is distilled on: clean (a second adapted pass, on the clean "
+        "input, as BEARD) | masked (the BEST-RQ pass itself, its unmasked frames only: one "
+        "adapted pass fewer a step)")] = "clean"
     bestrq_layer: Annotated[Layer, knob(
         "encoder block whose output feeds the BEST-RQ heads (negative counts from the top; -1: "
         "the last; BEARD: a middle block, the upper ones distilled)")] = -1
@@ -232,15 +237,19 @@ class BestRQModel(nn.Module):
     def __init__(self, encoder: AudioEncoder, quantizer: RandomProjectionQuantizer,
                  masking: MaskingConfig, distill_weight: float = 0.0, bestrq_layer: int = -1,
                  distill_layers: Sequence[int] = (-1,), distill_padding: bool = False,
-                 adapter: AdapterConfig = IA3) -> None:
+                 adapter: AdapterConfig = IA3, distill_input: str = "clean") -> None:
         """bestrq_layer: the block whose output feeds the heads (BEARD puts them on a middle
         block; blocks above it then get no BEST-RQ gradient); distill_layers: the blocks whose
         outputs are distilled to the stock encoder's, `distill_weight` times their mean MSE;
         distill_padding: count the padded frames too (Whisper's decoder attends to them);
+        distill_input: "clean" distils a second adapted pass on the clean input, "masked" the
+        BEST-RQ pass's own block outputs on its unmasked frames (`distillation`);
         adapter: what is trained in the encoder (LoRA's A drawn from the quantizer's seed)."""
         super().__init__()
         masking.validate()
-        check(LossConfig(distill_weight, list(distill_layers), distill_padding, bestrq_layer))
+        check(LossConfig(distill_weight, list(distill_layers), distill_padding,
+                         distill_input, bestrq_layer))  # type: ignore[arg-type]
+        self.distill_input = distill_input
         self.distill_weight = float(distill_weight)
         blocks = len(encoder.blocks)
         self.bestrq_layer = resolve_layer(bestrq_layer, blocks, "bestrq_layer")
@@ -313,12 +322,17 @@ class BestRQModel(nn.Module):
     def layers(self) -> dict[str, object]:
         """What an adapter file records of where the losses read the encoder."""
         return {"bestrq_layer": self.bestrq_layer, "distill_layers": list(self.distill_layers),
-                "distill_padding": self.distill_padding}
+                "distill_padding": self.distill_padding, "distill_input": self.distill_input}
 
     def encode(self, x: Tensor) -> Tensor:
         """Encoder input (batch, n_mels, frames) -> (batch, targets, group * d_model), from
         block `bestrq_layer` (the blocks above it are not run)."""
-        h = encoder_states(self.encoder, x, [self.bestrq_layer])[self.bestrq_layer]
+        return self.heads_input(
+            encoder_states(self.encoder, x, [self.bestrq_layer])[self.bestrq_layer])
+
+    def heads_input(self, h: Tensor) -> Tensor:
+        """Block output (batch, frames / 2, d_model) -> the heads' input (batch, targets,
+        group * d_model)."""
         batch, frames, d = h.shape
         usable = frames // self.group * self.group
         return h[:, :usable].reshape(batch, usable // self.group, self.group * d)
@@ -328,12 +342,24 @@ class BestRQModel(nn.Module):
                 with_metrics: bool = True) -> BestRQOutput:
         """Loss (and, unless `with_metrics` is False, metrics that cost host syncs) of a batch:
         BEST-RQ's, plus `distill_weight` times the distillation term when it is on."""
+        on_masked = self.distill_weight > 0 and self.distill_input == "masked"
+        if on_masked and frame_mask is None:  # drawn as make_inputs would, to be known here
+            frame_mask = span_mask(num_valid, mel.shape[-1], self.masking.mask_prob,
+                                   self.masking.span_frames, generator)  # (batch, frames)
         x, labels, loss_mask, valid = self.make_inputs(mel, num_valid, frame_mask, noise,
                                                        generator)
-        h = self.encode(x)  # (batch, targets, group * d_model)
+        states = None
+        if on_masked:  # one adapted pass for both losses
+            states = encoder_states(self.encoder, x, sorted({self.bestrq_layer,
+                                                             *self.distill_layers}))
+            h = self.heads_input(states[self.bestrq_layer])
+        else:
+            h = self.encode(x)  # (batch, targets, group * d_model)
         out = self.loss(h, labels, loss_mask, valid if with_metrics else None)
         if self.distill_weight > 0:
-            distill, per_layer = self.distillation(mel, num_valid)
+            distill, per_layer = self.distillation(
+                mel, num_valid, None if states is None else
+                {i: states[i] for i in self.distill_layers}, frame_mask if on_masked else None)
             if with_metrics:
                 out.metrics["bestrq_loss"] = float(out.loss.detach())
                 out.metrics["distill_loss"] = float(distill.detach())
@@ -343,22 +369,33 @@ class BestRQModel(nn.Module):
             out.loss = out.loss + self.distill_weight * distill
         return out
 
-    def distillation(self, mel: Tensor, num_valid: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+    def distillation(self, mel: Tensor, num_valid: Tensor, states: dict[int, Tensor] | None = None,
+                     hidden: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
         """Mean squared difference, over valid encoder frames (all frames with
         `distill_padding`) and channels, between the adapted encoder's block outputs on the
         clean input and the stock encoder's (the same weights with the adapter switched off, no
         gradient), for each of `distill_layers`, and its mean over them: a guard that keeps the
         adapted encoder where Whisper's decoder expects it (BEARD, arXiv 2510.24570, distils
         the upper blocks from the frozen encoder). mel: (batch, n_mels, frames) Whisper
-        log-mel; scalar fp32, and the per-block terms."""
+        log-mel; scalar fp32, and the per-block terms.
+
+        With `states` (the adapted block outputs of the BEST-RQ pass, on the masked input) and
+        `hidden` (batch, mel frames), the frames it masked, those outputs are distilled instead,
+        on the encoder frames none of whose mel frames is masked: the adapted pass on the
+        clean input is not run (`distill_input: masked`)."""
         with torch.no_grad(), adapter_disabled(self.encoder):
             targets = encoder_states(self.encoder, mel, self.distill_layers)
-        states = encoder_states(self.encoder, mel, self.distill_layers)
+        if states is None:
+            states = encoder_states(self.encoder, mel, self.distill_layers)
         first = next(iter(states.values()))  # (batch, frames / 2, d_model), as every block's
         frames = (num_valid + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,)
         valid = torch.arange(first.shape[1], device=first.device)[None] < frames[:, None]
         if self.distill_padding:
             valid = torch.ones_like(valid)
+        if hidden is not None:  # (batch, mel frames) -> (batch, encoder frames)
+            enc = first.shape[1]
+            valid = valid & ~hidden[:, :ENCODER_STRIDE * enc].to(valid.device).reshape(
+                -1, enc, ENCODER_STRIDE).any(-1)
         per_layer: dict[int, Tensor] = {}
         for i, h in states.items():  # (batch, frames / 2, d_model)
             diff = h.float()[valid] - targets[i].float()[valid]  # (valid frames, d_model)

@@ -66,6 +66,29 @@ def test_round_trip_is_exact(trained, tmp_path):
     assert torch.equal(a.loss, b.loss)
 
 
+def test_the_file_keeps_its_format_names_and_records_how_the_losses_read_the_encoder(
+        trained, tmp_path):
+    base_path, base, model = trained
+    model = BestRQModel(base.encoder, model.quantizer,
+                        MaskingConfig(mask_prob=0.02, mask_span_ms=300.0),
+                        distill_weight=2.0, distill_input="masked")
+    path = tmp_path / "a.safetensors"
+    info = save_adapter(path, model, model_identity(str(base_path), base))
+    # The format's names (first written before the knobs were renamed), whatever the fields'.
+    assert info["masking"] == {"mask_prob": 0.02, "span_ms": 300.0, "noise_std": 0.1,
+                               "target_share": 1.0}
+    assert info["quantizer"]["norm"] == "utterance" and "quantizer_norm" not in info["quantizer"]
+    assert info["adapter"] == {"kind": "ia3"}
+    assert info["layers"] == {"bestrq_layer": 1, "distill_layers": [1],
+                              "distill_padding": False, "distill_input": "masked"}
+    rebuilt = build_model(load_whisper(str(base_path)), read_adapter(path)[1])
+    assert (rebuilt.masking, rebuilt.distill_input) == (model.masking, "masked")
+    assert rebuilt.quantizer.config == model.quantizer.config
+    # A file made before distill_input existed distilled on the clean input.
+    del info["layers"]["distill_input"]
+    assert build_model(load_whisper(str(base_path)), info).distill_input == "clean"
+
+
 def test_adapter_file_is_small(trained, tmp_path):
     base_path, base, model = trained
     path = tmp_path / "a.safetensors"

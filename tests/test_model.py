@@ -385,7 +385,7 @@ def test_bestrq_layer_feeds_the_heads_and_blocks_above_learn_only_from_distillat
     mel, nv, masks, noises = fixed_batch(mask_prob=0.2)
     model = _layered(bestrq_layer=1, distill_weight=0.5, distill_layers=[-1, 2])
     assert model.layers() == {"bestrq_layer": 1, "distill_layers": [2, 3],
-                              "distill_padding": False}
+                              "distill_padding": False, "distill_input": "clean"}
     out = model(mel, nv, frame_mask=masks, noise=noises)
     assert set(out.metrics) >= {"distill_loss_l2", "distill_loss_l3"}
     out.loss.backward()
@@ -426,6 +426,46 @@ def test_distill_padding_counts_the_padded_frames():
     for padding, value in terms.items():
         assert value == pytest.approx(float(by_hand[padding]), rel=1e-5)
     assert terms[True] != pytest.approx(terms[False], rel=1e-3)
+
+
+def test_distill_input_masked_distils_the_bestrq_pass_on_its_unmasked_frames():
+    """`distill_input: masked`: the adapted block outputs of the BEST-RQ pass itself (on the
+    masked input) are distilled to the stock encoder's on the clean input, over the valid encoder
+    frames none of whose two mel frames is masked; the BEST-RQ term is the one of `clean`, and
+    the adapted encoder runs once a step instead of twice."""
+    mel, nv, masks, noises = fixed_batch(mask_prob=0.05)
+    gen = torch.Generator().manual_seed(3)
+    models = {}
+    for how in ("clean", "masked"):
+        models[how] = _layered(distill_weight=0.5, distill_input=how)
+        with torch.no_grad():
+            for v in ia3_state_dict(models[how].encoder).values():
+                v.copy_(1 + 0.2 * torch.randn(v.shape, generator=gen.manual_seed(3)))
+    out = {how: m(mel, nv, frame_mask=masks, noise=noises) for how, m in models.items()}
+    assert out["masked"].metrics["bestrq_loss"] == pytest.approx(
+        out["clean"].metrics["bestrq_loss"], rel=1e-6)
+    model = models["masked"]
+    with torch.no_grad():
+        x, _, _, _ = model.make_inputs(mel, nv, masks, noises)
+        adapted = encoder_states(model.encoder, x, [3])[3]  # (2, 1500, 64), masked input
+        stock = _layered().encoder(mel)  # clean input, no adapter
+    hidden = masks.reshape(2, 1500, 2).any(-1)  # (2, 1500) encoder frames touching a mask
+    keep = torch.arange(1500)[None] < torch.tensor([1500, 900])[:, None]
+    keep &= ~hidden
+    assert int(hidden.sum()) > 0 and int(keep.sum()) < 1500 + 900
+    by_hand = (adapted - stock)[keep].pow(2).mean()
+    assert out["masked"].metrics["distill_loss"] == pytest.approx(float(by_hand), rel=1e-5)
+    assert out["masked"].metrics["distill_loss"] != pytest.approx(
+        out["clean"].metrics["distill_loss"], rel=1e-3)
+
+    calls = {"clean": 0, "masked": 0}
+    for how, m in models.items():
+        first = m.encoder.blocks[0]
+        handle = first.register_forward_hook(lambda *_, how=how: calls.__setitem__(
+            how, calls[how] + 1))
+        m(mel, nv, frame_mask=masks, noise=noises)
+        handle.remove()
+    assert calls == {"clean": 3, "masked": 2}  # masked pass (+ clean adapted) + stock
 
 
 @pytest.mark.parametrize("kwargs, message", [
