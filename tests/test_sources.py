@@ -97,8 +97,8 @@ def _librispeech_tree(root: Path) -> None:
         (SourceConfig(max_extract_gb=0), r"download\.max_extract_gb"),
         (SourceConfig(max_ratio=0.5), r"download\.max_ratio"),
         (SourceConfig(max_ratio=True), r"download\.max_ratio"),
-        (SourceConfig(max_download_gb=0), r"download\.max_download_gb: must be a number > 0 "
-                                          r"or null"),
+        (SourceConfig(max_download_gb=0), r"download\.max_download_gb: must be a number in "
+                                          r"\(0, 1000000\] or null, got 0$"),
         (SourceConfig(max_download_gb=-1.0), r"download\.max_download_gb"),
     ],
 )
