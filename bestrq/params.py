@@ -117,7 +117,8 @@ def _messages(err: ValidationError, origin: dict[str, str], source: str) -> list
             lines.append(f"{where}: {key}: must be {want}, got {quote(value)}"
                          f"{_hint(value, want)}")
             continue
-        section, _, name = key.rpartition(".")  # an unknown key
+        head, _, rest = key.partition(".")  # an unknown key (its name may hold a dot)
+        section, name = (head, rest) if rest and head in SECTION_MODELS else ("", key)
         known = sorted(SECTION_MODELS[section].model_fields if section else TopLevel.model_fields)
         close = difflib.get_close_matches(name, known, n=1)
         guess = f" (did you mean {close[0]}?)" if close else ""

@@ -64,6 +64,9 @@ def test_overrides_apply(tmp_path, random_checkpoint):
     ({"features": {"dtype": "int8"}}, "features.dtype"),
     ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size"),
     ({"evaluate": {"batchsize": 1}}, "evaluate.batchsize"),
+    ({"a.b": 1}, r"unknown parameter a\.b; known: "),  # a dot in an unknown key
+    ({"finetune": {"seeds": [0, "x"]}}, r"finetune\.seeds: must be a non-empty list of "
+                                        r"distinct integers .*got 'x'"),  # a list's item
 ])
 def test_bad_parameter_fails_naming_it(change, message, random_checkpoint):
     raw = repo_params()
