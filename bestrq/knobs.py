@@ -88,6 +88,18 @@ def model_of(cls: type) -> type[Section]:
                         **declared(cls))  # type: ignore[call-overload]
 
 
+def to_file(values: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A config's values under the names a file format gave its knobs (`names`: knob -> name
+    in the file; the others keep theirs), so that renaming a knob leaves the files as they
+    were."""
+    return {names.get(k, k): v for k, v in values.items()}
+
+
+def from_file(values: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The inverse of `to_file`."""
+    return to_file(values, {v: k for k, v in names.items()})
+
+
 def check(config: Any, prefix: str = "") -> None:
     """ValueError, one line per knob of `config` (a config dataclass) outside its declared type
     or bounds, each naming `prefix` + the knob."""

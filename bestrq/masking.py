@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from whisper.audio import HOP_LENGTH, SAMPLE_RATE
 
-from bestrq.knobs import check, knob
+from bestrq.knobs import check, from_file, knob, to_file
 
 FRAME_MS = 1000.0 * HOP_LENGTH / SAMPLE_RATE  # 10 ms
 
@@ -55,14 +55,13 @@ class MaskingConfig:
 
     def to_dict(self) -> dict[str, float]:
         """What an adapter file records (`FILE_NAMES`)."""
-        return {FILE_NAMES.get(k, k): v for k, v in asdict(self).items()}
+        return to_file(asdict(self), FILE_NAMES)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MaskingConfig:
         """A config saved in an adapter; files written before `target_share` existed predicted
         a target when any of its frames was masked (0.5 of two frames)."""
-        names = {v: k for k, v in FILE_NAMES.items()}
-        return cls(**{names.get(k, k): v for k, v in {"target_share": 0.5, **values}.items()})
+        return cls(**from_file({"target_share": 0.5, **values}, FILE_NAMES))
 
 
 def span_mask(num_valid: Tensor, num_frames: int, mask_prob: float, span: int,

@@ -304,8 +304,7 @@ class BestRQModel(nn.Module):
         stack = self.quantizer.config.stack_frames
         z = self.quantizer.normalize(mel.float())  # (batch, n_mels, frames)
         if frame_mask is None:
-            frame_mask = span_mask(num_valid, mel.shape[-1], self.masking.mask_prob,
-                                   self.masking.span_frames, generator)  # (batch, frames)
+            frame_mask = self.draw_frame_mask(num_valid, mel.shape[-1], generator)
         if noise is None:
             noise = draw_noise(tuple(z.shape), self.masking.mask_noise_std, generator)
         noisy = apply_noise(z, frame_mask.to(z.device), noise)
@@ -318,6 +317,12 @@ class BestRQModel(nn.Module):
         labels = self.quantizer(self.quantizer.label_input(mel, num_valid),
                                 where=None if all_labels else loss_mask)
         return x, labels, loss_mask, valid
+
+    def draw_frame_mask(self, num_valid: Tensor, frames: int,
+                        generator: torch.Generator | None) -> Tensor:
+        """The spans `masking` masks, (batch, frames) bool, drawn with `generator`."""
+        return span_mask(num_valid, frames, self.masking.mask_prob, self.masking.span_frames,
+                         generator)
 
     def layers(self) -> dict[str, object]:
         """What an adapter file records of where the losses read the encoder."""
@@ -344,8 +349,7 @@ class BestRQModel(nn.Module):
         BEST-RQ's, plus `distill_weight` times the distillation term when it is on."""
         on_masked = self.distill_weight > 0 and self.distill_input == "masked"
         if on_masked and frame_mask is None:  # drawn as make_inputs would, to be known here
-            frame_mask = span_mask(num_valid, mel.shape[-1], self.masking.mask_prob,
-                                   self.masking.span_frames, generator)  # (batch, frames)
+            frame_mask = self.draw_frame_mask(num_valid, mel.shape[-1], generator)
         x, labels, loss_mask, valid = self.make_inputs(mel, num_valid, frame_mask, noise,
                                                        generator)
         states = None

@@ -127,8 +127,8 @@ def _messages(err: ValidationError, origin: dict[str, str], source: str) -> list
 
 
 def check_types(raw: Any, origin: dict[str, str] | None = None,
-                source: str = "params.yaml") -> dict[str, Any]:
-    """The values of a params.yaml mapping, every key present (defaults filled in), after the
+                source: str = "params.yaml") -> Section:
+    """A params.yaml mapping as `TopLevel`, every key present (defaults filled in), after the
     declared type and range checks. ValueError with one line per bad key otherwise, each
     starting with where the value came from: `origin[key]` (e.g. "command line") or `source`."""
     if not isinstance(raw, dict):
@@ -137,7 +137,7 @@ def check_types(raw: Any, origin: dict[str, str] | None = None,
     # An empty section (`download:` alone) reads as null: it means "all defaults".
     raw = {k: ({} if k in SECTIONS and v is None else v) for k, v in raw.items()}
     try:
-        top = TopLevel.model_validate(raw).model_dump(mode="json")
+        top = TopLevel.model_validate(raw)
     except ValidationError as err:
         raise ValueError("\n".join(_messages(err, origin or {}, source))) from None
     _check_paths(top, source)
@@ -172,23 +172,24 @@ def hyperparameter_names() -> list[str]:
 
 
 def _build(cls: type, values: dict[str, Any], **filled: Any) -> Any:
-    """Config `cls` from the checked values of its knobs (as its declarations hold them: a
-    tuple where params.yaml has a list) and `filled`, its other fields."""
-    knobs = model_of(cls).model_validate({name: values[name] for name in declared(cls)})
-    return cls(**knobs.model_dump(), **filled)
+    """Config `cls` from the checked values of its knobs and `filled`, its other fields."""
+    return cls(**{name: values[name] for name in declared(cls)}, **filled)
 
 
 def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
               source: str = "params.yaml") -> Params:
     """Check the declared types and ranges of a params.yaml mapping and build the configs
     (ValueError naming every bad key); `validate` does the checks beyond one value."""
-    top = check_types(raw, origin, source)
+    checked = check_types(raw, origin, source)
+    # As the declarations hold them (a tuple where params.yaml has a list), and as records and
+    # fingerprints keep them (JSON's types).
+    top, record = checked.model_dump(), checked.model_dump(mode="json")
     # The quantizer's input and seed are the run's.
     filled: dict[str, dict[str, Any]] = {
         "quantizer": {"n_mels": top["n_mels"], "seed": top["seed"]}}
     configs = {name: _build(cls, top, **filled.get(name, {})) for name, cls in TOP.items()}
     sections = {name: _build(cls, top[name]) for name, cls in SECTIONS.items()}
-    return Params(**configs, **sections, raw=top)
+    return Params(**configs, **sections, raw=record)
 
 
 def validate(params: Params, stage: str | None = None) -> None:
@@ -229,11 +230,11 @@ def _check_keys(raw: dict, source: str) -> None:
                                      f"({type(inner).__name__}): parameter names are text")
 
 
-def _check_paths(top: dict[str, Any], source: str) -> None:
+def _check_paths(top: Section, source: str) -> None:
     """Paths the file system cannot hold are an error naming the key, not an OSError later."""
     for key in PATH_KEYS:
         section, _, name = key.rpartition(".")
-        value = top[section][name] if section else top[name]
+        value = getattr(getattr(top, section) if section else top, name)
         encoded = value.encode("utf-8", "surrogateescape")
         longest = max((len(p) for p in encoded.split(b"/")), default=0)
         if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from bestrq.knobs import check, knob
+from bestrq.knobs import check, from_file, knob, to_file
 
 # Statistics of the quantizer's input: each clip's own, or the train split's.
 Norm = Literal["utterance", "global"]
@@ -54,13 +54,12 @@ class QuantizerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """What an adapter file records (`FILE_NAMES`)."""
-        return {FILE_NAMES.get(k, k): v for k, v in asdict(self).items()}
+        return to_file(asdict(self), FILE_NAMES)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QuantizerConfig:
         """A config saved in an adapter; files written before `norm` existed used "global"."""
-        names = {v: k for k, v in FILE_NAMES.items()}
-        return cls(**{names.get(k, k): v for k, v in {"norm": "global", **values}.items()})
+        return cls(**from_file({"norm": "global", **values}, FILE_NAMES))
 
 
 def utterance_normalize(mel: Tensor, num_valid: Tensor, eps: float = 1e-5) -> Tensor:
