@@ -12,8 +12,10 @@ The full step is the one the default run takes: with the distillation guard at
 input. With --compare-precision fp32,bf16 it times the full step and the bare adapted encoder
 for each precision in a fresh child process and prints them side by side, against the goals:
 bf16's full step >= 1.6x faster than fp32's, and the full step <= 1.35x the bare encoder.
-With --compare-distill clean,masked it does the same per `distill_input` (masked: the BEST-RQ
-pass distilled on its unmasked frames, no second adapted pass).
+With --compare-distill clean,masked,masked+cache it does the same per `distill_input` (masked:
+the BEST-RQ pass distilled on its unmasked frames, no second adapted pass; +cache: with
+`distill_cache`, the stock outputs read back, as from a run's second epoch on: the first warm-up
+step fills the cache).
 
 With --compare-adapter ia3,lora it times the full step, the bare adapted encoder and peak
 memory for each adapter (LoRA at --lora-rank on --lora-targets, PEFT's Whisper recipe by
@@ -34,7 +36,7 @@ FLOP/s, and no more memory than the extra heads' weights, gradients and AdamW st
     python bench/train_overhead.py --model tiny.en --batch-size 4 --steps 3 --warmup 1 \
         --device cpu --compare-adapter ia3,lora
     python bench/train_overhead.py --model tiny.en --batch-size 4 --device cpu \
-        --compare-distill clean,masked
+        --compare-distill clean,masked,clean+cache,masked+cache
 """
 
 from __future__ import annotations
@@ -115,11 +117,16 @@ def heads_state_bytes(model: BestRQModel) -> int:
 
 
 def run_children(common: list[str], flag: str, values: list[str]) -> list[dict]:
-    """This script's `--json` row for each value of `flag`, each in a fresh child process (so
-    that each one's peak memory is its own), in order."""
+    """This script's `--json` row for each value of `flag` (a value "v+cache" adds
+    --distill-cache), each in a fresh child process (so that each one's peak memory is its
+    own), in order."""
     rows = []
     for value in values:
-        child = subprocess.run([sys.executable, __file__, *common, flag, value],
+        value, plus, extra = value.partition("+")
+        if plus and extra != "cache":
+            raise SystemExit(f"{flag}: {value}+{extra}: the only addition is +cache")
+        child = subprocess.run([sys.executable, __file__, *common, flag, value,
+                                *(["--distill-cache"] if extra else [])],
                                check=True, capture_output=True, text=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
     return rows
@@ -189,7 +196,8 @@ def full_and_bare(args: argparse.Namespace, flag: str, values: list[str],
     given), each in a child process, printed side by side; the rows."""
     source = ["--random"] if args.random else ["--model", args.model]
     given = {"--precision": args.precision, "--distill-input": args.distill_input}
-    common = [*source, "--batch-size", str(args.batch_size), "--codebook-size",
+    cache = ["--distill-cache"] if args.distill_cache else []
+    common = [*source, *cache, "--batch-size", str(args.batch_size), "--codebook-size",
               str(args.codebook_size), "--num-codebooks", str(args.num_codebooks),
               "--mask-prob", str(args.mask_prob), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--device", args.device, "--distill-weight",
@@ -201,9 +209,14 @@ def full_and_bare(args: argparse.Namespace, flag: str, values: list[str],
           f"{args.codebook_size}, distill_weight {args.distill_weight}, {args.steps} steps")
     print(f"{column:15s} |  full step s | bare encoder s | full / bare | full step vs first")
     for row in rows:
-        print(f"{row[column]:15s} | {row['step_s']:12.3f} | {row['bare_s']:14.3f} | "
+        print(f"{label(row, column):15s} | {row['step_s']:12.3f} | {row['bare_s']:14.3f} | "
               f"{row['step_s'] / row['bare_s']:11.3f} | {base['step_s'] / row['step_s']:17.2f}x")
     return rows
+
+
+def label(row: dict, column: str) -> str:
+    """A row's value of `column`, "+cache" when it ran with the stock-output cache."""
+    return row[column] + ("+cache" if row.get("distill_cache") else "")
 
 
 def compare_precision(args: argparse.Namespace, precisions: list[str]) -> None:
@@ -225,7 +238,7 @@ def compare_distill(args: argparse.Namespace, inputs: list[str]) -> None:
     for row in rows:
         overhead = row["step_s"] / row["bare_s"]
         print(f"overhead goal (full <= 1.35x bare, distillation on) with distill_input "
-              f"{row['distill_input']}: {overhead:.3f} "
+              f"{label(row, 'distill_input')}: {overhead:.3f} "
               f"{'met' if overhead <= 1.35 else 'NOT met'}")
 
 
@@ -258,9 +271,13 @@ def main() -> None:
                              "--compare-precision)")
     parser.add_argument("--distill-input", default="clean", choices=("clean", "masked"),
                         help="params.yaml's distill_input")
+    parser.add_argument("--distill-cache", action="store_true",
+                        help="params.yaml's distill_cache: the stock outputs cached (filled by "
+                             "the first warm-up step: the steady state of a second epoch)")
     parser.add_argument("--compare-distill", metavar="I,I",
-                        help="e.g. clean,masked: the full step and the bare encoder per "
-                             "distill_input, side by side")
+                        help="e.g. clean,masked,masked+cache: the full step and the bare "
+                             "encoder per distill_input (+cache: with --distill-cache), side "
+                             "by side")
     parser.add_argument("--adapter", default="ia3", choices=("ia3", "lora"))
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--lora-targets", default="query,value",
@@ -272,6 +289,8 @@ def main() -> None:
                         help="time only the training step and print one JSON line (used by "
                              "--compare-codebooks)")
     args = parser.parse_args()
+    if (args.distill_cache or "cache" in (args.compare_distill or "")) and args.warmup < 1:
+        parser.error("--distill-cache needs --warmup >= 1: the first step fills the cache")
     if args.compare_codebooks:
         compare_codebooks(args, [int(n) for n in args.compare_codebooks.split(",")])
         return
@@ -298,7 +317,8 @@ def main() -> None:
                             lora_alpha=2.0 * args.lora_rank,
                             lora_targets=tuple(args.lora_targets.split(",")))
     model = BestRQModel(whisper.encoder, quantizer, MaskingConfig(mask_prob=args.mask_prob),
-                        args.distill_weight, adapter=adapter, distill_input=args.distill_input)
+                        args.distill_weight, adapter=adapter, distill_input=args.distill_input,
+                        distill_cache=args.distill_cache)
     del whisper.decoder  # not used; frees its memory
     model.to(device)
     if args.features is not None:
@@ -306,7 +326,8 @@ def main() -> None:
         dataset: Dataset = FeatureDataset(args.features)
     else:
         dataset = SyntheticClips(max(4 * args.batch_size, 64), n_mels)
-    clips = MaskedClips(dataset, model.masking, seed=0)
+    clips = MaskedClips(dataset, model.masking, seed=0,
+                        with_clip=model.cache_stock_outputs(len(dataset)))
     batch = next(iter(DataLoader(clips, batch_size=args.batch_size,
                                  sampler=[(0, i) for i in range(args.batch_size)])))
     mel = batch[0].to(device)  # (batch, n_mels, frames)
@@ -339,6 +360,7 @@ def main() -> None:
                "flops": flops, "peak_bytes": peak_memory_bytes(device), "masked": masked[-1],
                "heads_bytes": heads_state_bytes(model), "device": str(device),
                "adapter": args.adapter, "distill_input": args.distill_input,
+               "distill_cache": args.distill_cache,
                "adapter_parameters": count_adapter_parameters(model.encoder),
                "precision": str(dtype or torch.float32)}
         if args.with_bare:

@@ -33,6 +33,7 @@ from bestrq.masking import (
 )
 from bestrq.quantizer import RandomProjectionQuantizer
 from bestrq.seeding import HEADS_STREAM, generator
+from bestrq.stock_cache import StockCache
 
 ENCODER_STRIDE = 2  # Whisper's conv stem halves the 10 ms frame rate
 Layer = Annotated[int, Field(ge=-1024, le=1023)]  # a block; negative counts from the top
@@ -56,6 +57,11 @@ class LossConfig:
         "what the adapted encoder is distilled on: clean (a second adapted pass, on the clean "
         "input, as BEARD) | masked (the BEST-RQ pass itself, its unmasked frames only: one "
         "adapted pass fewer a step)")] = "clean"
+    distill_cache: Annotated[bool, knob(
+        "keep the stock encoder's distilled outputs of each training clip after their first "
+        "computation (float16, in a temporary file: 1.15 MB a 30 s window and distilled block "
+        "for tiny, 3.84 MB for large-v3), so that the guard's stock forward runs once per clip, "
+        "not once per epoch")] = False
     bestrq_layer: Annotated[Layer, knob(
         "encoder block whose output feeds the BEST-RQ heads (negative counts from the top; -1: "
         "the last; BEARD: a middle block, the upper ones distilled)")] = -1
@@ -237,19 +243,24 @@ class BestRQModel(nn.Module):
     def __init__(self, encoder: AudioEncoder, quantizer: RandomProjectionQuantizer,
                  masking: MaskingConfig, distill_weight: float = 0.0, bestrq_layer: int = -1,
                  distill_layers: Sequence[int] = (-1,), distill_padding: bool = False,
-                 adapter: AdapterConfig = IA3, distill_input: str = "clean") -> None:
+                 adapter: AdapterConfig = IA3, distill_input: str = "clean",
+                 distill_cache: bool = False) -> None:
         """bestrq_layer: the block whose output feeds the heads (BEARD puts them on a middle
         block; blocks above it then get no BEST-RQ gradient); distill_layers: the blocks whose
         outputs are distilled to the stock encoder's, `distill_weight` times their mean MSE;
         distill_padding: count the padded frames too (Whisper's decoder attends to them);
         distill_input: "clean" distils a second adapted pass on the clean input, "masked" the
         BEST-RQ pass's own block outputs on its unmasked frames (`distillation`);
-        adapter: what is trained in the encoder (LoRA's A drawn from the quantizer's seed)."""
+        distill_cache: keep each training clip's stock outputs once computed
+        (`cache_stock_outputs`); adapter: what is trained in the encoder (LoRA's A drawn from
+        the quantizer's seed)."""
         super().__init__()
         masking.validate()
         check(LossConfig(distill_weight, list(distill_layers), distill_padding,
-                         distill_input, bestrq_layer))  # type: ignore[arg-type]
+                         distill_input, distill_cache, bestrq_layer))  # type: ignore[arg-type]
         self.distill_input = distill_input
+        self.distill_cache = distill_cache
+        self.stock_cache: StockCache | None = None
         self.distill_weight = float(distill_weight)
         blocks = len(encoder.blocks)
         self.bestrq_layer = resolve_layer(bestrq_layer, blocks, "bestrq_layer")
@@ -342,11 +353,24 @@ class BestRQModel(nn.Module):
         usable = frames // self.group * self.group
         return h[:, :usable].reshape(batch, usable // self.group, self.group * d)
 
+    def cache_stock_outputs(self, num_clips: int) -> bool:
+        """With `distill_cache` and the guard on, start a cache of the stock outputs of a
+        training set of `num_clips` clips, read by `forward` when given the batch's clip
+        indices; whether it did (the data loader then has to give them)."""
+        if not (self.distill_cache and self.distill_weight > 0):
+            return False
+        if self.stock_cache is not None:
+            self.stock_cache.close()
+        self.stock_cache = StockCache(num_clips)
+        return True
+
     def forward(self, mel: Tensor, num_valid: Tensor, frame_mask: Tensor | None = None,
-                noise: Tensor | None = None, generator: torch.Generator | None = None,
+                noise: Tensor | None = None, clips: Tensor | None = None,
+                generator: torch.Generator | None = None,
                 with_metrics: bool = True) -> BestRQOutput:
         """Loss (and, unless `with_metrics` is False, metrics that cost host syncs) of a batch:
-        BEST-RQ's, plus `distill_weight` times the distillation term when it is on."""
+        BEST-RQ's, plus `distill_weight` times the distillation term when it is on. clips:
+        (batch,) the clips' indices in the training set, for the stock-output cache."""
         on_masked = self.distill_weight > 0 and self.distill_input == "masked"
         if on_masked and frame_mask is None:  # drawn as make_inputs would, to be known here
             frame_mask = self.draw_frame_mask(num_valid, mel.shape[-1], generator)
@@ -363,7 +387,8 @@ class BestRQModel(nn.Module):
         if self.distill_weight > 0:
             distill, per_layer = self.distillation(
                 mel, num_valid, None if states is None else
-                {i: states[i] for i in self.distill_layers}, frame_mask if on_masked else None)
+                {i: states[i] for i in self.distill_layers}, frame_mask if on_masked else None,
+                clips)
             if with_metrics:
                 out.metrics["bestrq_loss"] = float(out.loss.detach())
                 out.metrics["distill_loss"] = float(distill.detach())
@@ -374,7 +399,8 @@ class BestRQModel(nn.Module):
         return out
 
     def distillation(self, mel: Tensor, num_valid: Tensor, states: dict[int, Tensor] | None = None,
-                     hidden: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+                     hidden: Tensor | None = None, clips: Tensor | None = None
+                     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Mean squared difference, over valid encoder frames (all frames with
         `distill_padding`) and channels, between the adapted encoder's block outputs on the
         clean input and the stock encoder's (the same weights with the adapter switched off, no
@@ -386,9 +412,8 @@ class BestRQModel(nn.Module):
         With `states` (the adapted block outputs of the BEST-RQ pass, on the masked input) and
         `hidden` (batch, mel frames), the frames it masked, those outputs are distilled instead,
         on the encoder frames none of whose mel frames is masked: the adapted pass on the
-        clean input is not run (`distill_input: masked`)."""
-        with torch.no_grad(), adapter_disabled(self.encoder):
-            targets = encoder_states(self.encoder, mel, self.distill_layers)
+        clean input is not run (`distill_input: masked`). `clips`: see `stock_states`."""
+        targets = self.stock_states(mel, clips)
         if states is None:
             states = encoder_states(self.encoder, mel, self.distill_layers)
         first = next(iter(states.values()))  # (batch, frames / 2, d_model), as every block's
@@ -406,6 +431,24 @@ class BestRQModel(nn.Module):
             # No valid frame: zero, with every vector still in the graph (DDP buckets).
             per_layer[i] = diff.pow(2).mean() if diff.numel() else h.float().sum() * 0.0
         return torch.stack(list(per_layer.values())).mean(), per_layer
+
+    def stock_states(self, mel: Tensor, clips: Tensor | None = None) -> dict[int, Tensor]:
+        """The stock encoder's outputs of `distill_layers` for mel (batch, n_mels, frames), no
+        gradient, each (batch, frames / 2, d_model). With the cache started and `clips` (batch,)
+        given, only the clips not seen before are run, and every clip's outputs are read back
+        from the cache (float16), so a clip's targets are the same in every epoch."""
+        cache = self.stock_cache if clips is not None else None
+        todo = None if cache is None else cache.missing(clips)  # (batch,) bool
+        if todo is None or bool(todo.any()):
+            with torch.no_grad(), adapter_disabled(self.encoder):
+                states = encoder_states(self.encoder, mel if todo is None
+                                        else mel[todo.to(mel.device)], self.distill_layers)
+            if cache is None:
+                return states
+            cache.put(clips.cpu()[todo],  # (new, layers, frames / 2, d_model)
+                      torch.stack([states[i] for i in self.distill_layers], 1))
+        rows = cache.get(clips).to(mel.device)  # (batch, layers, frames / 2, d_model) float16
+        return {layer: rows[:, j] for j, layer in enumerate(self.distill_layers)}
 
     def loss(self, h: Tensor, labels: Tensor, loss_mask: Tensor,
              valid: Tensor | None = None) -> BestRQOutput:

@@ -24,24 +24,28 @@ def clip_seed(seed: int, epoch: int, clip: int) -> int:
 
 
 class MaskedClips(Dataset):
-    """Items keyed by (epoch, clip): (mel, num_frames, frame mask, noise) of that clip.
+    """Items keyed by (epoch, clip): (mel, num_frames, frame mask, noise) of that clip, and its
+    index with `with_clip` (for the stock-output cache).
 
     The mask and noise are drawn here, i.e. in the data-loader workers, from the clip's own seed.
     """
 
-    def __init__(self, dataset: Dataset, masking: MaskingConfig, seed: int) -> None:
+    def __init__(self, dataset: Dataset, masking: MaskingConfig, seed: int,
+                 with_clip: bool = False) -> None:
         self.dataset, self.masking, self.seed = dataset, masking, seed
+        self.with_clip = with_clip
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, ...]:
         epoch, clip = key
         mel, num_frames = self.dataset[clip]  # (n_mels, frames), ()
         n_mels, frames = mel.shape
         mask, noise = draw_sample_mask(int(num_frames), frames, n_mels, self.masking,
                                        clip_seed(self.seed, epoch, clip))
-        return mel, torch.as_tensor(num_frames, dtype=torch.int64), mask, noise
+        item = (mel, torch.as_tensor(num_frames, dtype=torch.int64), mask, noise)
+        return (*item, torch.as_tensor(clip, dtype=torch.int64)) if self.with_clip else item
 
 
 def adapter_and_heads(model: nn.Module) -> list[ParamGroup]:
@@ -55,8 +59,14 @@ def adapter_and_heads(model: nn.Module) -> list[ParamGroup]:
                                         if heads else [])
 
 
+def masked_clips(model: nn.Module, dataset: Dataset, seed: int) -> MaskedClips:
+    """The training items; with the clips' indices when the model caches stock outputs."""
+    return MaskedClips(dataset, model.masking, seed,
+                       with_clip=model.cache_stock_outputs(len(dataset)))
+
+
 BEST_RQ = Objective(
     name="pretrain",
-    items=lambda model, dataset, seed: MaskedClips(dataset, model.masking, seed),
+    items=masked_clips,
     groups=adapter_and_heads,
     flops=lambda model, clips, count: model_flops(model, clips, count)["total"])

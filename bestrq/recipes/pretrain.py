@@ -89,9 +89,18 @@ def pretrain(p: Params, dist: DistInfo, features_dir: Path, adapter_path: Path,
                 f"{count_adapter_parameters(model.encoder)} {p.adapter.kind} parameters, "
                 f"{len(dataset)} training clips")
     barrier()  # rank 0 may have moved stale checkpoints aside
-    result = train(model, dataset, p.train, checkpoint_dir,
-                   log=_with_heldout(p, log, model, dataset, features_dir, dist) if log else None,
-                   objective=BEST_RQ)
+    try:
+        result = train(model, dataset, p.train, checkpoint_dir,
+                       log=_with_heldout(p, log, model, dataset, features_dir, dist)
+                       if log else None, objective=BEST_RQ)
+    finally:
+        cache = model.stock_cache
+        if cache is not None:
+            if log is not None:
+                log.say(f"pretrain: distill_cache held the stock outputs of "
+                        f"{int(cache.filled.sum())} of {cache.num_clips} clips, "
+                        f"{cache.bytes_in_use / 2**20:.0f} MiB")
+            cache.close()
     if log is None:
         return None
     parameters = count_adapter_parameters(model.encoder)

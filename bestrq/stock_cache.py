@@ -1,0 +1,99 @@
+"""The stock encoder's outputs per training clip, kept after their first computation so that the
+distillation guard's stock forward runs once per clip rather than once per epoch
+(`distill_cache`).
+
+The stock encoder is frozen and a clip's clean log-mel never changes, so its distilled block
+outputs are the same every epoch. They are kept in float16 (the values they hold, layer-normed
+block outputs, are far inside its range) in an anonymous temporary file, memory-mapped: the
+operating system keeps what fits in RAM and pages the rest, and the file's space is given back
+when the run's process ends, however it ends. Each training process keeps its own.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from typing import IO
+
+import numpy as np
+import torch
+from torch import Tensor
+
+STORED = np.float16
+BYTES_PER_VALUE = np.dtype(STORED).itemsize
+
+
+def cache_bytes(num_clips: int, layers: int, frames: int, d_model: int) -> int:
+    """Disk (and page cache) a full cache takes: one float16 value per clip, distilled block,
+    encoder frame and channel (tiny: 1,500 x 384 values, 1.15 MB a 30 s window and block)."""
+    return num_clips * layers * frames * d_model * BYTES_PER_VALUE
+
+
+class StockCache:
+    """Row `clip` holds that clip's stock outputs, (layers, frames, d_model), once `put`.
+
+    The file is allocated at the first `put`, when a row's shape is known; it is sparse, so
+    disk is used as rows are written. Before that, the free space of the temporary folder must
+    hold the whole cache: a run that would fill the disk stops before it starts caching, with a
+    message naming the knob and the folder.
+    """
+
+    def __init__(self, num_clips: int, folder: str | None = None) -> None:
+        if num_clips < 1:
+            raise ValueError(f"distill_cache: a cache needs at least one clip, got {num_clips}")
+        self.num_clips = num_clips
+        self.folder = folder or tempfile.gettempdir()
+        self.filled = torch.zeros(num_clips, dtype=torch.bool)  # (clips,)
+        self._file: IO[bytes] | None = None
+        self._rows: np.ndarray | None = None  # (clips, layers, frames, d_model) float16
+
+    def missing(self, clips: Tensor) -> Tensor:
+        """(batch,) bool: which of `clips` (batch,) int64 have no row yet."""
+        return ~self.filled[clips.cpu()]
+
+    def put(self, clips: Tensor, outputs: Tensor) -> None:
+        """Store `outputs` (batch, layers, frames, d_model) as the rows of `clips` (batch,)."""
+        values = outputs.detach().to("cpu", torch.float16)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("distill_cache: a stock encoder output is not finite in float16 "
+                             "(beyond +-65504): turn distill_cache off for this model")
+        if self._rows is None:
+            self._rows = self._allocate(tuple(values.shape[1:]))
+        index = clips.cpu().numpy()
+        self._rows[index] = values.numpy()
+        self.filled[clips.cpu()] = True
+
+    def get(self, clips: Tensor) -> Tensor:
+        """The rows of `clips` (batch,), all filled: (batch, layers, frames, d_model) float16."""
+        if self._rows is None or not bool(self.filled[clips.cpu()].all()):
+            raise KeyError("distill_cache: a clip was read before its stock outputs were stored")
+        return torch.from_numpy(self._rows[clips.cpu().numpy()])
+
+    def _allocate(self, row: tuple[int, ...]) -> np.ndarray:
+        need = cache_bytes(self.num_clips, *row)
+        free = shutil.disk_usage(self.folder).free
+        if need > free:
+            raise OSError(f"distill_cache: the stock outputs of {self.num_clips} clips need "
+                          f"{need / 2**30:.2f} GiB in {self.folder} (TMPDIR), which has "
+                          f"{free / 2**30:.2f} GiB free: free space, point TMPDIR elsewhere or "
+                          "set distill_cache: false")
+        # Unlinked at once, so a killed run leaves nothing behind; held open for the run.
+        self._file = tempfile.TemporaryFile(prefix="bestrq-stock-", dir=self.folder)  # noqa: SIM115
+        shape = (self.num_clips, *row)
+        return np.memmap(self._file, dtype=STORED, mode="w+", shape=shape)
+
+    @property
+    def bytes_in_use(self) -> int:
+        """Bytes of the rows stored so far."""
+        if self._rows is None:
+            return 0
+        return int(self.filled.sum()) * math.prod(self._rows.shape[1:]) * BYTES_PER_VALUE
+
+    def close(self) -> None:
+        """Give the file's space back now rather than when the process ends."""
+        self._rows = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.filled.zero_()
