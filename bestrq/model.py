@@ -361,7 +361,9 @@ class BestRQModel(nn.Module):
             return False
         if self.stock_cache is not None:
             self.stock_cache.close()
-        self.stock_cache = StockCache(num_clips)
+        d_model = self.encoder.ln_post.normalized_shape[0]
+        frames = self.encoder.positional_embedding.shape[0]  # a whole window's encoder frames
+        self.stock_cache = StockCache(num_clips, (len(self.distill_layers), frames, d_model))
         return True
 
     def forward(self, mel: Tensor, num_valid: Tensor, frame_mask: Tensor | None = None,

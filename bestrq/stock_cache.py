@@ -33,20 +33,31 @@ def cache_bytes(num_clips: int, layers: int, frames: int, d_model: int) -> int:
 class StockCache:
     """Row `clip` holds that clip's stock outputs, (layers, frames, d_model), once `put`.
 
-    The file is allocated at the first `put`, when a row's shape is known; it is sparse, so
-    disk is used as rows are written. Before that, the free space of the temporary folder must
-    hold the whole cache: a run that would fill the disk stops before it starts caching, with a
-    message naming the knob and the folder.
+    The file is made when the cache is: it is sparse, so disk is used as rows are written, but
+    the free space of the temporary folder must hold the whole cache, so that a run that would
+    fill the disk stops before any work, with a message naming the knob and the folder.
     """
 
-    def __init__(self, num_clips: int, folder: str | None = None) -> None:
+    def __init__(self, num_clips: int, row: tuple[int, int, int],
+                 folder: str | None = None) -> None:
+        """row: (distilled blocks, encoder frames, d_model) of one clip."""
         if num_clips < 1:
             raise ValueError(f"distill_cache: a cache needs at least one clip, got {num_clips}")
-        self.num_clips = num_clips
+        self.num_clips, self.row = num_clips, tuple(row)
         self.folder = folder or tempfile.gettempdir()
+        need = cache_bytes(num_clips, *row)
+        free = shutil.disk_usage(self.folder).free
+        if need > free:
+            raise OSError(f"distill_cache: the stock outputs of {num_clips} clips need "
+                          f"{need / 2**30:.2f} GiB in {self.folder} (TMPDIR), which has "
+                          f"{free / 2**30:.2f} GiB free: free space, point TMPDIR elsewhere or "
+                          "set distill_cache: false")
         self.filled = torch.zeros(num_clips, dtype=torch.bool)  # (clips,)
-        self._file: IO[bytes] | None = None
-        self._rows: np.ndarray | None = None  # (clips, layers, frames, d_model) float16
+        # Unlinked at once, so a killed run leaves nothing behind; held open for the run.
+        self._file: IO[bytes] | None = tempfile.TemporaryFile(  # noqa: SIM115
+            prefix="bestrq-stock-", dir=self.folder)
+        self._rows: np.ndarray | None = np.memmap(  # (clips, layers, frames, d_model) float16
+            self._file, dtype=STORED, mode="w+", shape=(num_clips, *self.row))
 
     def missing(self, clips: Tensor) -> Tensor:
         """(batch,) bool: which of `clips` (batch,) int64 have no row yet."""
@@ -54,14 +65,17 @@ class StockCache:
 
     def put(self, clips: Tensor, outputs: Tensor) -> None:
         """Store `outputs` (batch, layers, frames, d_model) as the rows of `clips` (batch,)."""
+        if self._rows is None:
+            raise ValueError("distill_cache: the cache is closed")
+        if tuple(outputs.shape[1:]) != self.row:
+            raise ValueError(f"distill_cache: rows of shape {self.row} (blocks, frames, "
+                             f"d_model) expected, got {tuple(outputs.shape[1:])}: the cache "
+                             "holds whole windows of the encoder's context")
         values = outputs.detach().to("cpu", torch.float16)
         if not bool(torch.isfinite(values).all()):
             raise ValueError("distill_cache: a stock encoder output is not finite in float16 "
                              "(beyond +-65504): turn distill_cache off for this model")
-        if self._rows is None:
-            self._rows = self._allocate(tuple(values.shape[1:]))
-        index = clips.cpu().numpy()
-        self._rows[index] = values.numpy()
+        self._rows[clips.cpu().numpy()] = values.numpy()
         self.filled[clips.cpu()] = True
 
     def get(self, clips: Tensor) -> Tensor:
@@ -70,25 +84,10 @@ class StockCache:
             raise KeyError("distill_cache: a clip was read before its stock outputs were stored")
         return torch.from_numpy(self._rows[clips.cpu().numpy()])
 
-    def _allocate(self, row: tuple[int, ...]) -> np.ndarray:
-        need = cache_bytes(self.num_clips, *row)
-        free = shutil.disk_usage(self.folder).free
-        if need > free:
-            raise OSError(f"distill_cache: the stock outputs of {self.num_clips} clips need "
-                          f"{need / 2**30:.2f} GiB in {self.folder} (TMPDIR), which has "
-                          f"{free / 2**30:.2f} GiB free: free space, point TMPDIR elsewhere or "
-                          "set distill_cache: false")
-        # Unlinked at once, so a killed run leaves nothing behind; held open for the run.
-        self._file = tempfile.TemporaryFile(prefix="bestrq-stock-", dir=self.folder)  # noqa: SIM115
-        shape = (self.num_clips, *row)
-        return np.memmap(self._file, dtype=STORED, mode="w+", shape=shape)
-
     @property
     def bytes_in_use(self) -> int:
         """Bytes of the rows stored so far."""
-        if self._rows is None:
-            return 0
-        return int(self.filled.sum()) * math.prod(self._rows.shape[1:]) * BYTES_PER_VALUE
+        return int(self.filled.sum()) * math.prod(self.row) * BYTES_PER_VALUE
 
     def close(self) -> None:
         """Give the file's space back now rather than when the process ends."""

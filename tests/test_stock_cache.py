@@ -123,29 +123,37 @@ def test_a_run_with_the_cache_runs_each_clip_once_and_follows_the_uncached_run(t
     assert losses[True] != losses[False]
 
 
-def test_the_cache_refuses_a_disk_too_small_and_names_the_knob(monkeypatch, tmp_path):
-    cache = StockCache(1000, folder=str(tmp_path))
+def test_the_cache_refuses_a_disk_too_small_before_any_work_and_names_the_knob(monkeypatch,
+                                                                              tmp_path):
     usage = type("Usage", (), {"free": 10 * 2**20})()
     monkeypatch.setattr("bestrq.stock_cache.shutil.disk_usage", lambda _: usage)
     with pytest.raises(OSError, match=r"distill_cache: the stock outputs of 1000 clips need "
                                       r"1\.07 GiB in .* which has 0\.01 GiB free"):
-        cache.put(torch.tensor([0]), torch.zeros(1, 1, 1500, 384))
-    assert not cache.filled.any()
+        StockCache(1000, (1, 1500, 384), folder=str(tmp_path))
+    # The engine starts the cache as it builds the training items, before the first step.
+    model = cached_model()
+    with pytest.raises(OSError, match="distill_cache"):
+        BEST_RQ.items(model, RandomClips(10**5), 0)
+    assert model.stock_cache is None
+    assert list(tmp_path.iterdir()) == []  # nothing was made in the folder
 
 
 def test_the_cache_refuses_values_beyond_float16_and_reads_only_what_it_holds(tmp_path):
-    cache = StockCache(3, folder=str(tmp_path))
+    cache = StockCache(3, (1, 4, 2), folder=str(tmp_path))
     with pytest.raises(KeyError, match="distill_cache"):
         cache.get(torch.tensor([0]))
     with pytest.raises(ValueError, match="not finite in float16"):
         cache.put(torch.tensor([0]), torch.full((1, 1, 4, 2), 1e5))
+    with pytest.raises(ValueError, match=r"rows of shape \(1, 4, 2\)"):
+        cache.put(torch.tensor([0]), torch.zeros(1, 1, 3, 2))
     cache.put(torch.tensor([2, 0]), torch.arange(16.0).reshape(2, 1, 4, 2))
     assert cache.missing(torch.tensor([0, 1, 2])).tolist() == [False, True, False]
     assert torch.equal(cache.get(torch.tensor([0])), torch.arange(8.0, 16.0).half().reshape(
         1, 1, 4, 2))
+    assert cache.bytes_in_use == 2 * 8 * 2
     with pytest.raises(KeyError):
         cache.get(torch.tensor([1]))
     cache.close()
     assert cache.bytes_in_use == 0 and bool(cache.missing(torch.tensor([0])).all())
     with pytest.raises(ValueError, match="at least one clip"):
-        StockCache(0)
+        StockCache(0, (1, 4, 2))
