@@ -7,11 +7,19 @@ outputs are the same every epoch. They are kept in float16 (the values they hold
 block outputs, are far inside its range) in an anonymous temporary file, memory-mapped: the
 operating system keeps what fits in RAM and pages the rest, and the file's space is given back
 when the run's process ends, however it ends. Each training process keeps its own.
+
+The file's blocks are all reserved when it is made (`posix_fallocate`, or zeros written where
+the file system cannot): a page of a memory map whose block cannot be allocated ends the
+process with SIGBUS and no message, so a disk that fills later must not reach the cache. Every
+failure to make, reserve or map the file is a `CacheSpaceError`, one line naming the knob, the
+size and the folder.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import shutil
 import tempfile
 from typing import IO
@@ -22,6 +30,18 @@ from torch import Tensor
 
 STORED = np.float16
 BYTES_PER_VALUE = np.dtype(STORED).itemsize
+ZERO_CHUNK = 1 << 24  # bytes written at a time where the file system cannot fallocate
+# What posix_fallocate says where the file system does not support it.
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+# What to do about a disk error, beyond the shared advice, by errno.
+_ADVICE = {errno.EFBIG: "raise the file-size limit (ulimit -f) or ",
+           errno.EDQUOT: "free space under your quota, ",
+           errno.ENOMEM: "free memory or address space (ulimit -v) or "}
+
+
+class CacheSpaceError(OSError, RuntimeError):
+    """The cache's file could not be made, reserved or mapped. An OSError (its `errno` is the
+    cause's) and a RuntimeError, which the stages print as one line."""
 
 
 def cache_bytes(num_clips: int, layers: int, frames: int, d_model: int) -> int:
@@ -30,12 +50,37 @@ def cache_bytes(num_clips: int, layers: int, frames: int, d_model: int) -> int:
     return num_clips * layers * frames * d_model * BYTES_PER_VALUE
 
 
+def _size(num_bytes: int) -> str:
+    return (f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30
+            else f"{num_bytes / 2**20:.2f} MiB")
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate the first `size` bytes of the open file `fd`: posix_fallocate, or, where the
+    file system does not support it, zeros written over them, so that every block exists
+    before the file is mapped."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as err:
+            if err.errno not in _NO_FALLOCATE:
+                raise
+    zeros = memoryview(bytes(min(ZERO_CHUNK, size)))
+    done = 0
+    while done < size:
+        written = os.pwrite(fd, zeros[:min(len(zeros), size - done)], done)
+        if written <= 0:  # a regular file that takes nothing: full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += written
+
+
 class StockCache:
     """Row `clip` holds that clip's stock outputs, (layers, frames, d_model), once `put`.
 
-    The file is made when the cache is: it is sparse, so disk is used as rows are written, but
-    the free space of the temporary folder must hold the whole cache, so that a run that would
-    fill the disk stops before any work, with a message naming the knob and the folder.
+    The file is made, and its whole size reserved, when the cache is; the free space of the
+    temporary folder is checked first, so that a run that would fill the disk stops before any
+    work, with a message naming the knob and the folder.
     """
 
     def __init__(self, num_clips: int, row: tuple[int, int, int],
@@ -46,18 +91,44 @@ class StockCache:
         self.num_clips, self.row = num_clips, tuple(row)
         self.folder = folder or tempfile.gettempdir()
         need = cache_bytes(num_clips, *row)
-        free = shutil.disk_usage(self.folder).free
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError as err:
+            raise self._refusal(need, err) from err
         if need > free:
-            raise OSError(f"distill_cache: the stock outputs of {num_clips} clips need "
-                          f"{need / 2**30:.2f} GiB in {self.folder} (TMPDIR), which has "
-                          f"{free / 2**30:.2f} GiB free: free space, point TMPDIR elsewhere or "
-                          "set distill_cache: false")
+            raise CacheSpaceError(f"distill_cache: the stock outputs of {num_clips} clips need "
+                                  f"{need / 2**30:.2f} GiB in {self.folder} (TMPDIR), which has "
+                                  f"{free / 2**30:.2f} GiB free: free space, point TMPDIR "
+                                  "elsewhere or set distill_cache: false")
         self.filled = torch.zeros(num_clips, dtype=torch.bool)  # (clips,)
-        # Unlinked at once, so a killed run leaves nothing behind; held open for the run.
-        self._file: IO[bytes] | None = tempfile.TemporaryFile(  # noqa: SIM115
-            prefix="bestrq-stock-", dir=self.folder)
-        self._rows: np.ndarray | None = np.memmap(  # (clips, layers, frames, d_model) float16
-            self._file, dtype=STORED, mode="w+", shape=(num_clips, *self.row))
+        self._file: IO[bytes] | None = None
+        self._rows: np.ndarray | None = None
+        try:
+            # Unlinked at once, so a killed run leaves nothing behind; held open for the run.
+            file = tempfile.TemporaryFile(prefix="bestrq-stock-", dir=self.folder)  # noqa: SIM115
+            try:
+                reserve(file.fileno(), need)
+                rows = np.memmap(  # (clips, layers, frames, d_model) float16
+                    file, dtype=STORED, mode="r+", shape=(num_clips, *self.row))
+            except BaseException:
+                file.close()  # its space is given back at once
+                raise
+        except OSError as err:
+            raise self._refusal(need, err) from err
+        self._file, self._rows = file, rows
+
+    def _refusal(self, need: int, err: OSError) -> CacheSpaceError:
+        """`err`, met making the cache's file, as one line naming the knob, size and folder."""
+        code = err.errno
+        why = (f"{err.strerror or err} ({errno.errorcode.get(code, code)})" if code
+               else str(err))
+        refusal = CacheSpaceError(
+            f"distill_cache: the stock outputs of {self.num_clips} clips need {_size(need)} in "
+            f"{self.folder} (TMPDIR), where its file could not be made: {why}: "
+            f"{_ADVICE.get(code, 'free space, ')}point TMPDIR elsewhere or set "
+            "distill_cache: false")
+        refusal.errno = code
+        return refusal
 
     def missing(self, clips: Tensor) -> Tensor:
         """(batch,) bool: which of `clips` (batch,) int64 have no row yet."""

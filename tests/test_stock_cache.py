@@ -1,8 +1,15 @@
 """`distill_cache`: the stock encoder's outputs of each training clip computed once and read
 back (float16) in later epochs."""
 
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import typer
 from _train_worker import SMALL_DIMS, RandomClips
 
 from bestrq.adapters.ia3 import ia3_state_dict
@@ -10,9 +17,10 @@ from bestrq.masking import MaskingConfig
 from bestrq.model import BestRQModel
 from bestrq.pretraining import BEST_RQ, MaskedClips
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
-from bestrq.stock_cache import StockCache, cache_bytes
+from bestrq.stock_cache import CacheSpaceError, StockCache, cache_bytes
 from bestrq.train import TrainConfig, train
 from bestrq.whisper_model import random_whisper
+from stages.common import friendly_errors
 
 
 def cached_model(distill_cache: bool = True, distill_weight: float = 1.0) -> BestRQModel:
@@ -159,3 +167,109 @@ def test_the_cache_refuses_values_beyond_float16_and_reads_only_what_it_holds(tm
     assert cache.bytes_in_use == 0 and bool(cache.missing(torch.tensor([0])).all())
     with pytest.raises(ValueError, match="at least one clip"):
         StockCache(0, (1, 4, 2))
+
+
+def open_files(folder: Path) -> list[str]:
+    """This process's descriptors open on a file in `folder` (the cache's is unlinked: its
+    space is held as long as one is open)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/"):
+                found.append(fd)
+        except FileNotFoundError:  # the listing's own descriptor, closed since
+            pass
+    return found
+
+
+@pytest.mark.parametrize("fallocate", [True, False])
+def test_the_cache_reserves_every_block_of_its_file_when_made(monkeypatch, tmp_path, fallocate):
+    """A sparse file would be given blocks as pages are written, and a disk that filled by then
+    would end the run with SIGBUS: all blocks exist once the cache does, where posix_fallocate
+    works and where the file system refuses it (zeros written)."""
+    if not fallocate:
+        def unsupported(*_):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        monkeypatch.setattr("bestrq.stock_cache.os.posix_fallocate", unsupported)
+    cache = StockCache(5, (2, 1500, 8), folder=str(tmp_path))
+    need = cache_bytes(5, 2, 1500, 8)
+    fds = open_files(tmp_path)  # the file's and the map's (mmap holds a copy)
+    stat = os.stat(f"/proc/self/fd/{fds[0]}")
+    assert stat.st_size == need == 240_000
+    assert stat.st_blocks * 512 >= need
+    cache.put(torch.tensor([4]), torch.full((1, 2, 1500, 8), 0.5))
+    assert torch.equal(cache.get(torch.tensor([4])), torch.full((1, 2, 1500, 8), 0.5).half())
+    cache.close()
+    assert open_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM])
+def test_a_disk_error_of_the_cache_is_one_line_naming_knob_size_and_folder(
+        monkeypatch, tmp_path, capsys, code):
+    """The reservation (ENOSPC, EDQUOT, EFBIG) or the map (ENOMEM) fails: one line through a
+    stage's friendly_errors, and the file's space is given back at once."""
+    def fail(*_, **__):
+        raise OSError(code, os.strerror(code))
+    where = "numpy.memmap" if code == errno.ENOMEM else "bestrq.stock_cache.os.posix_fallocate"
+    monkeypatch.setattr(where, fail)
+    with pytest.raises(CacheSpaceError) as caught:
+        StockCache(1000, (1, 1500, 384), folder=str(tmp_path))
+    assert caught.value.errno == code and isinstance(caught.value, OSError)
+    assert str(caught.value).startswith(
+        f"distill_cache: the stock outputs of 1000 clips need 1.07 GiB in {tmp_path} (TMPDIR), "
+        f"where its file could not be made: {os.strerror(code)} ({errno.errorcode[code]}): ")
+    assert str(caught.value).endswith("set distill_cache: false")
+    assert open_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
+    capsys.readouterr()
+    with pytest.raises(typer.Exit) as ended, friendly_errors():
+        StockCache(1000, (1, 1500, 384), folder=str(tmp_path))
+    assert ended.value.exit_code == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"error: {caught.value}\n"
+
+
+def test_a_missing_folder_and_a_disk_too_small_are_one_line_through_a_stage(tmp_path, capsys,
+                                                                             monkeypatch):
+    with pytest.raises(typer.Exit), friendly_errors():
+        StockCache(10, (1, 1500, 384), folder=str(tmp_path / "gone"))
+    assert capsys.readouterr().err == (
+        f"error: distill_cache: the stock outputs of 10 clips need 10.99 MiB in "
+        f"{tmp_path / 'gone'} (TMPDIR), where its file could not be made: No such file or "
+        "directory (ENOENT): free space, point TMPDIR elsewhere or set distill_cache: false\n")
+    usage = type("Usage", (), {"free": 10 * 2**20})()
+    monkeypatch.setattr("bestrq.stock_cache.shutil.disk_usage", lambda _: usage)
+    with pytest.raises(typer.Exit), friendly_errors():
+        StockCache(1000, (1, 1500, 384), folder=str(tmp_path))
+    err = capsys.readouterr().err
+    assert err.startswith("error: distill_cache: the stock outputs of 1000 clips need 1.07 GiB")
+    assert err.count("\n") == 1
+
+
+FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+from bestrq.stock_cache import StockCache
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that the write or fallocate says EFBIG
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # ulimit -f 1024
+for fallocate in (True, False):
+    if not fallocate:
+        del os.posix_fallocate  # zeros written instead
+    try:
+        StockCache(100, (1, 1500, 384), folder=sys.argv[1])
+    except RuntimeError as err:
+        print(err.errno, err)
+"""
+
+
+def test_a_file_size_limit_is_one_line_whether_the_space_is_fallocated_or_written(tmp_path):
+    """`ulimit -f` below the cache's size: EFBIG named, not an OSError traceback."""
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    line = (f"{errno.EFBIG} distill_cache: the stock outputs of 100 clips need 109.86 MiB in "
+            f"{tmp_path} (TMPDIR), where its file could not be made: File too large (EFBIG): "
+            "raise the file-size limit (ulimit -f) or point TMPDIR elsewhere or set "
+            "distill_cache: false")
+    assert done.stdout.splitlines() == [line, line]
+    assert list(tmp_path.iterdir()) == []
