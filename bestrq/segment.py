@@ -12,10 +12,13 @@ download stage left aside (`raw/skipped.jsonl`) is copied there too.
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import os
 import re
 import shutil
+import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import soundfile as sf
 import torch
 from tqdm import tqdm
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
@@ -53,9 +57,13 @@ class SegmentConfig:
     pack: Annotated[bool, knob(
         "pack short utterances of one group into windows <= max_seconds")] = True
     dev_fraction: Annotated[float, knob(
-        "share of the windows in dev, drawn by speaker or recording", gt=0, lt=1)] = 0.1
-    test_fraction: Annotated[float, knob("share of the windows in test, as dev's",
+        "share of the transcribed windows in dev (of all windows in a corpus without "
+        "transcripts), drawn by speaker or recording", gt=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, knob("share of the transcribed windows in test, as dev's",
                                          gt=0, lt=1)] = 0.2
+    train_transcribed_speakers: Annotated[float, knob(
+        "of the speakers with transcripts, the share kept in train for the fine-tune (at "
+        "least one; dev and test are drawn from the others)", ge=0, lt=1)] = 0.4
     transcribed_share: Annotated[Ratio, knob(
         "of the transcribed train windows, the share that keeps its text (a seeded draw)")] = 1.0
     seed: Annotated[Seed, knob("the split and the transcribed draw")] = 0
@@ -117,14 +125,19 @@ def _seeded_order(keys: Iterable[str], seed: int, salt: str) -> list[str]:
     return sorted(keys, key=lambda k: (_stable_hash(seed, salt, k), k))
 
 
-def _greedy_set(keys: list[str], sizes: dict[str, int], target: float) -> list[str]:
-    """Keys, taken in the given order, whose total size comes closest to `target`; at least one."""
+def _greedy_set(keys: list[str], sizes: dict[str, int], target: float, limit: int) -> list[str]:
+    """At most `limit` keys, taken in the given order, whose total size comes closest to
+    `target`; at least one. A key that would take the total further from the target is passed
+    over even when none is chosen yet; if none fits, the one closest to the target alone is
+    taken (so a dominant speaker first in the order does not fill a small split)."""
     chosen: list[str] = []
     total = 0
     for key in keys:
-        if not chosen or abs(total + sizes[key] - target) < abs(total - target):
+        if len(chosen) < limit and abs(total + sizes[key] - target) < abs(total - target):
             chosen.append(key)
             total += sizes[key]
+    if not chosen and keys:
+        chosen.append(min(keys, key=lambda k: (abs(sizes[k] - target), keys.index(k))))
     return chosen
 
 
@@ -135,41 +148,88 @@ class SplitError(ValueError):
 def _too_few(groups: int, labelled: int) -> SplitError:
     return SplitError(
         f"segment: the corpus has {groups} speakers/recordings, {labelled} of them with "
-        "transcripts; train, dev and test need one each, dev and test one with transcripts "
-        "(no voice is in two splits). Add speakers (download.num_speakers for the synthetic "
-        "source; a folder source's speakers are its folders, one per speaker) or transcripts")
+        "transcripts; train, dev and test need one each, and when there are transcripts, one "
+        "with transcripts each (train's for the fine-tune; no voice is in two splits). Add "
+        "speakers (download.num_speakers for the synthetic source; a folder source's speakers "
+        "are its folders, one per speaker) or transcripts")
 
 
 def check_splittable(group_labelled: dict[str, bool]) -> None:
     """Raise SplitError (one line: the counts, the knobs) unless three speaker-disjoint splits
-    exist: >= 3 groups, and >= 2 with transcripts when the corpus has any. `group_labelled`
-    maps each group to whether one of its files has a transcript. Checked on the manifest,
-    before any audio is decoded, and again on the windows."""
+    exist: >= 3 groups, and >= 3 with transcripts when the corpus has any (dev and test to
+    measure WER, train to fine-tune on). `group_labelled` maps each group to whether one of
+    its files has a transcript. Checked on the manifest, before any audio is decoded, and
+    again on the windows."""
     labelled = sum(group_labelled.values())
-    if len(group_labelled) < 3 or (labelled and labelled < 2):
+    if len(group_labelled) < 3 or (labelled and labelled < 3):
         raise _too_few(len(group_labelled), labelled)
 
 
-def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float, seed: int
-                 ) -> dict[str, list[dict]]:
+# How far a split's share of the windows may stray from its knob before segment says so.
+SHARE_TOLERANCE = 0.05
+
+
+class SplitShareWarning(UserWarning):
+    """A split's share of the windows is off its knob by more than SHARE_TOLERANCE."""
+
+
+def train_transcribed_groups(labelled: int, share: float) -> int:
+    """How many of the `labelled` transcribed speakers train keeps for the fine-tune: `share`
+    of them rounded up, at least one, and never so many that dev and test lack one each."""
+    return max(1, min(math.ceil(share * labelled), labelled - 2))
+
+
+def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float, seed: int,
+                 train_transcribed: float = 0.4) -> dict[str, list[dict]]:
     """Window records (with "id", "group", "transcript") split into train, dev and test by a
     seeded hash of the group, so that no group (speaker or recording) is in two splits.
 
-    Test, then dev, take the groups (in seeded order) whose window counts come closest to their
-    share of all windows, at least one group each and never the last one train needs. When the
-    corpus has transcripts, dev and test are drawn from groups with some, so that both can
-    measure WER; a corpus without any is split over all groups (only label-free figures)."""
+    When the corpus has transcripts, dev and test are drawn from the groups with some and
+    sized as shares of the *transcribed* windows, so that much untranscribed audio does not
+    pull every transcript into dev and test; and train keeps at least `train_transcribed` of
+    the transcribed groups (at least one) for the fine-tune. Test, then dev, take the candidate
+    groups (in seeded order) whose sizes come closest to their share, at least one group each
+    and no more than leaves train its transcribed groups. A
+    corpus without any transcripts is split over all groups (only label-free figures). A split
+    whose share strays more than SHARE_TOLERANCE from its knob is reported with a
+    SplitShareWarning naming the largest speaker."""
     sizes = dict(Counter(w["group"] for w in windows))  # windows per group
     labelled_groups = {w["group"] for w in windows if w["transcript"] is not None}
     check_splittable({g: g in labelled_groups for g in sizes})
     candidates = _seeded_order(labelled_groups or sizes, seed, "split")
-    # Train keeps one group when every group is a candidate; test leaves one for dev.
+    # Train keeps one group when every group is a candidate.
     pool = candidates[:-1] if len(candidates) == len(sizes) else candidates
-    test = _greedy_set(pool[:-1], sizes, test_fraction * len(windows))
-    dev = _greedy_set([g for g in pool if g not in test], sizes, dev_fraction * len(windows))
+    if labelled_groups:
+        # Sized in transcribed windows: what dev and test measure WER on.
+        sizes = dict(Counter(w["group"] for w in windows if w["transcript"] is not None))
+    base = sum(sizes.values())
+    # At most this many candidates go to dev and test together: the rest stay in train.
+    room = len(candidates) - (train_transcribed_groups(len(candidates), train_transcribed)
+                              if labelled_groups else 0)
+    test = _greedy_set(pool[:-1], sizes, test_fraction * base, room - 1)  # one left for dev
+    dev = _greedy_set([g for g in pool if g not in test], sizes, dev_fraction * base,
+                      room - len(test))
     of = {**{g: "test" for g in test}, **{g: "dev" for g in dev}}
+    _check_shares(of, sizes, {"dev": dev_fraction, "test": test_fraction})
     return {split: [w for w in windows if of.get(w["group"], "train") == split]
             for split in SPLITS}
+
+
+def _check_shares(of: dict[str, str], sizes: dict[str, int], wanted: dict[str, float]) -> None:
+    """Warn, naming the largest speaker, about each split whose share of the windows counted
+    in `sizes` strays from its knob by more than SHARE_TOLERANCE (`of`: group -> split, train
+    for the rest)."""
+    base = sum(sizes.values())
+    biggest = max(sizes, key=lambda g: (sizes[g], g))
+    for split, share in wanted.items():
+        got = sum(n for g, n in sizes.items() if of.get(g) == split) / base
+        if abs(got - share) <= SHARE_TOLERANCE:
+            continue
+        warnings.warn(SplitShareWarning(
+            f"segment: {split} holds {got:.1%} of the windows, not {share:.1%} "
+            f"(segment.{split}_fraction; tolerance {SHARE_TOLERANCE:.0%}): a speaker is never "
+            f"split, and speaker {biggest!r} alone holds {sizes[biggest] / base:.1%} of them "
+            f"(in {of.get(biggest, 'train')})"), stacklevel=3)
 
 
 def hide_transcripts(train: list[dict], share: float, seed: int) -> int:
@@ -187,6 +247,48 @@ def hide_transcripts(train: list[dict], share: float, seed: int) -> int:
             window["transcript"] = None
             hidden += 1
     return hidden
+
+
+def _header_seconds(path: Path) -> float | None:
+    """A file's length from its header alone (no decoding); None if the header is unreadable."""
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - the file is decoded (and skipped if bad) later
+        return None
+    return info.frames / info.samplerate if info.samplerate else None
+
+
+def plan(entries: list[dict], base: Path, cfg: SegmentConfig) -> list[str]:
+    """What segment will do with a raw corpus, said before any audio is decoded: its speakers,
+    files and hours (from the files' headers), which speakers dev and test are drawn from, how
+    many transcribed ones train keeps for the fine-tune, or that a corpus without transcripts
+    gets only the label-free figures."""
+    groups = {e["group"] for e in entries}
+    labelled = {e["group"] for e in entries if e["transcript"] is not None}
+    seconds = [_header_seconds(Path(e["path"]) if Path(e["path"]).is_absolute()
+                               else base / e["path"]) for e in entries]
+    known = [x for x in seconds if x is not None]
+    unread = f" ({len(seconds) - len(known)} headers unreadable)" if len(known) < len(seconds) \
+        else ""
+    n_text = sum(e["transcript"] is not None for e in entries)
+    lines = [f"segment: plan: {len(groups)} speakers/recordings, {len(entries)} files, "
+             f"{sum(known) / 3600:.2f} h{unread}; {len(labelled)} speakers with transcripts "
+             f"({n_text} files)"]
+    if not labelled:
+        lines.append("segment: no file has a transcript: BEST-RQ pre-trains on all of it and "
+                     "the label-free figures are measured; there is no fine-tune and no WER "
+                     "(transcripts: LibriSpeech-style *.trans.txt, transcripts.tsv or a "
+                     "manifest beside the audio)")
+        return lines
+    keep = train_transcribed_groups(len(labelled), cfg.train_transcribed_speakers)
+    lines.append(
+        f"segment: plan: dev and test are drawn from the {len(labelled)} transcribed speakers, "
+        f"{cfg.dev_fraction:.0%} and {cfg.test_fraction:.0%} of the transcribed windows "
+        f"(segment.dev_fraction, test_fraction); train keeps at least {keep} of them for the "
+        f"fine-tune (segment.train_transcribed_speakers {cfg.train_transcribed_speakers:g}), "
+        f"{len(groups) - len(labelled)} untranscribed ones, and the text of "
+        f"{cfg.transcribed_share:.0%} of its transcribed windows (segment.transcribed_share)")
+    return lines
 
 
 def _read_manifest(raw_manifest: Path) -> list[dict]:
@@ -395,6 +497,8 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
         labelled[entry["group"]] = labelled.get(entry["group"], False) \
             or entry["transcript"] is not None
     check_splittable(labelled)  # before any audio is decoded
+    for line in plan(entries, raw_manifest.parent, cfg):
+        tqdm.write(line, file=sys.stderr)
     download_skipped = _read_download_skipped(raw_manifest.parent)
     max_samples = int(round(cfg.max_seconds * SAMPLE_RATE))
     min_samples = int(round(cfg.min_seconds * SAMPLE_RATE))
@@ -434,7 +538,8 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
                 windows.append({"id": window_id, "path": f"audio/{window_id}.flac", **record})
     shutil.rmtree(work_dir, ignore_errors=True)
 
-    splits = split_corpus(windows, cfg.dev_fraction, cfg.test_fraction, cfg.seed)
+    splits = split_corpus(windows, cfg.dev_fraction, cfg.test_fraction, cfg.seed,
+                          cfg.train_transcribed_speakers)
     hidden = hide_transcripts(splits["train"], cfg.transcribed_share, cfg.seed)
     for name, records in splits.items():
         # "group" (speaker or recording) stays: features keeps it for speaker-level intervals.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
-from bestrq.segment import segment_corpus
+from bestrq.segment import SPLITS, SplitShareWarning, segment_corpus
 from stages.common import RAW, SEGMENTS, finish_stage, friendly_errors, params_or_exit, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -14,9 +16,16 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def segment(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
     """Write data/segments/{train,dev,test}.jsonl, the window audio and skipped.jsonl."""
     p = params_or_exit("segment", params)
-    with friendly_errors():
+    with friendly_errors(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SplitShareWarning)
         stats = segment_corpus(RAW / "manifest.jsonl", SEGMENTS, p.segment)
     finish_stage("segment", stats)
+    for split in SPLITS:
+        typer.echo(f"segment: {split}: {int(stats[f'speakers_{split}'])} speakers, "
+                   f"{int(stats[f'num_{split}'])} windows, {stats[f'hours_{split}']:.2f} h, "
+                   f"{int(stats[f'transcribed_{split}'])} transcribed windows")
+    for warning in caught:
+        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     if stats.get("num_listed"):
         typer.secho(f"{int(stats['num_skipped'])} file(s) gave no window (undecodable, too "
                     f"short, ...); {int(stats['num_listed'])} problem(s) in all, each with its "

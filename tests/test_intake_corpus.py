@@ -121,7 +121,9 @@ def _build(root: Path, elsewhere: Path) -> None:
         "26-495-0000 FIRST LINE\n２６-495-0001 SECOND LINE\n26-495-0099 NO SUCH FILE\n",
         encoding="utf-8")
     (root / "x" / "1" / "1-1.trans.txt").write_bytes("1-1-0000 CAFÉ\n".encode("latin-1"))
-    (root / "transcripts.tsv").write_text("with space.wav\tHELLO THERE\n", encoding="utf-8")
+    # A third transcribed speaker: dev, test and the fine-tune need one each.
+    (root / "transcripts.tsv").write_text(
+        "with space.wav\tHELLO THERE\na/b/c/d/deep.flac\tDEEP\n", encoding="utf-8")
     (root / "notes.txt").write_text("recorded in the kitchen")
     (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     w(root / "clip.wave", _speech(1.0, seed=22), SAMPLE_RATE, format="WAV")
@@ -198,6 +200,7 @@ def test_odd_corpus_is_accounted_for_file_by_file(tmp_path: Path) -> None:
                                                          "dup__z", "dup__z~2"}
     assert by_name["x/1/1-1-0000.flac"]["transcript"] is None
     assert by_name["with space.wav"]["transcript"] == "HELLO THERE"
+    assert by_name["a/b/c/d/deep.flac"]["transcript"] == "DEEP"
     # A window never mixes transcribed and untranscribed audio.
     labelled = {e["id"] for e in entries if e["transcript"] is not None}
     for w in windows:

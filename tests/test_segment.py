@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,17 @@ from bestrq.segment import (
     SPLITS,
     SegmentConfig,
     SplitError,
+    SplitShareWarning,
     hide_transcripts,
     segment_corpus,
     split_corpus,
     validate,
 )
 
-# Three splits need three voices, two with transcripts: the corpora of tests about cutting and
-# packing get two extra transcribed voices of one 1 s utterance each, left out by _windows.
-PAD = 2
+# Three splits need three voices with transcripts (dev, test and the fine-tune's): the corpora
+# of tests about cutting and packing get three extra transcribed voices of one 1 s utterance
+# each, left out by _windows.
+PAD = 3
 
 
 def _noise(seconds: float, rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
@@ -287,17 +290,93 @@ def test_split_gives_three_nonempty_disjoint_splits_or_says_why() -> None:
     out = split_corpus(_records({"a": 1, "b": 50, "c": 2}), 0.01, 0.01, seed=0)
     assert all(out[split] for split in SPLITS)
     assert sum(len({w["group"] for w in out[s]}) for s in SPLITS) == 3
-    # Dev and test come from voices with transcripts: the two labelled ones, train the rest.
-    out = split_corpus(_records({"a": 5, "b": 5, "c": 5, "d": 5}, labelled={"b", "d"}),
-                       0.2, 0.2, seed=0)
-    assert {w["group"] for w in out["dev"] + out["test"]} == {"b", "d"}
-    assert {w["group"] for w in out["train"]} == {"a", "c"}
-    # Too few voices, or too few with transcripts: one line with the counts and the knobs.
+    # Dev and test come from voices with transcripts, and train keeps one of those too.
+    out = split_corpus(_records({"a": 5, "b": 5, "c": 5, "d": 5, "e": 5},
+                                labelled={"b", "d", "e"}), 0.2, 0.2, seed=0)
+    assert {w["group"] for w in out["dev"] + out["test"]} < {"b", "d", "e"}
+    assert len({w["group"] for w in out["train"]}) == 3
+    assert sum(w["transcript"] is not None for w in out["train"]) == 5
+    # Too few voices, or too few with transcripts (dev, test and the fine-tune need one
+    # each): one line with the counts and the knobs.
     for groups, labelled in (({"only": 100}, None), ({"a": 3, "b": 3}, None),
-                             ({"a": 3, "b": 3, "c": 3}, {"a"})):
+                             ({"a": 3, "b": 3, "c": 3}, {"a"}),
+                             ({"a": 3, "b": 3, "c": 3, "d": 3}, {"a", "b"})):
         with pytest.raises(SplitError, match=r"has \d speakers/recordings, \d of them with "
                        r"transcripts.*download.num_speakers.*one per speaker"):
             split_corpus(_records(groups, labelled), 0.1, 0.1, seed=0)
+
+
+def test_much_untranscribed_audio_leaves_train_transcribed_voices() -> None:
+    # The user's case: 16 untranscribed voices, 6 transcribed. Dev and test were sized as
+    # shares of all windows and drawn from the transcribed voices only, so all 6 went there and
+    # the fine-tune had nothing; now they are shares of the transcribed windows, and train
+    # keeps segment.train_transcribed_speakers of the transcribed voices (40%: 3 of 6).
+    groups = {**{f"u{i}": 10 for i in range(16)}, **{f"t{i}": 10 for i in range(6)}}
+    for seed in range(4):
+        out = split_corpus(_records(groups, {f"t{i}" for i in range(6)}), 0.15, 0.35, seed)
+        labelled = {s: {w["group"] for w in out[s] if w["transcript"] is not None}
+                    for s in SPLITS}
+        assert len(labelled["train"]) == 3 and labelled["dev"] and labelled["test"]
+        # 35% and 15% of the 60 transcribed windows: two voices and one.
+        assert (len(out["test"]), len(out["dev"])) == (20, 10)
+        assert all(w["group"].startswith("u") or w["group"] in labelled["train"]
+                   for w in out["train"])
+    # The share is a floor: at 0.9 train keeps 4 (dev and test one each, whatever their
+    # shares ask); at 0 the draw alone decides, and leaves 3 here.
+    def kept(share: float) -> int:
+        out = split_corpus(_records(groups, {f"t{i}" for i in range(6)}), 0.15, 0.35, 0, share)
+        return len({w["group"] for w in out["train"] if w["transcript"] is not None})
+
+    assert (kept(0.9), kept(0.0)) == (4, 3)
+
+
+def test_a_dominant_speaker_stays_in_train_and_the_missed_share_is_named() -> None:
+    # One 120-window voice and six of one window: the big voice filled dev or test (and train
+    # kept 11-16% of the windows) for seeds 0-3, with no warning.
+    groups = {"big": 120, **{f"s{i}": 1 for i in range(6)}}
+    for seed in range(4):
+        with pytest.warns(SplitShareWarning) as caught:
+            out = split_corpus(_records(groups), 0.15, 0.35, seed)
+        assert "big" in {w["group"] for w in out["train"]}
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 2 and all("speaker 'big' alone holds 95.2% of them (in train)"
+                                          in m for m in messages)
+        assert any(m.startswith("segment: test holds") and "not 35.0%" in m for m in messages)
+    # Voices of equal size meet their shares within the tolerance, and nothing is said.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SplitShareWarning)
+        out = split_corpus(_records({f"v{i}": 5 for i in range(20)}), 0.15, 0.35, 0)
+    assert (len(out["test"]), len(out["dev"])) == (35, 15)
+
+
+def test_segment_on_real_files_keeps_transcribed_windows_in_train(tmp_path: Path,
+                                                                  capsys) -> None:
+    # 8 untranscribed voices and 4 transcribed ones, three 1 s files each, on disk.
+    items = [(f"u{g}-{i}", f"u{g}", 1.0, None) for g in range(8) for i in range(3)] + \
+        [(f"t{g}-{i}", f"t{g}", 1.0, f"words {g} {i}") for g in range(4) for i in range(3)]
+    manifest = _corpus(tmp_path, items, pad=False)
+    stats = segment_corpus(manifest, tmp_path / "seg",
+                           SegmentConfig(pack=False, transcribed_share=1.0, dev_fraction=0.15,
+                                         test_fraction=0.35))
+    assert stats["transcribed_train"] == 3 * 2 and stats["speakers_train"] == 8 + 2
+    assert stats["transcribed_dev"] == stats["num_dev"] == 3
+    assert stats["transcribed_test"] == stats["num_test"] == 3
+    plan = capsys.readouterr().err
+    assert "plan: 12 speakers/recordings, 36 files, 0.01 h; 4 speakers with transcripts " \
+           "(12 files)" in plan
+    assert "train keeps at least 2 of them" in plan
+
+
+def test_a_corpus_without_transcripts_is_told_so_before_decoding(tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    import bestrq.segment
+
+    manifest = _corpus(tmp_path, [(f"u{g}", f"u{g}", 1.0, None) for g in range(3)], pad=False)
+    monkeypatch.setattr(bestrq.segment, "stream_audio", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(BaseException, match="decoded"):
+        segment_corpus(manifest, tmp_path / "seg", SegmentConfig(num_workers=1))
+    err = capsys.readouterr().err
+    assert "no file has a transcript" in err and "no fine-tune and no WER" in err
 
 
 def test_too_few_voices_stop_before_any_audio_is_decoded(tmp_path: Path, monkeypatch) -> None:
