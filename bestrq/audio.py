@@ -135,7 +135,8 @@ def _read_mono(f: sf.SoundFile, frames: int, path: Path, done: int
 
 
 def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
-                 block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+                 block_seconds: float = BLOCK_SECONDS, *, offset: float = 0.0,
+                 duration: float | None = None) -> Iterator[np.ndarray]:
     """Decode `path` to float32 mono at `sample_rate`, block by block ((samples,) arrays).
 
     Channels are averaged. Each block is resampled with real context on both sides, so the
@@ -144,9 +145,13 @@ def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
     cannot read, and for sample rates outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE (checked from
     the header, before anything is allocated); a file that breaks part-way first gives what
     decoded before the break (to within a second), then raises an error that says how far it
-    got.
+    got. `offset` and `duration` (seconds) decode only that span of the file, as a NeMo
+    manifest line gives it; an offset past the end is an AudioDecodeError.
     """
     path = Path(path)
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise ValueError(f"{path}: offset must be >= 0 and duration > 0, got {offset}, "
+                         f"{duration}")
     if block_seconds <= 0:
         raise ValueError(f"block_seconds must be > 0, got {block_seconds}")
     try:
@@ -160,6 +165,20 @@ def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
             raise AudioDecodeError(
                 f"cannot decode audio file {path}: its header gives a sample rate of "
                 f"{f.samplerate} Hz, outside {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz")
+        start = round(offset * f.samplerate)
+        if start:
+            if start >= f.frames:
+                raise AudioDecodeError(f"cannot decode audio file {path}: offset {offset:g} s "
+                                       f"is past its end ({f.frames / f.samplerate:.3f} s)")
+            f.seek(start)
+        end = None if duration is None else round(duration * f.samplerate)
+
+        def read(frames: int, done: int) -> tuple[np.ndarray, AudioDecodeError | None]:
+            """Up to `frames` samples of the span, `done` of it read already."""
+            frames = frames if end is None else min(frames, end - done)
+            return _read_mono(f, frames, path, done) if frames > 0 \
+                else (np.zeros(0, np.float32), None)
+
         rate = effective_rate(int(f.samplerate), sample_rate)
         step_in, step_out, margin = _resample_context(rate, sample_rate)
         if rate == sample_rate:
@@ -167,14 +186,14 @@ def stream_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
         block = max(step_in * round(block_seconds * rate / step_in), margin, step_in)
         done = 0
         before = np.zeros(0, np.float32)  # up to `margin` samples preceding `current`
-        current, error = _read_mono(f, block, path, done)
+        current, error = read(block, done)
         if len(current) == 0:
             raise error or AudioDecodeError(f"cannot decode audio file {path}: it holds no "
                                             "samples")
         while len(current):
             following = np.zeros(0, np.float32)
             if error is None:  # after an error, what was read is the end of the file
-                following, error = _read_mono(f, block, path, done + len(current))
+                following, error = read(block, done + len(current))
             if margin == 0:
                 yield current
             else:

@@ -153,7 +153,7 @@ def _speaker_chapter(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _group_for(path: Path, root: Path) -> str:
+def group_for(path: Path, root: Path) -> str:
     """The speaker of LibriSpeech's layout, else the file's folder below the root: the unit the
     train/eval split keeps on one side."""
     layout = _speaker_chapter(path)
@@ -319,7 +319,7 @@ def index_folder(root: Path, raw_dir: Path, files: list[Path] | None = None,
             "id": utt_id,
             "path": manifest_path(path, raw_dir),
             "transcript": transcripts.find(rel, utt_id, path.stem),
-            "group": _group_for(path, root),
+            "group": group_for(path, root),
         }
         layout = _speaker_chapter(path)
         if layout:

@@ -94,6 +94,22 @@ def summary(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+def absent(sources: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per system of the answer without a WER on a held-out split, saying why: the
+    reason a skipped stage recorded (`skipped` in its summary), else that the split has no
+    transcribed windows or its stage has not run."""
+    lines = []
+    for name, label, source, prefix in SYSTEMS:
+        found = sources.get(source, {})
+        missing = [split for split in SPLITS if f"{split}/{prefix}/wer" not in found]
+        if not missing:
+            continue
+        why = found.get("skipped") or (f"dvclive/{source} has no summary" if not found else
+                                       f"no transcribed {' or '.join(missing)} windows")
+        lines.append(f"{name} ({label}) on {', '.join(missing)}: absent: {why}")
+    return lines
+
+
 def wer_records(sources: Mapping[str, Mapping[str, Any]], split: str = "test"
                 ) -> list[dict[str, Any]]:
     """One record per system with a WER on `split`: its label, WER and 95% interval (%)."""

@@ -265,8 +265,8 @@ def plan(entries: list[dict], base: Path, cfg: SegmentConfig) -> list[str]:
     gets only the label-free figures."""
     groups = {e["group"] for e in entries}
     labelled = {e["group"] for e in entries if e["transcript"] is not None}
-    seconds = [_header_seconds(Path(e["path"]) if Path(e["path"]).is_absolute()
-                               else base / e["path"]) for e in entries]
+    seconds = [e.get("duration") or _header_seconds(
+        Path(e["path"]) if Path(e["path"]).is_absolute() else base / e["path"]) for e in entries]
     known = [x for x in seconds if x is not None]
     unread = f" ({len(seconds) - len(known)} headers unreadable)" if len(known) < len(seconds) \
         else ""
@@ -403,8 +403,10 @@ def _decoded_units(entries: Iterable[dict], base: Path, max_samples: int, min_sa
                                   "reason": reason, "kept_seconds": kept / SAMPLE_RATE})
 
         try:
-            for j, unit in enumerate(_units_of(entry, stream_audio(path, SAMPLE_RATE),
-                                               max_samples)):
+            # A manifest line may give a span of a longer file (NeMo's offset and duration).
+            blocks = stream_audio(path, SAMPLE_RATE, offset=entry.get("offset") or 0.0,
+                                  duration=entry.get("duration"))
+            for j, unit in enumerate(_units_of(entry, blocks, max_samples)):
                 if j == 1:
                     tally.cut += 1
                     if entry.get("transcript") is not None:

@@ -1,4 +1,5 @@
-"""Where the audio comes from: synthetic speech, a folder/glob, a URL, or a LibriSpeech preset.
+"""Where the audio comes from: synthetic speech, a folder/glob, a URL, a LibriSpeech preset, or
+a NeMo-style JSONL manifest (`nemo_manifest`).
 
 `acquire` gathers the recordings of one source into a raw directory and indexes them in
 `raw_dir/manifest.jsonl` (id, path, transcript, group; speaker and chapter for LibriSpeech's
@@ -36,6 +37,7 @@ from bestrq.folder_source import (
 )
 from bestrq.jsonl import write_jsonl
 from bestrq.knobs import Seed, Text, check, knob
+from bestrq.nemo_manifest import is_manifest, read_nemo_manifest
 from bestrq.url_source import (
     DOWNLOAD_DIR,
     DOWNLOAD_RECORD,
@@ -110,7 +112,8 @@ class SourceConfig:
     """Which audio to acquire (the "download" stage's parameters)."""
 
     source: Annotated[Text, knob(
-        "synthetic | a folder | a glob ('audio/**/*.flac') | a URL | librispeech:<subset>")] = \
+        "synthetic | a folder | a glob ('audio/**/*.flac') | a URL | librispeech:<subset> | a "
+        "NeMo manifest (.json or .jsonl)")] = \
         "synthetic"
     num_utterances: Annotated[int, knob(
         "synthetic: how many sentences", ge=1, le=10**7)] = 240
@@ -133,13 +136,16 @@ class SourceConfig:
 
 
 def source_kind(source: str) -> str:
-    """Classify a source string: "synthetic", "librispeech", "url", "glob" or "folder"."""
+    """Classify a source string: "synthetic", "librispeech", "url", "manifest" (a NeMo-style
+    .json/.jsonl file), "glob" or "folder"."""
     if source == "synthetic":
         return "synthetic"
     if source.startswith("librispeech:"):
         return "librispeech"
     if "://" in source:
         return "url"
+    if is_manifest(source) and not any(c in source for c in GLOB_CHARS):
+        return "manifest"
     if any(c in source for c in GLOB_CHARS):
         return "glob"
     return "folder"
@@ -160,6 +166,9 @@ def validate(cfg: SourceConfig) -> None:
             )
     elif kind == "url":
         check_url_scheme(cfg.source)
+    elif kind == "manifest":
+        if not Path(cfg.source).expanduser().is_file():
+            raise ValueError(f"download.source: manifest {cfg.source} is not a file")
     elif kind == "glob":
         if not any(is_audio_file(p) for p in glob_files(cfg.source, [])):
             raise ValueError(f"download.source: glob {cfg.source} matches no audio files")
@@ -176,7 +185,7 @@ def _watched_path(cfg: SourceConfig) -> Path | None:
     kind = source_kind(cfg.source)
     if kind == "glob":
         return glob_root(cfg.source)
-    if kind == "folder":
+    if kind in ("folder", "manifest"):
         return Path(cfg.source).expanduser()
     return None
 
@@ -296,7 +305,9 @@ def acquire(cfg: SourceConfig, raw_dir: Path, cache_dir: Path | None = None
     else:
         digests = DigestCache(cache_dir / "digests.json")
         path = Path(cfg.source).expanduser()
-        if kind == "glob":
+        if kind == "manifest":
+            entries, skipped = read_nemo_manifest(path, digests)
+        elif kind == "glob":
             unlisted: list[dict] = []
             files = glob_files(cfg.source, unlisted)
             entries, skipped = index_folder(glob_root(cfg.source), raw_dir, files, digests)

@@ -40,9 +40,11 @@ def skip(reason: str, metrics: dict[str, float], out_dir: Path) -> None:
     typer.secho(f"finetune: skipped: {reason}", fg=typer.colors.YELLOW, err=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "skipped.json").write_text(json.dumps({"reason": reason}, indent=2) + "\n")
-    with open_live("finetune") as live:
-        log_summary(live, metrics)
-    write_windows(LIVE / "finetune" / "windows.json", [])  # a declared output: present, empty
+    with open_live("finetune") as live:  # a fresh log: an earlier run's curves are removed
+        log_summary(live, {**metrics, "skipped": reason})  # the report says why
+    # Declared outputs, present and empty, so that `dvc repro` goes on to the report.
+    (LIVE / "finetune" / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    write_windows(LIVE / "finetune" / "windows.json", [])
 
 
 def run_finetune(p: Params, features_dir: Path = FEATURES, adapter_dir: Path = ADAPTER.parent,

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from bestrq.report import difference_records, flatten, summary, wer_records
+from bestrq.report import absent, difference_records, flatten, summary, wer_records
 from stages.common import ADAPTER, LIVE, friendly_errors, open_live, params_or_exit, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -44,7 +44,9 @@ def run_record(model: str, adapter_json: Path, sources: dict[str, dict[str, Any]
     return {"command": "dvc repro", "model": model, "base_sha256": base.get("sha256"),
             "precision": {"pretrain": sources["pretrain"].get("precision"),
                           "finetune": sources["finetune"].get("adapted/precision")},
-            "python": platform.python_version(), "packages": versions}
+            "python": platform.python_version(), "packages": versions,
+            # Only where figures are missing: a complete run's record stays as it was.
+            **({"absent": lines} if (lines := absent(sources)) else {})}
 
 
 @app.command()
@@ -65,6 +67,8 @@ def report(params: str = typer.Option("params.yaml", help="parameters file")) ->
         live.make_summary()
     (LIVE / "report" / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     typer.echo(json.dumps(metrics, indent=2))
+    for line in record.get("absent", []):
+        typer.secho(f"report: {line}", fg=typer.colors.YELLOW, err=True)
 
 
 def main() -> None:

@@ -229,6 +229,27 @@ def adapter_digests(project: Path) -> dict[str, str]:
     return file_digests(project / "data" / "adapters")
 
 
+def test_repro_finishes_when_train_keeps_no_transcript(tmp_path):
+    # Every train transcript hidden: the fine-tune has nothing to train on. It used to print
+    # "skipped" and leave its declared plots folder unmade, so `dvc repro` failed before the
+    # report; now every stage runs and the report names the absent figures and why.
+    overrides = {**SMALL, "segment": {**SMALL["segment"], "transcribed_share": 0.0},
+                 "evaluate": {"probes": False}}
+    project = make_project(tmp_path, "w.pt", overrides)
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), project / "w.pt")
+    out = run(["dvc", "repro"], project)
+    assert ran_stages(out) == set(ALL_STAGES)
+    stage = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
+    assert stage["labelled_clips"] == 0 and "no transcribed clips" in stage["skipped"]
+    record = json.loads((project / "dvclive" / "report" / "run.json").read_text())
+    assert [line.split(" (")[0] for line in record["absent"]] == ["ft_stock", "ft_bestrq"]
+    assert all("no transcribed clips" in line for line in record["absent"])
+    answer = json.loads((project / "dvclive" / "report" / "metrics.json").read_text())
+    assert {"stock", "bestrq", "zs_diff"} <= set(answer["test"]) and \
+        "ft_stock" not in answer["test"]
+    assert "report: ft_stock (fine-tuned from stock) on test, dev: absent" in out
+
+
 def test_download_stage_is_bitwise_reproducible(tmp_path):
     # Many voices and speakers: every voice variant the synthetic source uses is covered.
     project = make_project(tmp_path, "tiny.en", {"download": {"num_utterances": 40,
