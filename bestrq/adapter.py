@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 from whisper.model import Whisper
@@ -154,14 +155,22 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "bestrq" not in meta:
-        raise ValueError(f"{path} is not a BEST-RQ adapter (no 'bestrq' metadata)")
-    info = json.loads(meta["bestrq"])
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported adapter format {info.get('format')!r}")
-    return load_file(str(path)), info
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "bestrq" not in meta:
+            raise ValueError(f"{path} is not a BEST-RQ adapter (no 'bestrq' metadata)")
+        info = json.loads(meta["bestrq"])
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: its 'bestrq' metadata is not a description")
+        if info.get("format") != FORMAT:
+            raise ValueError(f"{path}: unsupported adapter format {info.get('format')!r}")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        # safetensors' own errors name no file: a text file, a truncated or damaged one.
+        raise ValueError(f"adapter file {path} is not a readable safetensors adapter: "
+                         f"{err}") from err
+    return tensors, info
 
 
 def _section(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

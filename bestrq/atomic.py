@@ -30,6 +30,13 @@ def file_mode() -> int:
     return 0o666 & ~umask()
 
 
+def apply_file_mode(path: Path) -> None:
+    """Give the file `path` the mode `open` would have (`file_mode`): a writer that makes its
+    file through a temporary of its own and a rename (safetensors' save_file does) leaves
+    mkstemp's 0600."""
+    os.chmod(path, file_mode())
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
     try:
@@ -47,17 +54,19 @@ def fsync_dir(folder: Path) -> None:
 @contextmanager
 def atomic_path(final: Path, prefix: str | None = None) -> Iterator[Path]:
     """A temporary path beside `final` for the block to write (by any means); on a clean exit
-    it is fsynced and renamed over `final`, on an error removed. `prefix` names the temporary
-    (default `.<name>.`), e.g. so that a cleaner can find leftovers."""
+    it is given the umask's mode, fsynced and renamed over `final`, on an error removed.
+    `prefix` names the temporary (default `.<name>.`), e.g. so that a cleaner can find
+    leftovers."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=prefix or f".{final.name}.", suffix=".part",
                                 dir=final.parent)
     tmp = Path(name)
     try:
-        os.fchmod(fd, file_mode())
         os.close(fd)
         yield tmp
+        # After the block: whatever wrote the file may have replaced it (safetensors does).
+        apply_file_mode(tmp)
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)

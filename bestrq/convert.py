@@ -38,6 +38,7 @@ from torch import Tensor
 from whisper.model import AudioEncoder, ModelDimensions, TextDecoder, Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
+from bestrq.atomic import apply_file_mode
 from bestrq.export_target import check_target, record_folder
 
 EXPORT_EXTRA = "pip install 'whisper-bestrq[export]'"
@@ -288,8 +289,8 @@ def digest_files(paths: list[Path]) -> str:
 
 @contextmanager
 def fresh_folder(out: Path, fmt: str) -> Iterator[Path]:
-    """A temporary folder beside `out` that replaces it when the block succeeds, marked as an
-    export of `fmt` (the files it holds listed).
+    """A temporary folder beside `out` that replaces it when the block succeeds, its files
+    given the umask's mode and marked as an export of `fmt` (the files it holds listed).
 
     An existing `out` is replaced only when it is empty or an unchanged earlier export
     (`export_target.check_target`): an export never deletes a folder of something else.
@@ -302,6 +303,11 @@ def fresh_folder(out: Path, fmt: str) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        # Files some writers make through a temporary of their own (safetensors) have 0600.
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    apply_file_mode(Path(root, name))
         record_folder(tmp, fmt)
         if out.exists():
             shutil.rmtree(out)

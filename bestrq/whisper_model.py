@@ -243,7 +243,10 @@ def save_whisper_checkpoint(model: Whisper, path: str | Path, half: bool = True)
     state = {k: (v.half() if half and v.is_floating_point() else v).cpu()
              for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"dims": asdict(model.dims), "model_state_dict": state}, path)
+    # Through a file object: given a path, torch.save names the archive's top folder after the
+    # file's name (a random temporary's, for an atomic write), so the bytes would differ.
+    with open(path, "wb") as f:
+        torch.save({"dims": asdict(model.dims), "model_state_dict": state}, f)
 
 
 def random_whisper(dims: ModelDimensions, seed: int = 0) -> Whisper:
