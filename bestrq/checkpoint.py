@@ -199,8 +199,15 @@ class RunSignature:
     values: dict[str, Any]  # flat: dotted name -> value
     inputs: dict[str, str]  # name -> sha256 of a file or bytes the run reads
     # Step limits among `values` that may change without changing the updates already made:
-    # a folder made under a lower one is resumed and extended, not replaced.
+    # a folder made under a lower one is resumed and extended, not replaced...
     extendable: tuple[str, ...] = ()
+    # ...when this, given the values the folder's checkpoints were made with (its record;
+    # empty when lost) and the step the run would go on from, finds nothing that differs
+    # (None); otherwise it says, in a few words, what the earlier updates did differently
+    # (a warm-up that is a share of the limit, say), and the run starts afresh. Not part of
+    # the fingerprint: it is decided from the values, which are.
+    why_not_extend: Callable[[Mapping[str, Any], int], str | None] | None = field(
+        default=None, compare=False, repr=False)
 
     @property
     def fingerprint(self) -> str:
@@ -220,15 +227,18 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_signature(values: Mapping[str, Any], inputs: Mapping[str, Path | bytes] | None = None,
-                  extendable: Iterable[str] = (), ignore: Iterable[str] = ()) -> RunSignature:
+                  extendable: Iterable[str] = (), ignore: Iterable[str] = (),
+                  why_not_extend: Callable[[Mapping[str, Any], int], str | None] | None = None
+                  ) -> RunSignature:
     """The signature of a run from its parameter `values` (nested mappings become dotted
     names), the files or bytes it starts from (`inputs`, hashed), its `extendable` step limits
-    and the names (last dotted part) of knobs to `ignore` because they change speed only."""
+    (with `why_not_extend`, the test of each extension: `RunSignature`) and the names (last
+    dotted part) of knobs to `ignore` because they change speed only."""
     ignored = set(ignore)
     flat = {k: v for k, v in _flatten(values).items() if k.rsplit(".", 1)[-1] not in ignored}
     digests = {name: hashlib.sha256(item.read_bytes() if isinstance(item, Path) else item)
                .hexdigest() for name, item in (inputs or {}).items()}
-    return RunSignature(flat, digests, tuple(k for k in extendable if k in flat))
+    return RunSignature(flat, digests, tuple(k for k in extendable if k in flat), why_not_extend)
 
 
 def _own_entry(name: str) -> bool:
@@ -291,8 +301,10 @@ def claim_checkpoints(directory: str | Path, signature: RunSignature,
 
     - missing, or empty: a fresh run in it;
     - ours, same fingerprint: resume from its newest checkpoint of that fingerprint (a step
-      limit raised past it extends the run, and says so);
-    - ours, other values or inputs (or a step limit now below its newest checkpoint): moved
+      limit raised past it extends the run, and says so, when the signature's
+      `why_not_extend` finds the updates already made the same under both limits);
+    - ours, other values or inputs (or a step limit now below its newest checkpoint, or one
+      whose change would have changed the updates already made): moved
       whole to `<directory>.stale` (replacing an older copy of ours there), with a message
       naming what changed; a fresh run in a new, empty folder;
     - not empty and not ours, or locked by another process: CheckpointFolderError at once,
@@ -312,15 +324,16 @@ def claim_checkpoints(directory: str | Path, signature: RunSignature,
             below = [f"{k}: {_show(before[k]) if k in before else '?'} -> "
                      f"{_show(signature.values[k])} is below the newest checkpoint (step "
                      f"{start})" for k in signature.extendable if signature.values[k] < start]
-            if not below:
-                changes = _changes(old, signature)
+            changes = _changes(old, signature)
+            differs = _why_not_extend(signature, before, start)
+            if not below and differs is None:
                 if start and changes:
                     report(f"checkpoints: {'; '.join(changes)}: continuing the run in "
-                           f"{directory} from its checkpoint of step {start} (the updates "
-                           "already made do not depend on this)")
+                           f"{directory} from its checkpoint of step {start} (its updates "
+                           "are those this run makes: the same rates under both limits)")
                 _write_marker(directory, signature)
                 return CheckpointClaim(directory, start, lock)
-            changes = below
+            changes = below or [f"{'; '.join(changes)}: {differs}" if changes else str(differs)]
         elif found is None and is_checkpoint_folder(directory):
             changes = ["made by an earlier version of this tool, which kept no record of its "
                        "parameters"]
@@ -338,6 +351,17 @@ def claim_checkpoints(directory: str | Path, signature: RunSignature,
     except BaseException:
         lock.close()
         raise
+
+
+def _why_not_extend(signature: RunSignature, before: Mapping[str, Any],
+                    start: int) -> str | None:
+    """Why the checkpoints, made with the recorded values `before`, cannot go on under
+    `signature`'s step limits (None: they can, or nothing was extended)."""
+    unset = object()
+    if (not start or signature.why_not_extend is None or not signature.extendable
+            or all(before.get(k, unset) == signature.values[k] for k in signature.extendable)):
+        return None
+    return signature.why_not_extend(before, start)
 
 
 def _refuse_foreign(directory: Path) -> None:

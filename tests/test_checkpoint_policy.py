@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from bestrq.checkpoint import (
     save_checkpoint,
 )
 from bestrq.run_identity import checkpoint_key
+from bestrq.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 VALUES = {"codebook_size": 8192, "max_steps": 30, "lr_schedule": "inverse_sqrt",
@@ -152,27 +154,28 @@ def test_with_a_cosine_schedule_max_steps_is_a_new_run(tmp_path):
     (features / "stats.json").write_text("{}")
     (features / "train" / "index.json").write_text("[]")
     values = {"max_steps": 30, "lr_schedule": "cosine", "num_workers": 2}
+    cosine = TrainConfig(lr_schedule="cosine", warmup_steps=4, heads_only_steps=2, max_steps=30)
     ck = tmp_path / "ck"
-    with claim_checkpoints(ck, checkpoint_key(values, features, "cosine")):
+    with claim_checkpoints(ck, checkpoint_key(values, features, cosine)):
         save_checkpoint(ck, 30, state(30.0))
     messages = []
-    longer = checkpoint_key({**values, "max_steps": 60}, features, "cosine")
+    longer = checkpoint_key({**values, "max_steps": 60}, features,
+                            replace(cosine, max_steps=60))
     with claim_checkpoints(ck, longer, messages.append) as claim:
         assert claim.start == 0  # every rate after warm-up depends on max_steps
     assert "max_steps: 30 -> 60" in messages[0]
-    # Not with the inverse_sqrt schedule, and not for a speed knob.
+    # Not with the inverse_sqrt schedule (and warm-up in updates), and not for a speed knob.
     values["lr_schedule"] = "inverse_sqrt"
-    with claim_checkpoints(ck, checkpoint_key(values, features, "inverse_sqrt")):
+    inverse_sqrt = replace(cosine, lr_schedule="inverse_sqrt")
+    with claim_checkpoints(ck, checkpoint_key(values, features, inverse_sqrt)):
         save_checkpoint(ck, 30, state(30.0))
     again = checkpoint_key({**values, "max_steps": 60, "num_workers": 0}, features,
-                           "inverse_sqrt")
+                           replace(inverse_sqrt, max_steps=60))
     with claim_checkpoints(ck, again) as claim:
         assert claim.start == 30
 
 
 def test_finetune_runs_are_keyed_by_their_section_and_world_size(tmp_path):
-    from dataclasses import replace
-
     from bestrq.params import load_params
     from bestrq.run_identity import finetune_key, pretrain_key
 
@@ -201,8 +204,6 @@ def test_one_identity_rule_for_pretrain_and_finetune(tmp_path):
     """A run is keyed by every knob of the configs it is built from, but the declared
     speed-only ones: pretrain by all top-level knobs, a fine-tune by the engine, adapter and
     finetune configs whole. No knob needs listing to key a run, so none resumes a stale one."""
-    from dataclasses import replace
-
     from bestrq.params import SECTION_MODELS, SPEED_ONLY, TopLevel, load_params
     from bestrq.run_identity import finetune_key, pretrain_key
 
@@ -278,6 +279,140 @@ def test_first_run_killed_before_its_marker_leaves_a_usable_folder(tmp_path):
     (tmp_path / ".tmp-marker-abc").write_text("half")
     with claim_checkpoints(tmp_path, signature()) as claim:
         assert claim.start == 0
+
+
+# ----------------------------------------------------------------------------- extending a run
+
+# The engine's knobs of a small, fast, fp32 pre-training (precision fixed: `auto` is bf16 on
+# some CPUs); the schedule's are each test's.
+FAST = {"batch_size": 2, "num_workers": 0, "checkpoint_every": 4, "precision": "fp32",
+        "device": "cpu", "lr_schedule": "inverse_sqrt"}
+
+
+@pytest.fixture
+def features(tmp_path):
+    """The files a pre-training's identity hashes (their contents do not matter here)."""
+    features = tmp_path / "features"
+    (features / "train").mkdir(parents=True)
+    (features / "stats.json").write_text("{}")
+    (features / "train" / "index.json").write_text("[]")
+    return features
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the small runs: on a busy machine OpenMP's spinning workers
+    make them twenty times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pretrain_in(ck: Path, features: Path, messages: list[str], **knobs) -> tuple[int, dict]:
+    """What the pretrain recipe does with its checkpoint folder, on a small random Whisper:
+    claim `ck` under the run's identity (`pretrain_key` of params.yaml with `knobs`) and train
+    from the step the claim gives. (That step, the adapter file's tensors.)"""
+    from _train_worker import RandomClips, small_model
+
+    from bestrq.params import load_params
+    from bestrq.pretraining import BEST_RQ
+    from bestrq.run_identity import pretrain_key
+    from bestrq.train import train
+
+    p = load_params(REPO / "params.yaml", {**FAST, **knobs})
+    model = small_model()
+    with claim_checkpoints(ck, pretrain_key(p, features), messages.append) as claim:
+        result = train(model, RandomClips(6), p.train, ck, objective=BEST_RQ)
+    assert result.step == p.train.max_steps
+    return claim.start, model.adapter_state_dict()
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_share_based_schedule_is_not_extended_when_its_updates_would_differ(tmp_path,
+                                                                            features):
+    # The default schedule: warm-up and heads-only phase as shares of max_steps. Under 16
+    # updates the warm-up is 4 updates, under 24 it is 6: the first 16 updates of a 24-update
+    # run are not those of the 16-update run, so "continuing" it would end elsewhere.
+    shares = {"warmup_steps": 0.25, "heads_only_steps": 0.1}
+    ck, messages = tmp_path / "ck", []
+    assert pretrain_in(ck, features, messages, max_steps=16, **shares)[0] == 0
+    start, extended = pretrain_in(ck, features, messages, max_steps=24, **shares)
+    assert start == 0  # started afresh, the 16-update run's checkpoints set aside
+    assert len(messages) == 1
+    assert "max_steps: 16 -> 24: warmup_steps 0.25 of max_steps is 4 updates under 16 and 6 " \
+           "under 24" in messages[0]
+    assert f"moved them to {tmp_path / 'ck.stale'}" in messages[0]
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck.stale")] == [12, 16]
+    fresh = pretrain_in(tmp_path / "fresh", features, [], max_steps=24, **shares)[1]
+    assert_same_tensors(extended, fresh)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_absolute_schedule_is_extended_and_ends_as_a_fresh_run(tmp_path, features):
+    absolute = {"warmup_steps": 4, "heads_only_steps": 2}
+    ck, messages = tmp_path / "ck", []
+    pretrain_in(ck, features, messages, max_steps=16, **absolute)
+    start, extended = pretrain_in(ck, features, messages, max_steps=24, **absolute)
+    assert start == 16  # 8 updates run, not 24
+    assert len(messages) == 1 and "max_steps: 16 -> 24: continuing" in messages[0]
+    assert not (tmp_path / "ck.stale").exists()
+    fresh = pretrain_in(tmp_path / "fresh", features, [], max_steps=24, **absolute)[1]
+    assert_same_tensors(extended, fresh)
+
+
+def test_what_an_extension_would_change_is_named():
+    from bestrq.run_identity import extension_differs
+
+    config = TrainConfig(warmup_steps=4, heads_only_steps=0.1, max_steps=16)
+    assert extension_differs(config, replace(config, max_steps=25), 16) == \
+        "heads_only_steps 0.1 of max_steps is 2 updates under 16 and 3 under 25"
+    assert extension_differs(config, replace(config, max_steps=24), 16) is None
+    # Shares that come to the same lengths under both limits (warm-up 4 and heads-only 2
+    # under 16 and 17 updates) give the same updates: such a run is extended.
+    shares = replace(config, warmup_steps=0.25)
+    assert extension_differs(shares, replace(shares, max_steps=17), 16) is None
+    assert extension_differs(shares, replace(shares, max_steps=18), 16) == \
+        "warmup_steps 0.25 of max_steps is 4 updates under 16 and 5 under 18"
+    cosine = TrainConfig(lr_schedule="cosine", warmup_steps=4, heads_only_steps=0,
+                         max_steps=16)
+    # Within the warm-up (and the rate of the update after it) the limit does not matter...
+    assert extension_differs(cosine, replace(cosine, max_steps=24), 3) is None
+    # ...after it, every rate does.
+    assert extension_differs(cosine, replace(cosine, max_steps=24), 4) == \
+        "the cosine schedule gives update 5 0.982963x the peak rate under 16 and 0.993844x " \
+        "under 24"
+
+
+def test_an_extension_without_the_record_of_its_limit_starts_afresh(tmp_path, features):
+    from bestrq.params import load_params
+    from bestrq.run_identity import pretrain_key
+
+    def key(**knobs):
+        return pretrain_key(load_params(REPO / "params.yaml", {**FAST, **knobs}), features)
+
+    lengths = {"shares": {"warmup_steps": 0.25, "heads_only_steps": 0.1},
+               "updates": {"warmup_steps": 4, "heads_only_steps": 2}}
+    for name, schedule in lengths.items():
+        ck = tmp_path / name
+        with claim_checkpoints(ck, key(max_steps=16, **schedule)):
+            save_checkpoint(ck, 16, state(16.0))
+        (ck / RECORD).unlink()  # a kill between the marker and its record
+        messages = []
+        with claim_checkpoints(ck, key(max_steps=24, **schedule), messages.append) as claim:
+            # Lengths in updates do not depend on the limit, whatever it was.
+            assert claim.start == (16 if name == "updates" else 0)
+        if name == "shares":
+            assert len(messages) == 1
+            assert "the max_steps they were made under is not recorded, and warmup_steps " \
+                   "0.25 and heads_only_steps 0.1 depend on it" in messages[0]
+        else:
+            assert messages == []
 
 
 # ----------------------------------------------------------------------------- fingerprints
