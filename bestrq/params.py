@@ -17,7 +17,6 @@ Checking happens in two steps, both before any work:
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,15 +95,14 @@ SPEED_ONLY = _speed_only()
 
 
 def _hint(value: Any, want: str) -> str:
-    # YAML 1.1 reads 3e-4 (no dot) as text; quoting a number does the same.
+    # A quoted number is text ('5e-05'); unquoted, the reader takes 5e-05 as a number
+    # (`params_file`: YAML 1.2's floats, as DVC writes them).
     if not isinstance(value, str) or not want.startswith(("an integer", "a number")):
         return ""
     try:
         float(value)
     except ValueError:
         return ""
-    if re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", value.strip()):
-        return f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
     return " (text, not a number: remove the quotes)"
 
 

@@ -1,10 +1,12 @@
 """Reading a parameters file (params.yaml, a study grid) safely: bounded in size, a key given
 twice refused as DVC refuses it, and values quoted in messages at a bounded length, so that no
 file, however made, crashes or stalls the reader before the parameters are checked
-(`bestrq.params`)."""
+(`bestrq.params`). Numbers are read as DVC reads and writes them (YAML 1.2's floats: `5e-05`,
+which `dvc exp run -S learning_rate=5e-5` writes, is a number, not YAML 1.1's text)."""
 
 from __future__ import annotations
 
+import re
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,26 @@ def quote(value: Any) -> str:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key given twice in one mapping, as DVC does."""
+    """PyYAML's safe loader that refuses a key given twice in one mapping, as DVC does, and
+    reads floats as YAML 1.2 (DVC's ruamel.yaml) does."""
+
+
+# YAML 1.1's floats (PyYAML's own pattern: a dot, and a signed exponent, are required) and
+# YAML 1.2's: an exponent without a dot or without a sign (5e-05, 1e5, 1.0e5, 1E-5), a leading
+# dot after a sign (-.5). A plain integer matches neither, so it stays an int; a quoted value is
+# never resolved, so '5e-05' stays text.
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN)
+                    |[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+                    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?)$""", re.X)
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# The float resolver replaced where it stands (before the int one, which it must precede).
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, _FLOAT if tag == _FLOAT_TAG else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:

@@ -129,13 +129,66 @@ def test_checked_values_are_normalised_and_complete():
     assert p.download.num_utterances == 240  # the library's default
 
 
-def test_yaml_exponent_without_a_dot_is_explained(tmp_path):
+def _set_by_dvc(tmp_path: Path, overrides: list[str]) -> Path:
+    """A copy of the repository's params.yaml changed as `dvc exp run -S` changes it (DVC's own
+    writer: Hydra overrides, written back by ruamel.yaml)."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(path, overrides)
+    return path
+
+
+def test_floats_dvc_exp_run_set_are_read_as_numbers(tmp_path):
+    path = _set_by_dvc(tmp_path, ["learning_rate=5e-5", "adam_eps=1E-9",
+                                  "finetune.learning_rate=1e-5"])
+    text = path.read_text()
+    # What DVC writes: exponents without a dot, which YAML 1.1 (PyYAML) reads as text.
+    assert "learning_rate: 5e-05" in text and "adam_eps: 1e-09" in text
+    assert "  learning_rate: 1e-05" in text
+    p = load_params(path)
+    assert p.train.learning_rate == 5e-05 and p.train.adam_eps == 1e-09
+    assert p.finetune.learning_rate == 1e-05
+    assert p.raw["learning_rate"] == 5e-05 and p.raw["finetune"]["learning_rate"] == 1e-05
+    assert type(p.train.max_steps) is int and type(p.raw["max_steps"]) is int  # ints stay ints
+
+
+@pytest.mark.parametrize("written, value", [
+    ("5e-05", 5e-05), ("1e-5", 1e-05), ("1E-5", 1e-05), ("3e-4", 3e-04), ("1.0e-4", 1e-04),
+    ("2.5e+0", 2.5), ("1e+0", 1.0), ("1.", 1.0), (".5", 0.5), ("2", 2.0)])
+def test_every_float_form_yaml_writes_is_a_number(tmp_path, written, value):
+    text = (REPO / "params.yaml").read_text()
+    text = text.replace("learning_rate: 0.003", f"learning_rate: {written}", 1)
+    text = text.replace("max_minutes: 0.0", f"max_minutes: {written}", 1)  # in a section
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    p = load_params(path)
+    assert p.train.learning_rate == value and type(p.train.learning_rate) is float
+    assert p.finetune.max_minutes == value and type(p.finetune.max_minutes) is float
+
+
+def test_the_reader_takes_yaml_1_2_floats_and_leaves_ints_and_quoted_text(tmp_path):
+    from bestrq.params_file import read_yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("a: -2e+3\nb: [1e-5, 2, '3e-4']\nc: 20\nd: 0x1F\ne: '5e-05'\nf: 1_000\n"
+                    "g: 1e5x\nh: -.5\n")
+    values = read_yaml(path)
+    assert values == {"a": -2000.0, "b": [1e-05, 2, "3e-4"], "c": 20, "d": 31, "e": "5e-05",
+                      "f": 1000, "g": "1e5x", "h": -0.5}
+    assert [type(values[k]) for k in "acdf"] == [float, int, int, int]
+    assert yaml.safe_load("x: 1e-5") == {"x": "1e-5"}  # PyYAML's own loader is left as it was
+
+
+def test_a_quoted_number_stays_text_and_is_refused_naming_the_key(tmp_path):
     text = (REPO / "params.yaml").read_text().replace("learning_rate: 0.003",
-                                                      "learning_rate: 3e-4")
+                                                      "learning_rate: '5e-05'", 1)
     (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(ValueError, match=r"learning_rate: must be a number in \(0, 10\], got "
-                                         r"'3e-4' \(YAML reads 3e-4 as text"):
+    with pytest.raises(ValueError) as err:
         load_params(tmp_path / "params.yaml")
+    assert str(err.value) == ("params.yaml: learning_rate: must be a number in (0, 10], got "
+                              "'5e-05' (text, not a number: remove the quotes)")
 
 
 def test_command_line_values_are_checked_and_named_as_such(tmp_path, random_checkpoint):
