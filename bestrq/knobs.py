@@ -51,8 +51,9 @@ class Section(BaseModel):
 
 def knob(help: str, *, speed_only: bool = False, **bounds: Any) -> Any:
     """The declaration of a knob: `help` for `train --help`, pydantic's bounds (ge, le, gt, lt,
-    min_length, max_length), and `speed_only` for a knob that changes how fast a run goes or
-    what it logs, never what it computes (a checkpoint made under another value is resumed)."""
+    multiple_of, min_length, max_length), and `speed_only` for a knob that changes how fast a
+    run goes or what it logs, never what it computes (a checkpoint made under another value is
+    resumed)."""
     return Field(description=help, json_schema_extra={_SPEED_ONLY: speed_only}, **bounds)
 
 
@@ -159,13 +160,15 @@ def expected(model: type[BaseModel], name: str) -> str:
 
 def _range(kind: Any, metadata: list[Any]) -> str:
     bounds: dict[str, Any] = {}
-    for item in metadata:  # annotated_types' Ge, Gt, Le, Lt, MinLen
-        for attr in ("ge", "gt", "le", "lt", "min_length"):
+    for item in metadata:  # annotated_types' Ge, Gt, Le, Lt, MinLen, MultipleOf
+        for attr in ("ge", "gt", "le", "lt", "min_length", "multiple_of"):
             if getattr(item, attr, None) is not None:
                 bounds[attr] = getattr(item, attr)
     if kind is str:
         return "a non-empty string" if bounds.get("min_length") else "a string"
     noun = "an integer" if kind is int else "a number"
+    if "multiple_of" in bounds:
+        noun = f"a multiple of {bounds['multiple_of']}"
 
     def show(v: float) -> str:
         return str(v) if isinstance(v, int) else f"{v:g}"

@@ -31,7 +31,7 @@ from bestrq.masking import (
     target_mask,
     target_valid,
 )
-from bestrq.quantizer import RandomProjectionQuantizer
+from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
 from bestrq.seeding import HEADS_STREAM, generator
 from bestrq.stock_cache import StockCache
 
@@ -67,8 +67,34 @@ class LossConfig:
         "the last; BEARD: a middle block, the upper ones distilled)")] = -1
 
     def validate(self) -> None:
-        """Bounds only: which blocks exist is known once the encoder is (`BestRQModel`)."""
+        """Bounds only: which blocks exist is known with the encoder's depth (`resolve`)."""
         check(self)
+
+    def resolve(self, num_blocks: int, encoder: str = "this encoder"
+                ) -> tuple[int, tuple[int, ...]]:
+        """(bestrq_layer, sorted distill_layers) as block indices from the bottom of an encoder
+        of `num_blocks` blocks (`encoder` names it in messages); ValueError naming the knob for
+        a block it lacks or a block distilled twice."""
+        bestrq_layer = resolve_layer(self.bestrq_layer, num_blocks, "bestrq_layer", encoder)
+        resolved = [resolve_layer(i, num_blocks, "distill_layers", encoder)
+                    for i in self.distill_layers]
+        if not resolved or len(set(resolved)) != len(resolved):
+            raise ValueError(f"distill_layers: must be a non-empty list of distinct blocks, got "
+                             f"{list(self.distill_layers)!r}")
+        return bestrq_layer, tuple(sorted(resolved))
+
+
+# What training holds of each number of the heads: its fp32 weight, gradient and AdamW's two
+# moments.
+HEAD_TRAINING_BYTES = 16
+
+
+def heads_numbers(config: QuantizerConfig, d_model: int) -> int:
+    """Weights and biases of the BEST-RQ heads of `config`'s codebooks over an encoder of width
+    `d_model`: one linear map from a target's stack_frames / 2 encoder frames to each
+    codebook's codes."""
+    group = config.stack_frames // ENCODER_STRIDE
+    return config.num_codebooks * config.codebook_size * (d_model * group + 1)
 
 
 def seeded_linear(in_features: int, out_features: int, gen: torch.Generator) -> nn.Linear:
@@ -194,12 +220,13 @@ class FusedMultiSoftmaxCE(torch.autograd.Function):
                  for g, like in zip(grads, ctx.dtypes, strict=True)), None, None, None, None
 
 
-def resolve_layer(index: int, num_blocks: int, name: str) -> int:
+def resolve_layer(index: int, num_blocks: int, name: str, encoder: str = "this encoder"
+                  ) -> int:
     """A block index counted from the bottom (0) or, when negative, from the top (-1: the
-    last); ValueError naming `name` and the valid range otherwise."""
+    last); ValueError naming `name`, the `encoder` and the valid range otherwise."""
     if isinstance(index, bool) or not isinstance(index, int) \
             or not -num_blocks <= index < num_blocks:
-        raise ValueError(f"{name}: must be a block of this encoder, an integer in "
+        raise ValueError(f"{name}: must be a block of {encoder}, an integer in "
                          f"[{-num_blocks}, {num_blocks - 1}] ({num_blocks} blocks; negative "
                          f"counts from the top), got {index!r}")
     return index % num_blocks
@@ -256,19 +283,14 @@ class BestRQModel(nn.Module):
         the quantizer's seed)."""
         super().__init__()
         masking.validate()
-        check(LossConfig(distill_weight, list(distill_layers), distill_padding,
-                         distill_input, distill_cache, bestrq_layer))  # type: ignore[arg-type]
+        loss = LossConfig(distill_weight, list(distill_layers), distill_padding, distill_input,
+                          distill_cache, bestrq_layer)  # type: ignore[arg-type]
+        check(loss)
         self.distill_input = distill_input
         self.distill_cache = distill_cache
         self.stock_cache: StockCache | None = None
         self.distill_weight = float(distill_weight)
-        blocks = len(encoder.blocks)
-        self.bestrq_layer = resolve_layer(bestrq_layer, blocks, "bestrq_layer")
-        resolved = [resolve_layer(i, blocks, "distill_layers") for i in distill_layers]
-        if not resolved or len(set(resolved)) != len(resolved):
-            raise ValueError(f"distill_layers: must be a non-empty list of distinct blocks, got "
-                             f"{list(distill_layers)!r}")
-        self.distill_layers = tuple(sorted(resolved))
+        self.bestrq_layer, self.distill_layers = loss.resolve(len(encoder.blocks))
         self.distill_padding = distill_padding
         stack = quantizer.config.stack_frames
         if stack % ENCODER_STRIDE:

@@ -17,6 +17,7 @@ Checking happens in two steps, both before any work:
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,12 @@ from bestrq.knobs import (
     speed_only,
 )
 from bestrq.masking import MaskingConfig
-from bestrq.model import LossConfig
+from bestrq.model import HEAD_TRAINING_BYTES, LossConfig, heads_numbers
 from bestrq.params_file import quote, read_yaml
 from bestrq.quantizer import QuantizerConfig
 from bestrq.run import RunConfig
 from bestrq.train import TrainConfig
+from bestrq.whisper_model import encoder_shape
 
 # The configs whose knobs are params.yaml's top-level keys (one flat namespace: the names work
 # in `dvc exp run -S name=value` and `train --name value`), and the sections'.
@@ -205,10 +207,61 @@ def validate(params: Params, stage: str | None = None) -> None:
     if stage in (None, "pretrain", "evaluate", "finetune"):
         for name in TOP:
             getattr(params, name).validate()
+    if stage in (None, "pretrain"):
+        _check_against_model(params)
     if stage in (None, "evaluate", "finetune"):
         params.evaluate.validate()
     if stage in (None, "finetune"):
         params.finetune.validate(params.train)
+
+
+def validate_corpus(params: Params, train_clips: int, where: str) -> None:
+    """Before pre-training builds anything: a micro-batch no larger than the training split
+    (`train_clips` windows, in `where`). A larger one holds windows twice, as more accumulated
+    micro-batches would, at a memory cost that may not fit; ValueError naming batch_size."""
+    batch = params.train.batch_size
+    if batch > train_clips:
+        raise ValueError(f"batch_size: {batch} windows a micro-batch, more than the "
+                         f"{train_clips} training windows in {where}: set batch_size to at "
+                         f"most {train_clips} (accumulate_gradients makes an update larger)")
+
+
+def physical_memory() -> int | None:
+    """Bytes of this machine's memory; None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_against_model(params: Params) -> None:
+    """The knobs sized by the base model, checked before any work where the model's encoder is
+    known without its weights (`encoder_shape`: a Whisper name, a checkpoint's or a Hugging
+    Face config's dims): the blocks that bestrq_layer and distill_layers name exist, and a
+    training process's heads and quantizer fit in this machine's memory. Otherwise pretrain
+    checks the blocks once the encoder is loaded."""
+    spec = params.run.model
+    shape = encoder_shape(spec)
+    if shape is not None:
+        params.loss.resolve(shape[0], f"the encoder of model {spec!r}")
+    memory = physical_memory()
+    if memory is None:
+        return
+    q = params.quantizer
+    heads = 0 if shape is None else heads_numbers(q, shape[1]) * HEAD_TRAINING_BYTES
+    need = (heads + q.buffer_bytes()) * params.run.nproc
+    if need <= memory:
+        return
+    gb = 1e9
+    heads_say = "" if shape is None else (
+        f"heads {heads / gb:.1f} GB on the width {shape[1]} of model {spec!r}: weights, "
+        f"gradient and AdamW's moments, {HEAD_TRAINING_BYTES} bytes a number; ")
+    procs = f" in each of nproc {params.run.nproc} processes" if params.run.nproc > 1 else ""
+    raise ValueError(f"num_codebooks x codebook_size: {q.num_codebooks} x {q.codebook_size} "
+                     f"codes need {need / gb:.1f} GB to train ({heads_say}quantizer "
+                     f"{q.buffer_bytes() / gb:.1f} GB with code_dim {q.code_dim}){procs}, "
+                     f"more than this machine's {memory / gb:.1f} GB of memory: lower "
+                     "num_codebooks, codebook_size or code_dim")
 
 
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX

@@ -39,9 +39,11 @@ class QuantizerConfig:
     codebook_size: Annotated[int, knob("codes per codebook (paper: 8192)", ge=1, le=2**20)] = 8192
     code_dim: Annotated[int, knob(
         "dimension of the random projection and codes (paper: 16)", ge=1, le=4096)] = 16
+    # Even: a target spans whole encoder frames (Whisper's conv stem halves the frame rate), so
+    # the heads read stack_frames / 2 encoder frames per target.
     stack_frames: Annotated[int, knob(
-        "10 ms log-mel frames stacked per target (2 = Whisper's 20 ms encoder rate)",
-        ge=1, le=64)] = 2
+        "10 ms log-mel frames stacked per target: even, as Whisper's 20 ms encoder frame is two "
+        "of them (2: one encoder frame a target)", ge=2, le=64, multiple_of=2)] = 2
     seed: int = 0
     quantizer_norm: Annotated[Norm, knob(
         "statistics of the quantizer's input: utterance (each clip's own: targets do not follow "
@@ -51,6 +53,12 @@ class QuantizerConfig:
         check(self)
         if self.n_mels < 1:
             raise ValueError(f"n_mels must be >= 1, got {self.n_mels}")
+
+    def buffer_bytes(self) -> int:
+        """Bytes of the quantizer's frozen fp32 buffers: projections, codebooks, statistics."""
+        n, d = self.num_codebooks, self.code_dim
+        return 4 * (n * self.n_mels * self.stack_frames * d + n * self.codebook_size * d
+                    + 2 * self.n_mels)
 
     def to_dict(self) -> dict[str, Any]:
         """What an adapter file records (`FILE_NAMES`)."""

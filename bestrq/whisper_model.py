@@ -128,6 +128,33 @@ def expected_n_mels(spec: str) -> int | None:
         return None
 
 
+# Encoder blocks and width (ModelDimensions' n_audio_layer, n_audio_state) of Whisper's names,
+# ".en" stripped: what the params check needs of a model before its weights are downloaded.
+_ENCODER_SHAPES = {"tiny": (4, 384), "base": (6, 512), "small": (12, 768), "medium": (24, 1024),
+                   **dict.fromkeys(("large-v1", "large-v2", "large-v3", "large",
+                                    "large-v3-turbo", "turbo"), (32, 1280))}
+
+
+def encoder_shape(spec: str) -> tuple[int, int] | None:
+    """(blocks, width) of `spec`'s encoder, known without loading its weights (a name, a
+    checkpoint's dims read by a memory-mapped load, a Hugging Face folder's or cached hub
+    model's config.json); None when that cannot be told cheaply."""
+    kind = spec_kind(spec)
+    if kind == "name":
+        return _ENCODER_SHAPES.get(spec.removesuffix(".en"))  # a name whisper adds later: None
+    try:
+        if kind == "checkpoint":
+            dims = _load_checkpoint(spec)["dims"]
+            return int(dims["n_audio_layer"]), int(dims["n_audio_state"])
+        folder = Path(spec) if kind == "folder" else _hub_cached(spec) if kind == "hub" else None
+        if folder is None:
+            return None
+        config = hf_folder.read_config(folder)
+        return int(config["encoder_layers"]), int(config["d_model"])
+    except Exception:  # an old-format or foreign file: load_whisper will say what is wrong
+        return None
+
+
 def _hub_cached(repo_id: str) -> Path | None:
     """The local snapshot of hub model `repo_id` where its weights are cached, else None."""
     try:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import typer
 
+from bestrq.dataset import FeatureDataset
 from bestrq.distributed import distributed_session
-from bestrq.params import Params
+from bestrq.features import INDEX_FILE, STATS_FILE
+from bestrq.params import Params, validate_corpus
 from bestrq.recipes.pretrain import pretrain as pretrain_recipe
 from stages.common import (
     ADAPTER,
@@ -32,6 +34,10 @@ def run_pretrain(p: Params, features_dir: Path = FEATURES, adapter_path: Path = 
                  checkpoint_dir: Path = CHECKPOINTS, live_name: str = "pretrain") -> None:
     """Train and write the adapter; rank 0 alone logs and writes."""
     log: LiveLog | None = None
+    train_split = features_dir / "train"
+    # Features that are complete (stats.json is written last); the recipe names others.
+    if (features_dir / STATS_FILE).is_file() and (train_split / INDEX_FILE).is_file():
+        validate_corpus(p, len(FeatureDataset(train_split)), str(train_split))
 
     def open_log(start: int) -> LiveLog:
         nonlocal log
