@@ -33,7 +33,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "decay-1": {"weight_decay": 1.0},
     "codes-1024": {"codebook_size": 1024},
 }
-CURVES = Path("dvclive/train/plots/metrics")
 STUDY = Path("results/study/ia3-last.json")
 
 
@@ -50,12 +49,14 @@ def run_variant(name: str, overrides: dict[str, Any], steps: int, every: int,
     subprocess.run([sys.executable, "-m", "stages.train", *args], check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=True).stdout.strip()
-    summary = json.loads((CURVES.parent.parent / "metrics.json").read_text())
+    live = out / "dvclive"  # each `train` run logs inside its own folder
+    curves = live / "plots" / "metrics"
+    summary = json.loads((live / "metrics.json").read_text())
     return {"variant": name, "overrides": overrides, "command": "train " + " ".join(args),
             "commit": commit, "seconds": time.perf_counter() - start,
             "precision": summary.get("precision"),
-            "curves": {n: read_tsv(CURVES / f"{n}.tsv") for n in CURVE_NAMES
-                       if (CURVES / f"{n}.tsv").is_file()}}
+            "curves": {n: read_tsv(curves / f"{n}.tsv") for n in CURVE_NAMES
+                       if (curves / f"{n}.tsv").is_file()}}
 
 
 def at(curve: list[list[float]], step: float) -> float | None:

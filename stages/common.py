@@ -94,10 +94,16 @@ def params_or_exit(stage: str, path: str = "params.yaml",
     return params
 
 
+def live_folder(name: str) -> Path:
+    """A log's folder: dvclive/<name> for a stage; an absolute path as it is (each `train`
+    run logs inside its own folder)."""
+    return LIVE / name  # an absolute `name` replaces LIVE
+
+
 def open_live(name: str, resume: bool = False) -> Live:
-    """A DVCLive logger in dvclive/<name>: one folder per stage, since DVCLive clears the
+    """A DVCLive logger in `live_folder(name)`: one folder per stage, since DVCLive clears the
     metrics of the folder it opens; dvc.yaml declares the metrics and plots itself."""
-    return Live(dir=str(LIVE / name), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    return Live(dir=str(live_folder(name)), resume=resume, save_dvc_exp=False, dvcyaml=None)
 
 
 def log_summary(live: Live, metrics: dict[str, float | str]) -> None:
@@ -151,7 +157,7 @@ class LiveLog:
 
     def resume(self, curve: str, step: int) -> None:
         """Run `curve` goes on from `step`: the rows it logged after it are dropped."""
-        truncate_history(LIVE / self.name, step, under=curve)
+        truncate_history(live_folder(self.name), step, under=curve)
 
     def steps(self, curve: str = "train") -> Callable[[int, dict[str, float]], None]:
         return step_logger(self.live, curve)
@@ -172,10 +178,11 @@ def hold_checkpoints(claims: ExitStack, checkpoint_dir: Path, key: RunSignature)
     return held.start
 
 
-def relaunch_under_torchrun(p: Params, module: str) -> None:
+def relaunch_under_torchrun(p: Params, module: str, args: list[str] | None = None) -> None:
     """With several processes (nproc) or machines (nnodes) and not yet under torchrun, re-run
-    this command under torchrun: nproc processes here, one machine of nnodes, whose rank and
-    rendezvous come from BESTRQ_NODE_RANK / BESTRQ_MASTER_ADDR / BESTRQ_MASTER_PORT."""
+    this command (with `args`, default its own) under torchrun: nproc processes here, one
+    machine of nnodes, whose rank and rendezvous come from BESTRQ_NODE_RANK /
+    BESTRQ_MASTER_ADDR / BESTRQ_MASTER_PORT."""
     if "LOCAL_RANK" in os.environ:
         return
     try:
@@ -186,7 +193,8 @@ def relaunch_under_torchrun(p: Params, module: str) -> None:
         print_error(err, module)
         raise typer.Exit(code=2) from err
     if p.run.nproc > 1 or nodes.nnodes > 1:
-        raise typer.Exit(code=launch_torchrun(p.run.nproc, module, sys.argv[1:], nodes))
+        raise typer.Exit(code=launch_torchrun(
+            p.run.nproc, module, sys.argv[1:] if args is None else args, nodes))
 
 
 def truncate_history(live_dir: Path, last_step: int, under: str = "") -> None:
