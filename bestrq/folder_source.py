@@ -263,14 +263,20 @@ def _unique_ids(files: list[Path], root: Path) -> list[str]:
     used: set[str] = set()
     for path in files:
         rel = path.relative_to(root).as_posix()
-        utt_id = rel.rsplit(".", 1)[0].replace("/", "__") if stems[path.stem] > 1 else path.stem
-        base, n = utt_id, 1
-        while utt_id in used:
-            n += 1
-            utt_id = f"{base}~{n}"
-        used.add(utt_id)
-        ids.append(utt_id)
+        ids.append(numbered(
+            rel.rsplit(".", 1)[0].replace("/", "__") if stems[path.stem] > 1 else path.stem,
+            used))
     return ids
+
+
+def numbered(base: str, used: set[str]) -> str:
+    """`base`, or `base~2`, `base~3`, ... whichever is not in `used` yet; added to `used`."""
+    utt_id, n = base, 1
+    while utt_id in used:
+        n += 1
+        utt_id = f"{base}~{n}"
+    used.add(utt_id)
+    return utt_id
 
 
 def index_folder(root: Path, raw_dir: Path, files: list[Path] | None = None,

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bestrq.folder_source import DigestCache, group_for
+from bestrq.folder_source import DigestCache, group_for, numbered
 
 __all__ = ["MANIFEST_SUFFIXES", "is_manifest", "read_nemo_manifest"]
 
@@ -90,19 +90,19 @@ def read_nemo_manifest(manifest: Path, digests: DigestCache | None = None
                                 "audio_filepath is not a file"})
                 continue
             if digests is not None:
-                entry["size"], entry["sha256"] = digests.digest(path)
+                try:
+                    entry["size"], entry["sha256"] = digests.digest(path)
+                except OSError as exc:  # one unreadable file must not stop the corpus
+                    skipped.append({"path": entry["path"], "line": n, "reason": f"{manifest}:"
+                                    f"{n}: cannot read {path}: {exc}"})
+                    continue
             entries.append(entry)
     # Ids: the file's stem, with the span's start in ms when the line cuts one out; whatever
     # still collides gets a numbered suffix.
     used: set[str] = set()
+    out = []
     for entry in entries:
         stem = Path(entry["path"]).stem
-        base = utt_id = f"{stem}_{round(entry['offset'] * 1000):09d}ms" if entry["offset"] \
-            else stem
-        n = 1
-        while utt_id in used:
-            n += 1
-            utt_id = f"{base}~{n}"
-        used.add(utt_id)
-        entry["id"] = utt_id
-    return [{"id": e.pop("id"), **e} for e in entries], skipped
+        base = f"{stem}_{round(entry['offset'] * 1000):09d}ms" if entry["offset"] else stem
+        out.append({"id": numbered(base, used), **entry})
+    return out, skipped

@@ -89,3 +89,23 @@ def test_a_span_is_decoded_alone_and_an_offset_past_the_end_is_named(tmp_path: P
                                atol=1e-3)
     with pytest.raises(Exception, match=r"offset 3\.5 s is past its end \(3\.000 s\)"):
         list(stream_audio(path, offset=3.5))
+
+
+def test_an_unreadable_audio_file_is_listed_not_fatal(tmp_path: Path, monkeypatch) -> None:
+    from bestrq.folder_source import DigestCache
+    from bestrq.nemo_manifest import read_nemo_manifest
+
+    manifest = _write(tmp_path)
+    real = DigestCache.digest
+
+    def digest(self, path):
+        if path.parent.name == "b":
+            raise PermissionError(13, "Permission denied")
+        return real(self, path)
+
+    monkeypatch.setattr(DigestCache, "digest", digest)
+    entries, skipped = read_nemo_manifest(manifest, DigestCache(tmp_path / "digests.json"))
+    assert len(entries) == 4 and all(e["sha256"] for e in entries)
+    assert [s["line"] for s in skipped] == [3, 6, 7, 8]
+    assert skipped[0]["reason"].startswith(f"{manifest}:3: cannot read ") and \
+        "Permission denied" in skipped[0]["reason"]
