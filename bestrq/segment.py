@@ -36,6 +36,7 @@ from whisper.audio import N_SAMPLES, SAMPLE_RATE
 from bestrq.audio import AudioDecodeError, split_stream, stream_audio, write_audio
 from bestrq.jsonl import read_jsonl, write_jsonl
 from bestrq.knobs import Ratio, Seed, Workers, check, knob
+from bestrq.roles import POOL, ROLES, check_disjoint, role_of
 
 __all__ = ["SPLITS", "SegmentConfig", "Unit", "check_splittable", "hide_transcripts", "pack_units",
            "segment_corpus", "split_corpus", "validate"]
@@ -154,15 +155,35 @@ def _too_few(groups: int, labelled: int) -> SplitError:
         "are its folders, one per speaker) or transcripts")
 
 
-def check_splittable(group_labelled: dict[str, bool]) -> None:
+def check_splittable(group_labelled: dict[str, bool], fixed: dict[str, str] | None = None
+                     ) -> None:
     """Raise SplitError (one line: the counts, the knobs) unless three speaker-disjoint splits
     exist: >= 3 groups, and >= 3 with transcripts when the corpus has any (dev and test to
     measure WER, train to fine-tune on). `group_labelled` maps each group to whether one of
-    its files has a transcript. Checked on the manifest, before any audio is decoded, and
-    again on the windows."""
+    its files has a transcript; `fixed` maps the groups of the user's own dev and test sets
+    (download.dev, download.test) to their split: each such set needs transcripts, and the
+    other groups then need one transcribed group per split still to draw, plus train's.
+    Checked on the manifest, before any audio is decoded, and again on the windows."""
+    fixed = fixed or {}
     labelled = sum(group_labelled.values())
-    if len(group_labelled) < 3 or (labelled and labelled < 3):
-        raise _too_few(len(group_labelled), labelled)
+    if not fixed:
+        if len(group_labelled) < 3 or (labelled and labelled < 3):
+            raise _too_few(len(group_labelled), labelled)
+        return
+    for split in sorted(set(fixed.values())):
+        if not any(group_labelled[g] for g, s in fixed.items() if s == split):
+            raise SplitError(f"download.{split}: none of its files has a transcript; a held-out "
+                             "set measures WER and needs them (*.trans.txt, transcripts.tsv or "
+                             "a manifest's text)")
+    free = [g for g in group_labelled if g not in fixed]
+    drawn = [s for s in ("test", "dev") if s not in fixed.values()]
+    free_labelled = sum(group_labelled[g] for g in free)
+    if free_labelled < len(drawn) + 1:
+        raise SplitError(
+            f"segment: outside {' and '.join(f'download.{s}' for s in sorted(set(fixed.values())))}"
+            f" {free_labelled} speakers/recordings have transcripts; train needs one for the "
+            f"fine-tune{' and ' + ' and '.join(drawn) + ' one each' if drawn else ''}: give "
+            "download.labelled (transcribed audio of other speakers) or transcripts")
 
 
 # How far a split's share of the windows may stray from its knob before segment says so.
@@ -195,22 +216,34 @@ def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float,
     SplitShareWarning naming the largest speaker."""
     sizes = dict(Counter(w["group"] for w in windows))  # windows per group
     labelled_groups = {w["group"] for w in windows if w["transcript"] is not None}
-    check_splittable({g: g in labelled_groups for g in sizes})
-    candidates = _seeded_order(labelled_groups or sizes, seed, "split")
+    # The user's own held-out sets keep their speakers; the rest is drawn from the others.
+    fixed = {w["group"]: role_of(w) for w in windows if role_of(w) in ("dev", "test")}
+    check_splittable({g: g in labelled_groups for g in sizes}, fixed)
+    free = [g for g in sizes if g not in fixed]
+    free_labelled = [g for g in free if g in labelled_groups]
+    candidates = _seeded_order(free_labelled or free, seed, "split")
     # Train keeps one group when every group is a candidate.
-    pool = candidates[:-1] if len(candidates) == len(sizes) else candidates
+    pool = candidates[:-1] if len(candidates) == len(free) else candidates
     if labelled_groups:
         # Sized in transcribed windows: what dev and test measure WER on.
         sizes = dict(Counter(w["group"] for w in windows if w["transcript"] is not None))
-    base = sum(sizes.values())
+    base = sum(sizes.get(g, 0) for g in candidates)
     # At most this many candidates go to dev and test together: the rest stay in train.
     room = len(candidates) - (train_transcribed_groups(len(candidates), train_transcribed)
                               if labelled_groups else 0)
-    test = _greedy_set(pool[:-1], sizes, test_fraction * base, room - 1)  # one left for dev
-    dev = _greedy_set([g for g in pool if g not in test], sizes, dev_fraction * base,
-                      room - len(test))
-    of = {**{g: "test" for g in test}, **{g: "dev" for g in dev}}
-    _check_shares(of, sizes, {"dev": dev_fraction, "test": test_fraction})
+    wanted = {s: f for s, f in (("test", test_fraction), ("dev", dev_fraction))
+              if s not in fixed.values()}
+    test: list[str] = []
+    if "test" in wanted:  # leaves one for dev when dev is drawn too
+        test = _greedy_set(pool[:-1] if "dev" in wanted else pool, sizes,
+                           test_fraction * base, room - ("dev" in wanted))
+    dev: list[str] = []
+    if "dev" in wanted:
+        dev = _greedy_set([g for g in pool if g not in test], sizes, dev_fraction * base,
+                          room - len(test))
+    of = {**fixed, **{g: "test" for g in test}, **{g: "dev" for g in dev}}
+    if wanted:
+        _check_shares(of, {g: sizes.get(g, 0) for g in candidates}, wanted)
     return {split: [w for w in windows if of.get(w["group"], "train") == split]
             for split in SPLITS}
 
@@ -235,15 +268,17 @@ def _check_shares(of: dict[str, str], sizes: dict[str, int], wanted: dict[str, f
 def hide_transcripts(train: list[dict], share: float, seed: int) -> int:
     """Keep the text of `share` of the transcribed train windows (a seeded draw; at least one
     when share > 0), so the fine-tune's labelled set is a part of BEST-RQ's pool, as in the
-    user's case of much audio and a few transcripts; the others become unlabelled. Returns how
-    many were hidden."""
-    labelled = [w["id"] for w in train if w["transcript"] is not None]
+    user's case of much audio and a few transcripts; the others become unlabelled. Windows of
+    the user's own labelled set (download.labelled) keep all of theirs. Returns how many were
+    hidden."""
+    labelled = [w["id"] for w in train if w["transcript"] is not None and role_of(w) == POOL]
     keep = round(share * len(labelled))
     keep = max(keep, 1) if share > 0 and labelled else keep
     kept = set(_seeded_order(labelled, seed, "labelled")[:keep])
     hidden = 0
     for window in train:
-        if window["transcript"] is not None and window["id"] not in kept:
+        if window["transcript"] is not None and role_of(window) == POOL \
+                and window["id"] not in kept:
             window["transcript"] = None
             hidden += 1
     return hidden
@@ -280,14 +315,30 @@ def plan(entries: list[dict], base: Path, cfg: SegmentConfig) -> list[str]:
                      "(transcripts: LibriSpeech-style *.trans.txt, transcripts.tsv or a "
                      "manifest beside the audio)")
         return lines
-    keep = train_transcribed_groups(len(labelled), cfg.train_transcribed_speakers)
-    lines.append(
-        f"segment: plan: dev and test are drawn from the {len(labelled)} transcribed speakers, "
-        f"{cfg.dev_fraction:.0%} and {cfg.test_fraction:.0%} of the transcribed windows "
-        f"(segment.dev_fraction, test_fraction); train keeps at least {keep} of them for the "
-        f"fine-tune (segment.train_transcribed_speakers {cfg.train_transcribed_speakers:g}), "
-        f"{len(groups) - len(labelled)} untranscribed ones, and the text of "
-        f"{cfg.transcribed_share:.0%} of its transcribed windows (segment.transcribed_share)")
+    roles = {e["group"]: role_of(e) for e in entries}
+    for role in ROLES:  # the user's own sets, whole
+        mine = [e for e in entries if role_of(e) == role]
+        if mine:
+            lines.append(f"segment: plan: download.{role}: {len({e['group'] for e in mine})} "
+                         f"speakers, {len(mine)} files, "
+                         f"{sum(e['transcript'] is not None for e in mine)} with transcripts: "
+                         f"{'train, every transcript kept' if role == 'labelled' else role}")
+    drawn = [s for s in ("dev", "test") if s not in roles.values()]
+    free = {g for g in labelled if roles[g] not in ("dev", "test")}
+    keep = train_transcribed_groups(len(free), cfg.train_transcribed_speakers)
+    if drawn:
+        share = {"dev": cfg.dev_fraction, "test": cfg.test_fraction}
+        lines.append(
+            f"segment: plan: {' and '.join(drawn)} drawn from the {len(free)} transcribed "
+            f"speakers outside the user's held-out sets, "
+            f"{' and '.join(f'{share[s]:.0%}' for s in drawn)} of their transcribed windows "
+            f"({', '.join(f'segment.{s}_fraction' for s in drawn)}); train keeps at least "
+            f"{keep} of them for the fine-tune (segment.train_transcribed_speakers "
+            f"{cfg.train_transcribed_speakers:g})")
+    lines.append(f"segment: plan: train: {sum(r == POOL for r in roles.values())} speakers of "
+                 f"download.source ({len(groups) - len(labelled)} untranscribed); the text of "
+                 f"{cfg.transcribed_share:.0%} of its transcribed windows is kept "
+                 f"(segment.transcribed_share)")
     return lines
 
 
@@ -437,6 +488,7 @@ class _GroupJob:
     max_samples: int
     min_samples: int
     pack: bool
+    role: str = POOL
 
 
 def _segment_group(job: _GroupJob) -> tuple[list[dict], _Tally]:
@@ -462,6 +514,8 @@ def _segment_group(job: _GroupJob) -> tuple[list[dict], _Tally]:
             else " ".join(str(t).strip() for t in transcripts),
             "sources": list(dict.fromkeys(u.source_id for u in window)),
             "group": job.group,
+            # Only a role source's windows say so: a corpus without roles is written as before.
+            **({"role": job.role} if job.role != POOL else {}),
         })
     return records, tally
 
@@ -498,7 +552,8 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     for entry in entries:
         labelled[entry["group"]] = labelled.get(entry["group"], False) \
             or entry["transcript"] is not None
-    check_splittable(labelled)  # before any audio is decoded
+    roles = check_disjoint(entries)  # before any audio is decoded
+    check_splittable(labelled, {g: r for g, r in roles.items() if r in ("dev", "test")})
     for line in plan(entries, raw_manifest.parent, cfg):
         tqdm.write(line, file=sys.stderr)
     download_skipped = _read_download_skipped(raw_manifest.parent)
@@ -517,7 +572,7 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     audio_dir.mkdir(parents=True)
 
     jobs = [_GroupJob(group, list(members), raw_manifest.parent, work_dir / f"{i:06d}",
-                      max_samples, min_samples, cfg.pack)
+                      max_samples, min_samples, cfg.pack, roles[group])
             for i, (group, members) in enumerate(groupby(entries, key=lambda e: e["group"]))]
     tally = _Tally()
     windows: list[dict] = []

@@ -17,6 +17,7 @@ parameters, their validation and the entry point.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -38,6 +39,7 @@ from bestrq.folder_source import (
 from bestrq.jsonl import write_jsonl
 from bestrq.knobs import Seed, Text, check, knob
 from bestrq.nemo_manifest import is_manifest, read_nemo_manifest
+from bestrq.roles import ROLES, check_disjoint
 from bestrq.url_source import (
     DOWNLOAD_DIR,
     DOWNLOAD_RECORD,
@@ -133,6 +135,16 @@ class SourceConfig:
         ge=1, le=10**6)] = 100.0
     max_download_gb: Annotated[Annotated[float, Field(gt=0, le=10**6)] | None, knob(
         "a download (URL, file://) passing this is stopped; null: max_extract_gb")] = None
+    # Sets of the user's own, by role (bestrq.roles): any kind of source but synthetic.
+    labelled: Annotated[Text | None, knob(
+        "transcribed audio for the fine-tune (it joins BEST-RQ's pool too); null: drawn from "
+        "download.source's transcribed speakers")] = None
+    dev: Annotated[Text | None, knob(
+        "a transcribed held-out set where knobs are chosen; null: drawn from the transcribed "
+        "speakers (segment.dev_fraction)")] = None
+    test: Annotated[Text | None, knob(
+        "a transcribed held-out set that reports; null: drawn from the transcribed speakers "
+        "(segment.test_fraction)")] = None
 
 
 def source_kind(source: str) -> str:
@@ -151,62 +163,92 @@ def source_kind(source: str) -> str:
     return "folder"
 
 
+def sources(cfg: SourceConfig) -> dict[str, str]:
+    """The sources a corpus is read from, by knob: download.source, then each role given."""
+    out = {"source": cfg.source}
+    out.update({role: value for role in ROLES if (value := getattr(cfg, role)) is not None})
+    return out
+
+
 def validate(cfg: SourceConfig) -> None:
     """Check every parameter before any work; ValueError names the bad one."""
     check(cfg, "download.")
     if cfg.checksum:
         parse_checksum(cfg.checksum)
-    kind = source_kind(cfg.source)
+    for name, source in sources(cfg).items():
+        _check_source(f"download.{name}", source)
+
+
+def _check_source(name: str, source: str) -> None:
+    """ValueError naming the knob `name` unless `source` can be read."""
+    kind = source_kind(source)
+    if kind == "synthetic" and name != "download.source":
+        raise ValueError(f"{name}: synthetic speech is only for download.source (its voices "
+                         "would repeat); give a folder, glob, URL, preset or manifest")
     if kind == "librispeech":
-        subset = cfg.source.split(":", 1)[1]
+        subset = source.split(":", 1)[1]
         if subset not in LIBRISPEECH_SUBSETS:
             raise ValueError(
-                f"download.source: unknown librispeech subset {subset!r}; "
+                f"{name}: unknown librispeech subset {subset!r}; "
                 f"choose one of {', '.join(LIBRISPEECH_SUBSETS)}"
             )
     elif kind == "url":
-        check_url_scheme(cfg.source)
+        check_url_scheme(source)
     elif kind == "manifest":
-        if not Path(cfg.source).expanduser().is_file():
-            raise ValueError(f"download.source: manifest {cfg.source} is not a file")
+        if not Path(source).expanduser().is_file():
+            raise ValueError(f"{name}: manifest {source} is not a file")
     elif kind == "glob":
-        if not any(is_audio_file(p) for p in glob_files(cfg.source, [])):
-            raise ValueError(f"download.source: glob {cfg.source} matches no audio files")
+        if not any(is_audio_file(p) for p in glob_files(source, [])):
+            raise ValueError(f"{name}: glob {source} matches no audio files")
     elif kind == "folder":
-        path = Path(cfg.source).expanduser()
+        path = Path(source).expanduser()
         if not path.exists():
-            raise ValueError(f"download.source: folder {path} does not exist")
+            raise ValueError(f"{name}: folder {path} does not exist")
         if not path.is_dir() and not is_audio_file(path):
-            raise ValueError(f"download.source: {path} is neither a folder nor an audio file")
+            raise ValueError(f"{name}: {path} is neither a folder nor an audio file")
 
 
-def _watched_path(cfg: SourceConfig) -> Path | None:
-    """What a folder or glob source reads: the folder, the one file, or the glob's fixed root."""
-    kind = source_kind(cfg.source)
+def _watched_path(source: str) -> Path | None:
+    """What a folder, glob or manifest source reads: the folder, the one file, the glob's fixed
+    root, the manifest; None for the others."""
+    kind = source_kind(source)
     if kind == "glob":
-        return glob_root(cfg.source)
+        return glob_root(source)
     if kind in ("folder", "manifest"):
-        return Path(cfg.source).expanduser()
+        return Path(source).expanduser()
     return None
 
 
 def check_watch(cfg: SourceConfig) -> None:
-    """ValueError unless `download.watch` holds the audio of a folder or glob source.
+    """ValueError unless `download.watch` holds what every local source reads (download.source
+    and each role's folder, glob or manifest).
 
     dvc.yaml makes `download.watch` a dependency of the download stage; DVC hashes it, so
     added, removed or edited audio there re-runs download and what follows. Without this
-    check a folder source would silently be a constant to DVC."""
-    target = _watched_path(cfg)
-    if target is None:
+    check a folder source would silently be a constant to DVC. DVC cannot take a list there
+    (`${...}` interpolates a single path), so sources by role share one folder above them."""
+    targets = {name: t for name, source in sources(cfg).items()
+               if (t := _watched_path(source)) is not None}
+    if not targets:
         return
     watch = Path(cfg.watch).expanduser()
-    if watch.exists() and is_within(real_path(target), real_path(watch)):
+    outside = [name for name, t in targets.items()
+               if not (watch.exists() and is_within(real_path(t), real_path(watch)))]
+    if not outside:
         return
+    if len(targets) == 1:
+        (target,) = targets.values()
+        raise ValueError(
+            f"download.watch: is {cfg.watch!r}, which does not hold the audio of "
+            f"download.source; set it to {target} so that `dvc repro` re-runs download when "
+            f"that audio changes (e.g. dvc exp run -S download.source=... -S "
+            f"download.watch={target})")
+    common = Path(os.path.commonpath([os.path.abspath(t) for t in targets.values()]))
     raise ValueError(
-        f"download.watch: is {cfg.watch!r}, which does not hold the audio of download.source; "
-        f"set it to {target} so that `dvc repro` re-runs download when that audio changes "
-        f"(e.g. dvc exp run -S download.source=... -S download.watch={target})"
-    )
+        f"download.watch: is {cfg.watch!r}, which does not hold what "
+        f"{', '.join(f'download.{n}' for n in outside)} read(s); set it to a folder holding "
+        f"every local source (here {common}) so that `dvc repro` re-runs download when that "
+        "audio changes")
 
 
 # --- manifest ----------------------------------------------------------------------------
@@ -269,48 +311,39 @@ def _clear_stale(raw_dir: Path, kind: str) -> None:
         remove_path(path)
 
 
-def acquire(cfg: SourceConfig, raw_dir: Path, cache_dir: Path | None = None
-            ) -> dict[str, float | str]:
-    """Gather the audio of `cfg.source` under `raw_dir`; write `raw_dir/manifest.jsonl` and
-    `raw_dir/skipped.jsonl` (what was left aside, with reasons).
-
-    Downloads and the sha256 of in-place files are cached under `cache_dir` (default: a
-    "cache" folder beside raw_dir). Returns stats: num_files, num_with_transcript, num_groups,
-    num_skipped; for URL sources also download_sha256, download_bytes and download_verified
-    (0 without a checksum, when an UnverifiedDownloadWarning is issued too).
-    """
-    validate(cfg)
-    raw_dir = Path(raw_dir)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir) if cache_dir is not None else raw_dir.parent / "cache"
-    kind = source_kind(cfg.source)
-    watched = _watched_path(cfg)
+def _acquire_one(name: str, source: str, checksum: str, cfg: SourceConfig, raw_dir: Path,
+                 cache_dir: Path) -> tuple[list[dict], list[dict], dict[str, float | str]]:
+    """The entries of one source gathered under `raw_dir`, what was left aside, and the
+    download's stats (URL sources)."""
+    kind = source_kind(source)
+    watched = _watched_path(source)
     if watched is not None and (is_within(real_path(watched), real_path(raw_dir))
                                 or is_within(real_path(raw_dir), real_path(watched))):
-        raise ValueError(f"download.source: {cfg.source} overlaps the output folder {raw_dir}, "
+        raise ValueError(f"download.{name}: {source} overlaps the output folder {raw_dir}, "
                          "which the download stage rewrites; use a folder outside it")
+    raw_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale(raw_dir, kind)
     extra: dict[str, float | str] = {}
     skipped: list[dict] = []
     if kind == "synthetic":
         entries = _acquire_synthetic(cfg, raw_dir)
     elif kind in ("librispeech", "url"):
-        url, checksum = cfg.source, cfg.checksum
+        url = source
         if kind == "librispeech":
-            url, preset = LIBRISPEECH_SUBSETS[cfg.source.split(":", 1)[1]]
-            checksum = cfg.checksum or preset
+            url, preset = LIBRISPEECH_SUBSETS[source.split(":", 1)[1]]
+            checksum = checksum or preset
         entries, skipped, extra = acquire_url(url, checksum, raw_dir, cache_dir,
                                                cfg.max_extract_gb, cfg.max_ratio,
                                                cfg.max_download_gb)
     else:
         digests = DigestCache(cache_dir / "digests.json")
-        path = Path(cfg.source).expanduser()
+        path = Path(source).expanduser()
         if kind == "manifest":
             entries, skipped = read_nemo_manifest(path, digests)
         elif kind == "glob":
             unlisted: list[dict] = []
-            files = glob_files(cfg.source, unlisted)
-            entries, skipped = index_folder(glob_root(cfg.source), raw_dir, files, digests)
+            files = glob_files(source, unlisted)
+            entries, skipped = index_folder(glob_root(source), raw_dir, files, digests)
             skipped = unlisted + skipped
         elif path.is_file():
             entries, skipped = index_folder(path.parent, raw_dir, [path], digests)
@@ -318,5 +351,44 @@ def acquire(cfg: SourceConfig, raw_dir: Path, cache_dir: Path | None = None
             entries, skipped = index_folder(path, raw_dir, digests=digests)
         digests.save()
     if not entries:
-        raise ValueError(f"download.source: {cfg.source} gave no audio files")
+        raise ValueError(f"download.{name}: {source} gave no audio files")
+    return entries, skipped, extra
+
+
+def acquire(cfg: SourceConfig, raw_dir: Path, cache_dir: Path | None = None
+            ) -> dict[str, float | str]:
+    """Gather the audio of `cfg.source` under `raw_dir`, and that of each role given
+    (download.labelled, dev, test) under `raw_dir/<role>`; write `raw_dir/manifest.jsonl`
+    (a role's entries carry "role" and ids prefixed `<role>-`) and `raw_dir/skipped.jsonl`
+    (what was left aside, with reasons). A speaker in two roles stops it (RoleOverlapError).
+
+    Downloads and the sha256 of in-place files are cached under `cache_dir` (default: a
+    "cache" folder beside raw_dir). Returns stats: num_files, num_with_transcript, num_groups,
+    num_skipped, and per role given <role>_files, <role>_with_transcript, <role>_groups; for
+    URL sources also download_sha256, download_bytes and download_verified (0 without a
+    checksum, when an UnverifiedDownloadWarning is issued too; a role's prefixed <role>_).
+    """
+    validate(cfg)
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else raw_dir.parent / "cache"
+    entries, skipped, extra = _acquire_one("source", cfg.source, cfg.checksum, cfg, raw_dir,
+                                           cache_dir)
+    for role in ROLES:
+        source = getattr(cfg, role)
+        if source is None:
+            remove_path(raw_dir / role)  # an earlier run's set for a role no longer given
+            continue
+        found, left, stats = _acquire_one(role, source, "", cfg, raw_dir / role, cache_dir)
+        for entry in found:
+            path = Path(entry["path"])
+            entry.update(id=f"{role}-{entry['id']}", role=role,
+                         path=str(path) if path.is_absolute() else f"{role}/{entry['path']}")
+        entries += found
+        skipped += [{"role": role, **record} for record in left]
+        extra |= {f"{role}_{k}": v for k, v in stats.items()}
+        extra |= {f"{role}_files": len(found),
+                  f"{role}_with_transcript": sum(e["transcript"] is not None for e in found),
+                  f"{role}_groups": len({e["group"] for e in found})}
+    check_disjoint(entries)  # before any audio is decoded
     return {**_write_manifest(raw_dir, entries, skipped), **extra}

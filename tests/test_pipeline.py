@@ -252,6 +252,35 @@ def test_repro_finishes_when_train_keeps_no_transcript(tmp_path):
     assert "report: ft_stock (fine-tuned from stock) on test, dev: absent" in out
 
 
+def test_repro_by_role_fine_tunes_from_both_starts_and_reports_test_and_dev(tmp_path):
+    # The user's case: untranscribed speakers, a transcribed labelled set, and dev and test
+    # sets of their own, each a LibriSpeech-layout folder under one watched folder.
+    from tests.test_roles import _librispeech
+
+    data = tmp_path / "corpus"
+    _librispeech(data / "pool", [1, 2, 3, 4], text=False)
+    _librispeech(data / "labelled", [11, 12])
+    _librispeech(data / "dev", [21])
+    _librispeech(data / "test", [31])
+    download = {"source": str(data / "pool"), "labelled": str(data / "labelled"),
+                "dev": str(data / "dev"), "test": str(data / "test"), "watch": str(data)}
+    project = make_project(tmp_path, "w.pt", {**SMALL, "download": download,
+                                              "evaluate": {"probes": False}})
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), project / "w.pt")
+    out = run(["dvc", "repro"], project)
+    assert ran_stages(out) == set(ALL_STAGES)
+    segments = json.loads((project / "dvclive" / "segment" / "metrics.json").read_text())
+    assert (segments["speakers_test"], segments["speakers_dev"], segments["speakers_train"]) \
+        == (1, 1, 6)
+    # The labelled set keeps every transcript (two speakers, each packed into one window).
+    assert (segments["transcribed_train"], segments["num_hidden_transcripts"]) == (2, 0)
+    stage = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
+    assert stage["labelled_clips"] >= 1
+    answer = json.loads((project / "dvclive" / "report" / "metrics.json").read_text())
+    for split in ("test", "dev"):
+        assert {"stock", "bestrq", "ft_stock", "ft_bestrq", "ft_diff"} <= set(answer[split])
+
+
 def test_download_stage_is_bitwise_reproducible(tmp_path):
     # Many voices and speakers: every voice variant the synthetic source uses is covered.
     project = make_project(tmp_path, "tiny.en", {"download": {"num_utterances": 40,
