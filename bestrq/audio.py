@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -252,10 +252,13 @@ def _cut_point(window: np.ndarray, frame_length: int) -> int:
     return start + best * frame_length + frame_length // 2
 
 
-def split_stream(blocks: Iterable[np.ndarray], sample_rate: int, max_seconds: float
+def split_stream(blocks: Iterable[np.ndarray], sample_rate: int, max_seconds: float, *,
+                 cut_point: Callable[[np.ndarray], int | None] | None = None
                  ) -> Iterator[np.ndarray]:
-    """Cut a stream of audio blocks into pieces of at most `max_seconds`, each cut at a
-    low-energy 100 ms frame in the last third of its window, so pieces stay long.
+    """Cut a stream of audio blocks into pieces of at most `max_seconds`, each cut where
+    `cut_point(window)` says (e.g. `bestrq.vad.vad_cut_point`: between utterances) or, where it
+    gives None or is not given, at a low-energy 100 ms frame in the last third of its window,
+    so pieces stay long.
 
     Concatenating the pieces gives back the stream exactly; a piece is yielded as soon as the
     next cut is known, so memory holds about one window plus one block.
@@ -274,7 +277,11 @@ def split_stream(blocks: Iterable[np.ndarray], sample_rate: int, max_seconds: fl
         # Cut only once more than a window is buffered: the cut then depends on the window
         # alone, never on where the blocks happen to end.
         while len(buffer) > max_len:
-            cut = min(max(_cut_point(buffer[:max_len], frame_length), 1), max_len)
+            window = buffer[:max_len]
+            cut = cut_point(window) if cut_point is not None else None
+            if cut is None:
+                cut = _cut_point(window, frame_length)
+            cut = min(max(cut, 1), max_len)
             yield buffer[:cut]
             buffer = buffer[cut:]
     yield buffer

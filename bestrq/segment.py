@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, groupby
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import soundfile as sf
@@ -37,6 +37,7 @@ from bestrq.audio import AudioDecodeError, split_stream, stream_audio, write_aud
 from bestrq.jsonl import read_jsonl, write_jsonl
 from bestrq.knobs import Ratio, Seed, Workers, check, knob
 from bestrq.roles import POOL, ROLES, check_disjoint, role_of
+from bestrq.vad import vad_cut_point
 
 __all__ = ["SPLITS", "SegmentConfig", "Unit", "check_splittable", "hide_transcripts", "pack_units",
            "segment_corpus", "split_corpus", "validate"]
@@ -44,6 +45,7 @@ __all__ = ["SPLITS", "SegmentConfig", "Unit", "check_splittable", "hide_transcri
 # Whisper's encoder sees exactly N_SAMPLES (30 s); longer windows would be truncated.
 WHISPER_WINDOW_SECONDS = N_SAMPLES / SAMPLE_RATE
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
+Cutter = Literal["vad", "energy"]
 
 
 @dataclass
@@ -57,6 +59,9 @@ class SegmentConfig:
         "shorter pieces are dropped", ge=0, lt=WHISPER_WINDOW_SECONDS)] = 0.5
     pack: Annotated[bool, knob(
         "pack short utterances of one group into windows <= max_seconds")] = True
+    cutter: Annotated[Cutter, knob(
+        "where recordings longer than a window are cut: vad (silero-vad, between utterances) "
+        "or energy (the quietest 100 ms frame of the window's last third)")] = "vad"
     dev_fraction: Annotated[float, knob(
         "share of the transcribed windows in dev (of all windows in a corpus without "
         "transcripts), drawn by speaker or recording", gt=0, lt=1)] = 0.1
@@ -397,13 +402,15 @@ def _until_error(blocks: Iterator[np.ndarray], errors: list[Exception]
         errors.append(exc)
 
 
-def _units_of(entry: dict, blocks: Iterator[np.ndarray], max_samples: int) -> Iterator[Unit]:
+def _units_of(entry: dict, blocks: Iterator[np.ndarray], max_samples: int,
+              cutter: Cutter = "vad") -> Iterator[Unit]:
     """The recording itself when it fits the window, else its pieces (no transcript), cut while
     it is decoded. A recording that breaks part-way raises its error (AudioDecodeError, or
     whatever else stopped it): one that fits the window gives nothing (its transcript would
     not match), a long one gives every piece it decoded first, the last of them included."""
     errors: list[Exception] = []
-    pieces = split_stream(_until_error(blocks, errors), SAMPLE_RATE, max_samples / SAMPLE_RATE)
+    pieces = split_stream(_until_error(blocks, errors), SAMPLE_RATE, max_samples / SAMPLE_RATE,
+                          cut_point=vad_cut_point if cutter == "vad" else None)
     first = next(pieces)
     second = next(pieces, None)
     if second is None:
@@ -438,7 +445,7 @@ def _describe(exc: Exception, path: Path) -> str:
 
 
 def _decoded_units(entries: Iterable[dict], base: Path, max_samples: int, min_samples: int,
-                   tally: _Tally) -> Iterator[Unit]:
+                   tally: _Tally, cutter: Cutter = "vad") -> Iterator[Unit]:
     """Units of every decodable entry, in order. Whatever goes wrong with one file (decoding,
     an absurd header, memory) skips that file only; `tally.skipped` lists it with the reason
     and the seconds kept (a long recording keeps the pieces decoded before it broke), and so
@@ -457,7 +464,7 @@ def _decoded_units(entries: Iterable[dict], base: Path, max_samples: int, min_sa
             # A manifest line may give a span of a longer file (NeMo's offset and duration).
             blocks = stream_audio(path, SAMPLE_RATE, offset=entry.get("offset") or 0.0,
                                   duration=entry.get("duration"))
-            for j, unit in enumerate(_units_of(entry, blocks, max_samples)):
+            for j, unit in enumerate(_units_of(entry, blocks, max_samples, cutter)):
                 if j == 1:
                     tally.cut += 1
                     if entry.get("transcript") is not None:
@@ -489,6 +496,7 @@ class _GroupJob:
     min_samples: int
     pack: bool
     role: str = POOL
+    cutter: Cutter = "vad"
 
 
 def _segment_group(job: _GroupJob) -> tuple[list[dict], _Tally]:
@@ -498,7 +506,8 @@ def _segment_group(job: _GroupJob) -> tuple[list[dict], _Tally]:
     tally = _Tally()
     records = []
     job.work_dir.mkdir(parents=True, exist_ok=True)
-    units = _decoded_units(job.entries, job.base, job.max_samples, job.min_samples, tally)
+    units = _decoded_units(job.entries, job.base, job.max_samples, job.min_samples, tally,
+                           job.cutter)
     # One window at a time: memory holds a window and a decoding block, whatever the length
     # of a recording or of a speaker's total audio.
     for k, window in enumerate(pack_units(units, job.max_samples, job.pack)):
@@ -572,7 +581,7 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     audio_dir.mkdir(parents=True)
 
     jobs = [_GroupJob(group, list(members), raw_manifest.parent, work_dir / f"{i:06d}",
-                      max_samples, min_samples, cfg.pack, roles[group])
+                      max_samples, min_samples, cfg.pack, roles[group], cfg.cutter)
             for i, (group, members) in enumerate(groupby(entries, key=lambda e: e["group"]))]
     tally = _Tally()
     windows: list[dict] = []
