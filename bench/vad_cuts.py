@@ -24,39 +24,11 @@ import numpy as np
 import torch
 from whisper.audio import SAMPLE_RATE
 
-from bestrq.audio import resample, split_stream
-from bestrq.synth import EspeakSynthesizer, generate_sentences, make_speakers
+from bestrq.audio import split_stream
+from bestrq.synth import long_talk
 from bestrq.vad import vad_cut_point
 
 TOLERANCE = int(0.02 * SAMPLE_RATE)
-
-
-def recording(synth: EspeakSynthesizer, seed: int, seconds: float, min_pause: float,
-              max_pause: float, snr_db: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """A long recording and its utterances' (start, end) samples."""
-    rng = np.random.default_rng(seed)
-    speakers = make_speakers(6, seed)
-    sentences = iter(generate_sentences(10_000, seed))
-    parts: list[np.ndarray] = []
-    spans: list[tuple[int, int]] = []
-    at = 0
-    while at < seconds * SAMPLE_RATE:
-        pause = np.zeros(int(rng.uniform(min_pause, max_pause) * SAMPLE_RATE), np.float32)
-        spk = speakers[int(rng.integers(len(speakers)))]
-        audio, rate = synth.synthesize(next(sentences), voice=spk.voice, rate=spk.rate,
-                                       pitch=spk.pitch)
-        audio = resample(np.asarray(audio, np.float32), rate, SAMPLE_RATE)
-        audio = audio / (np.abs(audio).max() + 1e-9) * 0.5
-        parts += [pause, audio]
-        spans.append((at + len(pause), at + len(pause) + len(audio)))
-        at += len(pause) + len(audio)
-    clean = np.concatenate(parts)
-    speech_power = np.mean(np.concatenate([clean[a:b] for a, b in spans]) ** 2)
-    t = np.arange(len(clean)) / SAMPLE_RATE
-    hum = np.sin(2 * np.pi * 50 * t) * (1 + 0.8 * np.sin(2 * np.pi * t / 7.0))
-    noise = rng.standard_normal(len(clean)) + 2 * hum
-    noise *= np.sqrt(speech_power / 10 ** (snr_db / 10) / np.mean(noise**2))
-    return (clean + noise).astype(np.float32), spans
 
 
 def cuts_of(audio: np.ndarray, cutter: str) -> list[int]:
@@ -84,8 +56,7 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in f
                     if line.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}; torch threads 1")
-    synth = EspeakSynthesizer()
-    data = [recording(synth, seed, args.minutes * 60, args.min_pause, args.max_pause, args.snr)
+    data = [long_talk(args.minutes * 60, seed, args.min_pause, args.max_pause, args.snr)
             for seed in range(args.recordings)]
     total = sum(len(a) for a, _ in data) / SAMPLE_RATE
     results = {}

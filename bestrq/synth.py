@@ -429,3 +429,37 @@ def generate_sentences(n: int, seed: int) -> list[str]:
         if 4 <= len(sentence.split()) <= 20:
             out.append(sentence)
     return out
+
+
+def long_talk(seconds: float, seed: int, min_pause: float = 0.15, max_pause: float = 1.2,
+              snr_db: float = 15.0, sample_rate: int = 16000
+              ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """A long recording with known utterance boundaries, for measuring cutters: espeak
+    utterances of a few voices (each peaking at 0.5) with pauses of `min_pause` to `max_pause`
+    seconds, over white noise plus a slowly varying 50 Hz hum (so that the quietest frame need
+    not be a pause) at `snr_db` below the speech. Returns the audio at `sample_rate` and each
+    utterance's (start, end) sample."""
+    from bestrq.audio import resample
+
+    rng = np.random.default_rng(seed)
+    synth, speakers = EspeakSynthesizer(), make_speakers(6, seed)
+    parts: list[np.ndarray] = []
+    spans: list[tuple[int, int]] = []
+    at = 0
+    for i, text in enumerate(generate_sentences(max(1, int(seconds)), seed)):
+        if at >= seconds * sample_rate:
+            break
+        pause = np.zeros(int(rng.uniform(min_pause, max_pause) * sample_rate), np.float32)
+        spk = speakers[i % len(speakers)]
+        audio, rate = synth.synthesize(text, voice=spk.voice, rate=spk.rate, pitch=spk.pitch)
+        audio = resample(np.asarray(audio, np.float32), rate, sample_rate)
+        parts += [pause, 0.5 * audio / (np.abs(audio).max() + 1e-9)]
+        spans.append((at + len(pause), at + len(pause) + len(audio)))
+        at += len(pause) + len(audio)
+    clean = np.concatenate(parts)  # (samples,)
+    power = np.mean(np.concatenate([clean[a:b] for a, b in spans]) ** 2)
+    t = np.arange(len(clean)) / sample_rate
+    noise = rng.standard_normal(len(clean)) + 2 * np.sin(2 * np.pi * 50 * t) * (
+        1 + 0.8 * np.sin(2 * np.pi * t / 7.0))
+    noise *= np.sqrt(power / 10 ** (snr_db / 10) / np.mean(noise**2))
+    return (clean + noise).astype(np.float32), spans
