@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from whisper.model import AudioEncoder
 
 from bestrq.adapters import IA3, AdapterConfig, adapter_disabled, adapter_state_dict, add_adapter
@@ -232,21 +233,30 @@ def resolve_layer(index: int, num_blocks: int, name: str, encoder: str = "this e
     return index % num_blocks
 
 
-def encoder_states(encoder: AudioEncoder, x: Tensor, layers: Sequence[int]
-                   ) -> dict[int, Tensor]:
+def encoder_states(encoder: AudioEncoder, x: Tensor, layers: Sequence[int],
+                   checkpointed: bool = False) -> dict[int, Tensor]:
     """The outputs of encoder blocks `layers` (non-negative indices) for input x (batch, n_mels,
     frames), each (batch, frames / 2, d_model), running the blocks no higher than needed: the
     last block's through `ln_post`, the encoder's own output, and a lower block's through a
     layer norm without parameters (its residual stream, at a scale a head or a distillation
-    loss can use). Whisper's AudioEncoder.forward, stopped early."""
+    loss can use). Whisper's AudioEncoder.forward, stopped early.
+
+    checkpointed: each block keeps only its input for the backward pass and runs again there
+    (`torch.utils.checkpoint`), so a pass holds one block's activations at a time instead of
+    every block's; the same numbers, about one more forward of the blocks in time. It matters
+    only where a gradient is taken."""
     last = len(encoder.blocks) - 1
     top = max(layers)
     h = F.gelu(encoder.conv1(x))
     h = F.gelu(encoder.conv2(h)).permute(0, 2, 1)  # (batch, frames / 2, d_model)
     h = (h + encoder.positional_embedding[:h.shape[1]]).to(h.dtype)
     out: dict[int, Tensor] = {}
+    recompute = checkpointed and torch.is_grad_enabled()
     for i, block in enumerate(encoder.blocks[:top + 1]):
-        h = block(h)
+        # preserve_rng_state: the recomputation draws what the forward drew (Whisper's blocks
+        # draw nothing today; a block with dropout would still give the same gradients).
+        h = checkpoint(block, h, use_reentrant=False, preserve_rng_state=True) if recompute \
+            else block(h)  # (batch, frames / 2, d_model)
         if i in layers:
             out[i] = encoder.ln_post(h) if i == last else F.layer_norm(h, h.shape[-1:])
     return out
@@ -271,7 +281,7 @@ class BestRQModel(nn.Module):
                  masking: MaskingConfig, distill_weight: float = 0.0, bestrq_layer: int = -1,
                  distill_layers: Sequence[int] = (-1,), distill_padding: bool = False,
                  adapter: AdapterConfig = IA3, distill_input: str = "clean",
-                 distill_cache: bool = False) -> None:
+                 distill_cache: bool = False, gradient_checkpointing: bool = False) -> None:
         """bestrq_layer: the block whose output feeds the heads (BEARD puts them on a middle
         block; blocks above it then get no BEST-RQ gradient); distill_layers: the blocks whose
         outputs are distilled to the stock encoder's, `distill_weight` times their mean MSE;
@@ -280,7 +290,8 @@ class BestRQModel(nn.Module):
         BEST-RQ pass's own block outputs on its unmasked frames (`distillation`);
         distill_cache: keep each training clip's stock outputs once computed
         (`cache_stock_outputs`); adapter: what is trained in the encoder (LoRA's A drawn from
-        the quantizer's seed)."""
+        the quantizer's seed); gradient_checkpointing: the adapted passes keep only each
+        block's input and run the block again in the backward pass (`encoder_states`)."""
         super().__init__()
         masking.validate()
         loss = LossConfig(distill_weight, list(distill_layers), distill_padding, distill_input,
@@ -288,6 +299,7 @@ class BestRQModel(nn.Module):
         check(loss)
         self.distill_input = distill_input
         self.distill_cache = distill_cache
+        self.gradient_checkpointing = gradient_checkpointing
         self.stock_cache: StockCache | None = None
         self.distill_weight = float(distill_weight)
         self.bestrq_layer, self.distill_layers = loss.resolve(len(encoder.blocks))
@@ -365,8 +377,8 @@ class BestRQModel(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Encoder input (batch, n_mels, frames) -> (batch, targets, group * d_model), from
         block `bestrq_layer` (the blocks above it are not run)."""
-        return self.heads_input(
-            encoder_states(self.encoder, x, [self.bestrq_layer])[self.bestrq_layer])
+        return self.heads_input(encoder_states(self.encoder, x, [self.bestrq_layer],
+                                               self.gradient_checkpointing)[self.bestrq_layer])
 
     def heads_input(self, h: Tensor) -> Tensor:
         """Block output (batch, frames / 2, d_model) -> the heads' input (batch, targets,
@@ -403,7 +415,8 @@ class BestRQModel(nn.Module):
         states = None
         if on_masked:  # one adapted pass for both losses
             states = encoder_states(self.encoder, x, sorted({self.bestrq_layer,
-                                                             *self.distill_layers}))
+                                                             *self.distill_layers}),
+                                    self.gradient_checkpointing)
             h = self.heads_input(states[self.bestrq_layer])
         else:
             h = self.encode(x)  # (batch, targets, group * d_model)
@@ -439,7 +452,8 @@ class BestRQModel(nn.Module):
         clean input is not run (`distill_input: masked`). `clips`: see `stock_states`."""
         targets = self.stock_states(mel, clips)
         if states is None:
-            states = encoder_states(self.encoder, mel, self.distill_layers)
+            states = encoder_states(self.encoder, mel, self.distill_layers,
+                                    self.gradient_checkpointing)
         first = next(iter(states.values()))  # (batch, frames / 2, d_model), as every block's
         frames = (num_valid + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,)
         valid = torch.arange(first.shape[1], device=first.device)[None] < frames[:, None]

@@ -63,6 +63,11 @@ LogFn = Callable[[int, dict[str, float]], None]
 class TrainConfig:
     batch_size: Annotated[BatchSize, knob("clips per micro-batch per process")] = 4
     accumulate_gradients: Annotated[Accumulate, knob("micro-batches per optimiser update")] = 1
+    # The same loss and gradients (tests/test_gradient_checkpointing.py), so speed-only.
+    gradient_checkpointing: Annotated[bool, knob(
+        "pre-training's adapted encoder passes keep only each block's input and run the block "
+        "again in the backward pass: less activation memory for more time",
+        speed_only=True)] = False
     learning_rate: Annotated[LearningRate, knob("peak learning rate of AdamW")] = 3e-3
     lr_schedule: Annotated[Schedule, knob(
         "inverse_sqrt (BEST-RQ's Transformer schedule) | cosine | constant")] = "inverse_sqrt"

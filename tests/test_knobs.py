@@ -83,9 +83,9 @@ def test_speed_only_is_one_flag_per_name():
     """Run identity ignores speed-only knobs by their last dotted part, so a name is speed-only
     in every config or in none (checked as params.py composes), and the flags are the ones run
     identity ignores."""
-    assert set(params.SPEED_ONLY) == {"checkpoint_every", "device", "heldout_every",
-                                      "keep_checkpoints", "log_every", "num_workers",
-                                      "prefetch_factor"}
+    assert set(params.SPEED_ONLY) == {"checkpoint_every", "device", "gradient_checkpointing",
+                                      "heldout_every", "keep_checkpoints", "log_every",
+                                      "num_workers", "prefetch_factor"}
     for model in (params.TopLevel, *params.SECTION_MODELS.values()):
         for name in model.model_fields:
             if name in params.SPEED_ONLY:

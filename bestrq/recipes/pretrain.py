@@ -75,7 +75,7 @@ def pretrain(p: Params, dist: DistInfo, features_dir: Path, adapter_path: Path,
     mean, std = load_stats(features_dir)
     quantizer = RandomProjectionQuantizer(p.quantizer, mean, std)
     model = BestRQModel(base.encoder, quantizer, p.masking, **asdict(p.loss),
-                        adapter=p.adapter)
+                        adapter=p.adapter, gradient_checkpointing=p.train.gradient_checkpointing)
     del base  # the decoder is not needed for pre-training
     dataset = FeatureDataset(features_dir / "train")
 
