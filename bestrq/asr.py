@@ -27,6 +27,7 @@ from tqdm import tqdm
 from whisper.model import Whisper
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
+from bestrq.dataset import as_mel
 from bestrq.seeding import FALLBACK_STREAM, derived_seed
 
 
@@ -135,7 +136,8 @@ def transcribe(model: Whisper, dataset: Dataset, indices: list[int], config: Asr
     texts: list[str] = []
     for start in tqdm(range(0, len(indices), config.batch_size), desc=desc):
         batch = indices[start:start + config.batch_size]
-        mel = torch.stack([dataset[i][0] for i in batch]).to(device)  # (batch, n_mels, 3000)
+        windows = torch.stack([dataset[i][0] for i in batch]).to(device)
+        mel = as_mel(windows, dataset)  # (batch, n_mels, 3000)
         if bf16:
             # The encoder's large matmuls gain from bf16 (1.5x here); the token-by-token decoder
             # does not (2x slower under autocast: small matmuls, casts), so it stays fp32 and

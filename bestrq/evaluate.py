@@ -39,7 +39,7 @@ from bestrq.asr import (
     transcribed_clips,
     wer_comparison,
 )
-from bestrq.dataset import collate
+from bestrq.dataset import as_mel, collate
 from bestrq.knobs import BatchSize, ClipCount, Seed, Text, Workers, check, knob
 from bestrq.masking import target_valid
 from bestrq.model import ENCODER_STRIDE, BestRQModel
@@ -111,7 +111,7 @@ def _bestrq_pass(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
     masked_counts = torch.zeros(n, k, dtype=torch.float64)  # labels of masked targets
     valid_targets = 0
     for mel, frames, mask, noise in tqdm(loader, desc="evaluate", disable=not progress):
-        mel, frames = mel.to(device), frames.to(device)
+        mel, frames = as_mel(mel.to(device), dataset), frames.to(device)
         x, labels, loss_mask, valid = model.make_inputs(mel, frames, mask.to(device),
                                                         noise.to(device), all_labels=True)
         out = model.loss(model.encode(x), labels, loss_mask, valid)
@@ -171,7 +171,7 @@ def train_label_counts(model: BestRQModel, dataset: Dataset, config: EvaluateCon
                         collate_fn=collate)
     counts = torch.zeros(qcfg.num_codebooks, qcfg.codebook_size, dtype=torch.float64)
     for mel, frames in tqdm(loader, desc="label prior", disable=not progress):
-        mel, frames = mel.to(device), frames.to(device)
+        mel, frames = as_mel(mel.to(device), dataset), frames.to(device)
         valid = target_valid(frames, mel.shape[-1] // qcfg.stack_frames,
                              qcfg.stack_frames)  # (batch, T)
         labels = quantizer(quantizer.label_input(mel, frames), where=valid)  # (batch, N, T)
@@ -252,7 +252,7 @@ def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
     encoder = model.encoder.eval().to(device)
     outputs: dict[str, list[Tensor]] = {"stock": [], "adapted": []}
     for mel, frames in tqdm(loader, desc="probes", disable=not progress):
-        mel = mel.to(device)
+        mel = as_mel(mel.to(device), dataset)  # (batch, n_mels, frames)
         valid = (frames + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,) encoder frames
         with adapter_disabled(encoder):
             stock = encoder(mel).float().cpu()  # (batch, frames / 2, d_model)

@@ -3,6 +3,9 @@
 The segment stage writes 16 kHz mono clips of at most 30 s; this module turns them into
 exactly what Whisper's encoder sees (``pad_or_trim`` to 30 s, then Whisper's own log-mel),
 stored as memory-mapped ``.npy`` shards so a corpus larger than RAM can be read back lazily.
+With ``store: false`` no log-mel is stored: each split's index names its clips' audio files,
+and the readers (``bestrq.dataset``) compute the same values batch by batch on the model's
+device; the train-split statistics are computed here all the same.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import soundfile as sf
@@ -45,6 +48,7 @@ MEL_SHARD = "mel-{:05d}.npy"
 FRAMES_SHARD = "frames-{:05d}.npy"
 INDEX_FILE = "index.json"
 STATS_FILE = "stats.json"
+TORCH_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -56,6 +60,10 @@ class FeatureConfig:
         "storage dtype of the log-mels")] = "float16"
     device: Annotated[Text, knob("auto (cuda if available, else cpu) | cpu | cuda[:N]",
                                  speed_only=True)] = "auto"
+    store: Annotated[bool, knob(
+        "keep the log-mels on disk (true) or only the statistics and an index of the segments' "
+        "audio, the log-mels computed again batch by batch on the training device (false)")
+    ] = True
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,12 @@ def log_mel_batch(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
     clip_max = log_spec.amax(dim=(1, 2), keepdim=True)  # (batch, 1, 1)
     log_spec = torch.maximum(log_spec, clip_max - 8.0)
     return (log_spec + 4.0) / 4.0  # (batch, n_mels, N_FRAMES)
+
+
+def as_stored(mel: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``mel`` rounded to the storage ``dtype``: the values the features hold, whether stored
+    or computed again on the fly (``bestrq.dataset``)."""
+    return mel.to(TORCH_DTYPES[dtype])
 
 
 def read_manifest(path: Path) -> list[Clip]:
@@ -213,11 +227,11 @@ def _write_split(
     stats: _RunningStats | None,
     desc: str,
 ) -> int:
-    """Compute and store one split; returns its total number of valid frames."""
+    """Compute and store one split (with ``cfg.store`` false: its frame counts, and the
+    log-mels only for ``stats``); returns its total number of valid frames."""
     split_dir.mkdir(parents=True, exist_ok=True)
     _clear_shards(split_dir)
     storage_dtype = np.dtype(cfg.dtype)
-    torch_storage = torch.float16 if cfg.dtype == "float16" else torch.float32
     n = len(clips)
     shard_counts = [min(cfg.shard_size, n - s) for s in range(0, n, cfg.shard_size)]
     mel_maps: dict[int, np.memmap] = {}
@@ -251,20 +265,25 @@ def _write_split(
             if i + 1 < len(batches):
                 pending = submit(batches[i + 1])
             frames_np = np.array([num_valid_frames(len(w)) for w in waves], dtype=np.int64)
-            padded = np.stack([pad_or_trim(w) for w in waves])  # (batch, N_SAMPLES)
-            audio = torch.from_numpy(padded).to(device)
-            with torch.no_grad():
-                mel = log_mel_batch(audio, n_mels).to(torch_storage)  # (batch, n_mels, N_FRAMES)
-            if stats is not None:
-                # Statistics of the values as stored, i.e. what training will normalise.
-                stats.update(mel, torch.from_numpy(frames_np).to(device))
-            mel_np = mel.cpu().numpy()
+            mel_np = None
+            if cfg.store or stats is not None:
+                padded = np.stack([pad_or_trim(w) for w in waves])  # (batch, N_SAMPLES)
+                audio = torch.from_numpy(padded).to(device)
+                with torch.no_grad():
+                    # (batch, n_mels, N_FRAMES) in the storage dtype
+                    mel = as_stored(log_mel_batch(audio, n_mels), cfg.dtype)
+                if stats is not None:
+                    # Statistics of the values as stored, i.e. what training will normalise.
+                    stats.update(mel, torch.from_numpy(frames_np).to(device))
+                if cfg.store:
+                    mel_np = mel.cpu().numpy()
             # A batch may straddle a shard boundary: write it in contiguous pieces.
             offset = 0
             while offset < len(waves):
                 shard, local = divmod(row, cfg.shard_size)
                 take = min(len(waves) - offset, shard_counts[shard] - local)
-                shard_map(shard)[local : local + take] = mel_np[offset : offset + take]
+                if mel_np is not None:
+                    shard_map(shard)[local : local + take] = mel_np[offset : offset + take]
                 frame_arrays[shard][local : local + take] = frames_np[offset : offset + take]
                 offset += take
                 row += take
@@ -275,18 +294,26 @@ def _write_split(
 
     for shard, frames in enumerate(frame_arrays):
         np.save(split_dir / FRAMES_SHARD.format(shard), frames)
-    index = {
+    index: dict[str, Any] = {
         "n_mels": n_mels,
         "num_frames": N_FRAMES,
         "dtype": cfg.dtype,
         "shards": [
             {"mel": MEL_SHARD.format(s), "frames": FRAMES_SHARD.format(s), "count": count}
+            if cfg.store else {"frames": FRAMES_SHARD.format(s), "count": count}
             for s, count in enumerate(shard_counts)
         ],
         "ids": [clip.id for clip in clips],
         "transcripts": [clip.transcript for clip in clips],
         "groups": [clip.group for clip in clips],
     }
+    if not cfg.store:
+        index["store"] = False
+        # Relative to the split's folder, so the project may move as a whole; abspath, not
+        # resolve: segment files may be links into DVC's cache, whose names are not theirs.
+        here = os.path.abspath(split_dir)
+        index["audio"] = [Path(os.path.relpath(os.path.abspath(clip.path), here)).as_posix()
+                          for clip in clips]
     # The index is written last: its presence marks a complete split.
     (split_dir / INDEX_FILE).write_text(dumps(index), encoding="utf-8")
     return total_frames
@@ -299,6 +326,9 @@ def compute_features(
 
     Layout: ``out_dir/<split>/{mel,frames}-NNNNN.npy`` + ``index.json``, and
     ``out_dir/stats.json`` with per-mel-bin mean/std over the train split's valid frames.
+    With ``cfg.store`` false, no ``mel-*.npy``: the index has ``"store": false`` and the
+    clips' audio files (``"audio"``, relative to the split's folder), from which the readers
+    compute the log-mels on the fly.
     Returns run statistics (clip counts, frames, padding share, timing).
     """
     validate(cfg)
@@ -339,7 +369,7 @@ def compute_features(
                 device,
                 pool,
                 stats if split == "train" else None,
-                desc=f"log-mel {split}",
+                desc=f"log-mel {split}" if cfg.store or split == "train" else f"index {split}",
             )
     seconds = time.perf_counter() - start
 

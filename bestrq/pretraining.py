@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from bestrq.dataset import mel_shape
 from bestrq.masking import MaskingConfig, draw_sample_mask
 from bestrq.objective import Objective, ParamGroup
 from bestrq.seeding import MASK_STREAM, derived_seed
@@ -40,8 +41,8 @@ class MaskedClips(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, ...]:
         epoch, clip = key
-        mel, num_frames = self.dataset[clip]  # (n_mels, frames), ()
-        n_mels, frames = mel.shape
+        mel, num_frames = self.dataset[clip]  # (n_mels, frames) or audio (samples,), ()
+        n_mels, frames = mel_shape(self.dataset, mel)
         mask, noise = draw_sample_mask(int(num_frames), frames, n_mels, self.masking,
                                        clip_seed(self.seed, epoch, clip))
         item = (mel, torch.as_tensor(num_frames, dtype=torch.int64), mask, noise)

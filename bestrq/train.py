@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from bestrq.batching import DataPosition, GlobalBatchSampler
 from bestrq.checkpoint import load_latest, save_checkpoint
+from bestrq.dataset import mel_maker
 from bestrq.distributed import current, resolve_device
 from bestrq.knobs import (
     Accumulate,
@@ -237,8 +238,12 @@ class UpdateStats:
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[Tensor, ...]],
                          device: torch.device, dtype: torch.dtype | None,
-                         with_metrics: bool) -> UpdateStats:
+                         with_metrics: bool,
+                         to_mel: Callable[[Tensor], Tensor] | None = None) -> UpdateStats:
     """Forward/backward each micro-batch with its loss weighted by its unit count.
+
+    `to_mel`: what makes a batch's first tensor log-mels once on the device (features computed
+    on the fly, `bestrq.dataset.mel_maker`); None when it holds them already.
 
     Gradients end up as sum_b(loss_b * count_b)'s; `finish_gradients` divides by the total count
     so that the update equals one batch holding all the micro-batches. Under DDP, gradients are
@@ -248,6 +253,8 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[Tenso
     for i, batch in enumerate(micro_batches):
         # (mel (batch, n_mels, frames), valid frames (batch,), the objective's own tensors...)
         batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        if to_mel is not None:  # audio (batch, samples) -> log-mel, outside autocast
+            batch = (to_mel(batch[0]), *batch[1:])
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not isinstance(
             model, DistributedDataParallel) else model.no_sync()
@@ -383,6 +390,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
         # Its own generator: creating the iterator must not consume the global torch RNG.
         generator=torch.Generator().manual_seed(config.seed))
     batches = iter(loader)
+    to_mel = mel_maker(dataset)
     clips_per_update = sampler.global_batch
     last_time = time.perf_counter()
     bar = tqdm(total=config.max_steps, initial=step, desc=objective.name, unit="update",
@@ -394,7 +402,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, checkpoint_di
             wait_start = time.perf_counter()
             micro = [next(batches) for _ in range(config.accumulate_gradients)]
             data_wait = time.perf_counter() - wait_start
-            stats = accumulate_gradients(wrapped, micro, device, dtype, with_metrics)
+            stats = accumulate_gradients(wrapped, micro, device, dtype, with_metrics, to_mel)
             finish_gradients(params, stats, info.world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, config.grad_clip if config.grad_clip > 0 else math.inf)
