@@ -40,7 +40,7 @@ from bestrq.roles import POOL, ROLES, check_disjoint, role_of
 from bestrq.vad import vad_cut_point
 
 __all__ = ["SPLITS", "SegmentConfig", "Unit", "check_splittable", "hide_transcripts", "pack_units",
-           "segment_corpus", "split_corpus", "validate"]
+           "segment_corpus", "split_corpus", "use_labelled_renditions", "validate", "voice_units"]
 
 # Whisper's encoder sees exactly N_SAMPLES (30 s); longer windows would be truncated.
 WHISPER_WINDOW_SECONDS = N_SAMPLES / SAMPLE_RATE
@@ -205,10 +205,24 @@ def train_transcribed_groups(labelled: int, share: float) -> int:
     return max(1, min(math.ceil(share * labelled), labelled - 2))
 
 
+def voice_units(groups: Iterable[str], voices: dict[str, str] | None) -> dict[str, str]:
+    """Each group's unit of the split: groups that share a voice (`voices`: group -> its
+    voice; groups without one stand alone) form one unit, named by its first group in sorted
+    order, so that a corpus without shared voices is split exactly as by groups."""
+    voices = voices or {}
+    members: dict[str, list[str]] = {}
+    for group in sorted(groups):
+        members.setdefault(voices.get(group, "\x00" + group), []).append(group)
+    return {g: names[0] for names in members.values() for g in names}
+
+
 def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float, seed: int,
-                 train_transcribed: float = 0.4) -> dict[str, list[dict]]:
+                 train_transcribed: float = 0.4, voices: dict[str, str] | None = None
+                 ) -> dict[str, list[dict]]:
     """Window records (with "id", "group", "transcript") split into train, dev and test by a
-    seeded hash of the group, so that no group (speaker or recording) is in two splits.
+    seeded hash of the group, so that no group (speaker or recording) is in two splits; the
+    groups of one voice (`voices`: group -> its voice, e.g. the synthetic source's espeak
+    voice) move together, so that no voice is in two splits either.
 
     When the corpus has transcripts, dev and test are drawn from the groups with some and
     sized as shares of the *transcribed* windows, so that much untranscribed audio does not
@@ -219,10 +233,13 @@ def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float,
     corpus without any transcripts is split over all groups (only label-free figures). A split
     whose share strays more than SHARE_TOLERANCE from its knob is reported with a
     SplitShareWarning naming the largest speaker."""
-    sizes = dict(Counter(w["group"] for w in windows))  # windows per group
-    labelled_groups = {w["group"] for w in windows if w["transcript"] is not None}
     # The user's own held-out sets keep their speakers; the rest is drawn from the others.
     fixed = {w["group"]: role_of(w) for w in windows if role_of(w) in ("dev", "test")}
+    # Units of the draw: a group, or the groups of one voice (the held-out sets' stay apart).
+    unit = voice_units({w["group"] for w in windows if w["group"] not in fixed}, voices)
+    unit |= {g: g for g in fixed}
+    sizes = dict(Counter(unit[w["group"]] for w in windows))  # windows per unit
+    labelled_groups = {unit[w["group"]] for w in windows if w["transcript"] is not None}
     check_splittable({g: g in labelled_groups for g in sizes}, fixed)
     free = [g for g in sizes if g not in fixed]
     free_labelled = [g for g in free if g in labelled_groups]
@@ -231,7 +248,7 @@ def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float,
     pool = candidates[:-1] if len(candidates) == len(free) else candidates
     if labelled_groups:
         # Sized in transcribed windows: what dev and test measure WER on.
-        sizes = dict(Counter(w["group"] for w in windows if w["transcript"] is not None))
+        sizes = dict(Counter(unit[w["group"]] for w in windows if w["transcript"] is not None))
     base = sum(sizes.get(g, 0) for g in candidates)
     # At most this many candidates go to dev and test together: the rest stay in train.
     room = len(candidates) - (train_transcribed_groups(len(candidates), train_transcribed)
@@ -248,15 +265,19 @@ def split_corpus(windows: list[dict], dev_fraction: float, test_fraction: float,
                           room - len(test))
     of = {**fixed, **{g: "test" for g in test}, **{g: "dev" for g in dev}}
     if wanted:
-        _check_shares(of, {g: sizes.get(g, 0) for g in candidates}, wanted)
-    return {split: [w for w in windows if of.get(w["group"], "train") == split]
+        together = Counter(unit.values())  # groups per unit
+        names = {u: f"the {n} speakers of voice {(voices or {})[u]!r}"
+                 for u, n in together.items() if n > 1}
+        _check_shares(of, {g: sizes.get(g, 0) for g in candidates}, wanted, names)
+    return {split: [w for w in windows if of.get(unit[w["group"]], "train") == split]
             for split in SPLITS}
 
 
-def _check_shares(of: dict[str, str], sizes: dict[str, int], wanted: dict[str, float]) -> None:
-    """Warn, naming the largest speaker, about each split whose share of the windows counted
-    in `sizes` strays from its knob by more than SHARE_TOLERANCE (`of`: group -> split, train
-    for the rest)."""
+def _check_shares(of: dict[str, str], sizes: dict[str, int], wanted: dict[str, float],
+                  names: dict[str, str] | None = None) -> None:
+    """Warn, naming the largest speaker (or `names`' words for a unit of several), about each
+    split whose share of the windows counted in `sizes` strays from its knob by more than
+    SHARE_TOLERANCE (`of`: group -> split, train for the rest)."""
     base = sum(sizes.values())
     biggest = max(sizes, key=lambda g: (sizes[g], g))
     for split, share in wanted.items():
@@ -266,7 +287,8 @@ def _check_shares(of: dict[str, str], sizes: dict[str, int], wanted: dict[str, f
         warnings.warn(SplitShareWarning(
             f"segment: {split} holds {got:.1%} of the windows, not {share:.1%} "
             f"(segment.{split}_fraction; tolerance {SHARE_TOLERANCE:.0%}): a speaker is never "
-            f"split, and speaker {biggest!r} alone holds {sizes[biggest] / base:.1%} of them "
+            f"split, and {(names or {}).get(biggest, f'speaker {biggest!r}')} alone hold"
+            f"{'' if biggest in (names or {}) else 's'} {sizes[biggest] / base:.1%} of them "
             f"(in {of.get(biggest, 'train')})"), stacklevel=3)
 
 
@@ -314,6 +336,13 @@ def plan(entries: list[dict], base: Path, cfg: SegmentConfig) -> list[str]:
     lines = [f"segment: plan: {len(groups)} speakers/recordings, {len(entries)} files, "
              f"{sum(known) / 3600:.2f} h{unread}; {len(labelled)} speakers with transcripts "
              f"({n_text} files)"]
+    voices = _voices(entries)
+    per_voice = Counter(voices.values())  # speakers per voice
+    if len(per_voice) < len(voices):
+        shared = {v: n for v, n in per_voice.items() if n > 1}
+        lines.append(f"segment: plan: {len(voices)} speakers speak with {len(per_voice)} "
+                     f"voices ({len(shared)} of them for {sum(shared.values())} speakers); "
+                     "the speakers of one voice go to one split, so no voice is in two")
     if not labelled:
         lines.append("segment: no file has a transcript: BEST-RQ pre-trains on all of it and "
                      "the label-free figures are measured; there is no fine-tune and no WER "
@@ -541,6 +570,45 @@ def _run_jobs(jobs: list[_GroupJob], num_workers: int) -> Iterator[tuple[list[di
         yield from pool.map(_segment_group, jobs, chunksize=1)
 
 
+def _voices(entries: list[dict]) -> dict[str, str]:
+    """Each group's voice where the raw manifest records one (the synthetic source's)."""
+    return {e["group"]: str(e["voice"]) for e in entries if e.get("voice")}
+
+
+def use_labelled_renditions(train: list[dict], entries: list[dict], base: Path, out_dir: Path,
+                            max_samples: int, min_samples: int, cutter: Cutter = "vad") -> int:
+    """Rebuild each train window of download.source that keeps its text (the fine-tune's
+    labelled set) from its utterances' "labelled_path" renditions, where the raw manifest has
+    them (the synthetic source with a download.labelled_channel of its own): the labelled
+    clips then have their own acoustic condition while BEST-RQ's other windows, dev and test
+    keep download.channel's. Only segment knows which windows these are, after the split and
+    the transcribed draw. A rendition decodes to the same length (a channel keeps it), so the
+    window keeps its duration; ValueError naming the window otherwise. Returns how many
+    windows were rebuilt."""
+    by_id = {e["id"]: e for e in entries}
+    rebuilt = 0
+    for window in train:
+        if window["transcript"] is None or role_of(window) != POOL:
+            continue
+        sources = [by_id[i] for i in window["sources"]]
+        if not all(e.get("labelled_path") for e in sources):
+            continue
+        tally = _Tally()
+        units = list(_decoded_units([{**e, "path": e["labelled_path"]} for e in sources], base,
+                                    max_samples, min_samples, tally, cutter))
+        audio = np.concatenate([u.audio for u in units]) if units else np.zeros(0, np.float32)
+        if tally.skipped or len(units) != len(sources) \
+                or len(audio) != round(window["duration"] * SAMPLE_RATE):
+            why = tally.skipped[0]["reason"] if tally.skipped else \
+                f"{len(audio)} samples, not {round(window['duration'] * SAMPLE_RATE)}"
+            raise ValueError(f"segment: window {window['id']}: its labelled rendition "
+                             f"(labelled_path of {', '.join(window['sources'])}) does not "
+                             f"match its audio: {why}")
+        write_audio(out_dir / window["path"], audio, SAMPLE_RATE)  # (samples,)
+        rebuilt += 1
+    return rebuilt
+
+
 def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dict[str, float]:
     """Decode, cut, pack and split a raw corpus into `out_dir/{audio/,train,dev,test.jsonl}`.
 
@@ -605,8 +673,13 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     shutil.rmtree(work_dir, ignore_errors=True)
 
     splits = split_corpus(windows, cfg.dev_fraction, cfg.test_fraction, cfg.seed,
-                          cfg.train_transcribed_speakers)
+                          cfg.train_transcribed_speakers, _voices(entries))
     hidden = hide_transcripts(splits["train"], cfg.transcribed_share, cfg.seed)
+    rebuilt = use_labelled_renditions(splits["train"], entries, raw_manifest.parent, out_dir,
+                                      max_samples, min_samples, cfg.cutter)
+    if rebuilt:
+        tqdm.write(f"segment: {rebuilt} labelled train windows rebuilt from their utterances' "
+                   "download.labelled_channel rendition", file=sys.stderr)
     for name, records in splits.items():
         # "group" (speaker or recording) stays: features keeps it for speaker-level intervals.
         write_jsonl(out_dir / f"{name}.jsonl", sorted(records, key=lambda r: r["id"]))
@@ -625,6 +698,8 @@ def segment_corpus(raw_manifest: Path, out_dir: Path, cfg: SegmentConfig) -> dic
     return {
         **stats,
         "num_hidden_transcripts": hidden,
+        # Only a corpus with labelled renditions says so: the others are written as before.
+        **({"num_labelled_renditions": rebuilt} if rebuilt else {}),
         "num_skipped": tally.lost,
         "num_dropped_short": tally.short,
         "num_cut_recordings": tally.cut,

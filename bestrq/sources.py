@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from bestrq.archive import ArchiveError, extract_archive
 from bestrq.audio import is_audio_file, write_audio
+from bestrq.channel import ChannelConfig, apply_channel, validate_channel
 from bestrq.files import is_within, real_path, remove_path
 from bestrq.folder_source import (
     GLOB_CHARS,
@@ -110,8 +112,9 @@ LIBRISPEECH_SUBSETS: dict[str, tuple[str, str]] = {
 
 
 @dataclass
-class SourceConfig:
-    """Which audio to acquire (the "download" stage's parameters)."""
+class SourceConfig(ChannelConfig):
+    """Which audio to acquire (the "download" stage's parameters; the synthetic source's
+    acoustic condition is declared beside its code, in `bestrq.channel`)."""
 
     source: Annotated[Text, knob(
         "synthetic | a folder | a glob ('audio/**/*.flac') | a URL | librispeech:<subset> | a "
@@ -120,7 +123,9 @@ class SourceConfig:
     num_utterances: Annotated[int, knob(
         "synthetic: how many sentences", ge=1, le=10**7)] = 240
     num_speakers: Annotated[int, knob(
-        "synthetic: voice/rate/pitch combinations", ge=1, le=10**4)] = 8
+        "synthetic: speakers, each an espeak voice with its own rate and pitch (beyond the 54 "
+        "voices they share voices, and segment keeps a voice's speakers in one split)",
+        ge=1, le=10**4)] = 8
     seed: Annotated[Seed, knob("synthetic: the sentences, voices and their order")] = 0
     checksum: Annotated[str, knob(
         "sha256:<hex> or md5:<hex> of a URL source's download (presets carry their own)")] = ""
@@ -173,6 +178,13 @@ def sources(cfg: SourceConfig) -> dict[str, str]:
 def validate(cfg: SourceConfig) -> None:
     """Check every parameter before any work; ValueError names the bad one."""
     check(cfg, "download.")
+    validate_channel(cfg, "download.")
+    if source_kind(cfg.source) != "synthetic":
+        for name in ("channel", "labelled_channel"):
+            if getattr(cfg, name) not in (None, "clean"):
+                raise ValueError(f"download.{name}: is {getattr(cfg, name)!r}, but only the "
+                                 "synthetic source is passed through a channel (the audio "
+                                 f"of download.source {cfg.source} is used as it is)")
     if cfg.checksum:
         parse_checksum(cfg.checksum)
     for name, source in sources(cfg).items():
@@ -270,11 +282,19 @@ def _write_manifest(raw_dir: Path, entries: list[dict], skipped: list[dict]) -> 
 
 
 def _acquire_synthetic(cfg: SourceConfig, raw_dir: Path) -> list[dict]:
-    from bestrq.synth import EspeakSynthesizer, generate_sentences, make_speakers
+    """Speak the seeded sentences, each through `cfg.channel`; with a `labelled_channel` of
+    its own, also through that one into synthetic/labelled/ (the entry's "labelled_path"), for
+    segment to use in the windows it keeps transcribed for the fine-tune (only segment knows
+    which). An entry records its speaker's espeak "voice", and the channel's draw when the
+    channel is not clean."""
+    from bestrq.synth import EspeakSynthesizer, generate_sentences, make_speakers, voice_sharing
 
     synth = EspeakSynthesizer()
     speakers = make_speakers(cfg.num_speakers, cfg.seed)
+    if (shared := voice_sharing(speakers)) is not None:
+        tqdm.write(f"download: {shared}", file=sys.stderr)
     sentences = generate_sentences(cfg.num_utterances, cfg.seed)
+    labelled = cfg.labelled_channel if cfg.labelled_channel not in (None, cfg.channel) else None
     out_root = raw_dir / "synthetic"
     (out_root).mkdir(parents=True, exist_ok=True)
     with open(out_root / "speakers.json", "w", encoding="utf-8") as f:
@@ -284,16 +304,26 @@ def _acquire_synthetic(cfg: SourceConfig, raw_dir: Path) -> list[dict]:
         spk = speakers[i % len(speakers)]
         utt_id = f"{spk.name}-{i:05d}"
         audio, rate = synth.synthesize(text, voice=spk.voice, rate=spk.rate, pitch=spk.pitch)
+        shifted, drawn = apply_channel(audio, rate, cfg.channel, cfg, cfg.seed, utt_id)
         path = out_root / spk.name / f"{utt_id}.flac"
-        write_audio(path, audio, rate)  # native rate: resampling happens in the segment stage
-        entries.append(
-            {
-                "id": utt_id,
-                "path": path.relative_to(raw_dir).as_posix(),
-                "transcript": text,
-                "group": spk.name,
-            }
-        )
+        write_audio(path, shifted, rate)  # native rate: resampling happens in the segment stage
+        entry = {
+            "id": utt_id,
+            "path": path.relative_to(raw_dir).as_posix(),
+            "transcript": text,
+            "group": spk.name,
+            "voice": spk.voice,
+        }
+        if cfg.channel != "clean":  # a clean corpus is written as before channels existed
+            entry.update(drawn)
+        if labelled is not None:
+            # Its own draw (another key): the labelled copy is another recording of the line.
+            clip, drawn = apply_channel(audio, rate, labelled, cfg, cfg.seed, f"{utt_id}/labelled")
+            copy = out_root / "labelled" / spk.name / f"{utt_id}.flac"
+            write_audio(copy, clip, rate)
+            entry["labelled_path"] = copy.relative_to(raw_dir).as_posix()
+            entry.update({f"labelled_{k}": v for k, v in drawn.items()})
+        entries.append(entry)
     return entries
 
 

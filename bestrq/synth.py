@@ -19,6 +19,7 @@ __all__ = [
     "available_voices",
     "generate_sentences",
     "make_speakers",
+    "voice_sharing",
 ]
 
 # Values from espeak-ng's speak_lib.h.
@@ -213,7 +214,9 @@ class SpeakerStyle:
 
 
 def make_speakers(n: int, seed: int) -> list[SpeakerStyle]:
-    """`n` speakers cycling through the bundled English voices; rate 120-200, pitch 30-70."""
+    """`n` speakers cycling through the bundled English voices (in a seeded order); rate
+    120-200, pitch 30-70. Beyond the number of voices, speaker i speaks with speaker
+    i - len(voices)'s voice (`voice_sharing` says so in words)."""
     if n < 1:
         raise ValueError(f"number of speakers must be >= 1, got {n}")
     rng = random.Random(f"speakers-{seed}")
@@ -228,6 +231,24 @@ def make_speakers(n: int, seed: int) -> list[SpeakerStyle]:
         )
         for i in range(n)
     ]
+
+
+def voice_sharing(speakers: list[SpeakerStyle]) -> str | None:
+    """None when every speaker has a voice of its own, else one line saying how they share:
+    how many voices speak for how many speakers, an example, and that the split keeps a
+    voice's speakers together."""
+    by_voice: dict[str, list[str]] = {}
+    for spk in speakers:
+        by_voice.setdefault(spk.voice, []).append(spk.name)
+    shared = {v: names for v, names in by_voice.items() if len(names) > 1}
+    if not shared:
+        return None
+    voice, names = next(iter(shared.items()))
+    most = max(len(n) for n in shared.values())
+    return (f"{len(speakers)} speakers, {len(by_voice)} espeak voices: {len(shared)} voices "
+            f"speak for {sum(len(n) for n in shared.values())} speakers (up to {most} each, "
+            f"with other rates and pitches; e.g. {voice}: {', '.join(names)}); segment keeps "
+            "the speakers of one voice in one split, so splits are disjoint by voice")
 
 
 def _words(text: str, sep: str | None = None) -> tuple[str, ...]:

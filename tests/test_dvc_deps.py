@@ -92,8 +92,9 @@ def _changed(info, value):
     from pydantic import TypeAdapter, ValidationError
 
     kind = info.annotation
-    if value is None:  # an optional knob left unset
-        candidates = [1.0, 1, "x"]
+    if value is None:  # an optional knob left unset (an optional choice: each choice)
+        candidates = [1.0, 1, "x", *(v for arg in get_args(kind) if get_origin(arg) is Literal
+                                     for v in get_args(arg))]
     elif get_origin(kind) is Literal:
         candidates = [v for v in get_args(kind) if v != value]
     elif kind is bool:
