@@ -19,6 +19,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# resolve_device is re-exported: the training code resolves its `device` knob from here.
+from bestrq.device import default_device
+from bestrq.device import resolve_device as resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,25 +36,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _default_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def current() -> DistInfo:
     """This process's place in an initialised process group (or a single process)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank,
-                        _default_device(local_rank))
-    return DistInfo(0, 1, 0, _default_device(0))
-
-
-def resolve_device(name: str) -> torch.device:
-    """A config device string ("auto", "cpu", "cuda:1", ...) as a torch.device; "auto" is this
-    process's GPU under torchrun, else the first GPU, else the CPU."""
-    return current().device if name == "auto" else torch.device(name)
+                        default_device(local_rank))
+    return DistInfo(0, 1, 0, default_device(0))
 
 
 def init_distributed() -> DistInfo:
@@ -60,7 +52,7 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            device = _default_device(local_rank)
+            device = default_device(local_rank)
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
         else:

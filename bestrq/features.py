@@ -35,7 +35,7 @@ from whisper.audio import (
 )
 
 from bestrq.atomic import atomic_write_text
-from bestrq.distributed import resolve_device
+from bestrq.device import resolve_device
 from bestrq.jsonl import dumps, read_jsonl
 from bestrq.knobs import BatchSize, Text, check, knob
 

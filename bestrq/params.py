@@ -7,41 +7,36 @@ data stage's config is a section (`SECTIONS`). A knob keeps its name from params
 config field.
 
 Checking happens in two steps, both before any work:
-1. declared types and ranges (`TopLevel`, composed here; strict: no bool for a number, no float
-   for an integer, no text for either), with messages that name the key and where its value
-   came from;
+1. declared types and ranges (`TopLevel`, composed here and checked by `bestrq.params_layout`;
+   strict: no bool for a number, no float for an integer, no text for either), with messages
+   that name the key and where its value came from;
 2. what needs more than one value or the outside world (`validate`: the model exists, n_mels
    matches it, the configs' own `validate`).
+
+This module imports every config, so only the stages that read them all (pretrain, evaluate,
+finetune, report, the check stage) use it; a data stage reads its own sections through
+`bestrq.params_layout.read_configs` and depends on no training code.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, create_model
-
 from bestrq import features, segment, sources
 from bestrq.adapters import AdapterConfig
 from bestrq.evaluate import EvaluateConfig
 from bestrq.finetune import FinetuneConfig
-from bestrq.knobs import (
-    Section,
-    declared,
-    model_of,
-    problems,
-    speed_only,
-)
+from bestrq.knobs import Section, declared, model_of, speed_only
 from bestrq.masking import MaskingConfig
 from bestrq.model import HEAD_TRAINING_BYTES, LossConfig, heads_numbers
-from bestrq.params_file import quote, read_yaml
+from bestrq.params_layout import build, check_layout, compose, read_file
 from bestrq.quantizer import QuantizerConfig
 from bestrq.run import RunConfig
 from bestrq.train import TrainConfig
-from bestrq.whisper_model import encoder_shape
+from bestrq.whisper_model import encoder_shape, expected_n_mels, validate_model_spec
 
 # The configs whose knobs are params.yaml's top-level keys (one flat namespace: the names work
 # in `dvc exp run -S name=value` and `train --name value`), and the sections'.
@@ -67,10 +62,7 @@ def _compose() -> type[Section]:
     # that a run's bytes do not change. Nothing else reads the order.
     order = [name for name in top if name != "quantizer_norm"]
     order.insert(order.index("mask_target_share") + 1, "quantizer_norm")
-    spec = {name: top[name] for name in order}
-    spec.update({name: (model, Field(default_factory=model))
-                 for name, model in SECTION_MODELS.items()})
-    return create_model("TopLevel", __base__=Section, **spec)  # type: ignore[call-overload]
+    return compose("TopLevel", {name: top[name] for name in order}, SECTIONS)
 
 
 TopLevel = _compose()
@@ -96,52 +88,12 @@ def _speed_only() -> tuple[str, ...]:
 SPEED_ONLY = _speed_only()
 
 
-def _hint(value: Any, want: str) -> str:
-    # A quoted number is text ('5e-05'); unquoted, the reader takes 5e-05 as a number
-    # (`params_file`: YAML 1.2's floats, as DVC writes them).
-    if not isinstance(value, str) or not want.startswith(("an integer", "a number")):
-        return ""
-    try:
-        float(value)
-    except ValueError:
-        return ""
-    return " (text, not a number: remove the quotes)"
-
-
-def _messages(err: ValidationError, origin: dict[str, str], source: str) -> list[str]:
-    """One line per problem, each naming the dotted key and where its value came from."""
-    lines = []
-    for key, want, value in problems(err, {"": TopLevel, **SECTION_MODELS}):
-        where = origin.get(key, source)
-        if want:
-            lines.append(f"{where}: {key}: must be {want}, got {quote(value)}"
-                         f"{_hint(value, want)}")
-            continue
-        head, _, rest = key.partition(".")  # an unknown key (its name may hold a dot)
-        section, name = (head, rest) if rest and head in SECTION_MODELS else ("", key)
-        known = sorted(SECTION_MODELS[section].model_fields if section else TopLevel.model_fields)
-        close = difflib.get_close_matches(name, known, n=1)
-        guess = f" (did you mean {close[0]}?)" if close else ""
-        lines.append(f"{where}: unknown parameter {key}{guess}; known: {', '.join(known)}")
-    return lines
-
-
 def check_types(raw: Any, origin: dict[str, str] | None = None,
                 source: str = "params.yaml") -> Section:
     """A params.yaml mapping as `TopLevel`, every key present (defaults filled in), after the
     declared type and range checks. ValueError with one line per bad key otherwise, each
     starting with where the value came from: `origin[key]` (e.g. "command line") or `source`."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: must be a mapping of parameters, got {quote(raw)}")
-    _check_keys(raw, source)
-    # An empty section (`download:` alone) reads as null: it means "all defaults".
-    raw = {k: ({} if k in SECTIONS and v is None else v) for k, v in raw.items()}
-    try:
-        top = TopLevel.model_validate(raw)
-    except ValidationError as err:
-        raise ValueError("\n".join(_messages(err, origin or {}, source))) from None
-    _check_paths(top, source)
-    return top
+    return check_layout(TopLevel, raw, origin, source)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -171,11 +123,6 @@ def hyperparameter_names() -> list[str]:
     return [name for name in TopLevel.model_fields if name not in SECTIONS]
 
 
-def _build(cls: type, values: dict[str, Any], **filled: Any) -> Any:
-    """Config `cls` from the checked values of its knobs and `filled`, its other fields."""
-    return cls(**{name: values[name] for name in declared(cls)}, **filled)
-
-
 def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
               source: str = "params.yaml") -> Params:
     """Check the declared types and ranges of a params.yaml mapping and build the configs
@@ -187,8 +134,8 @@ def from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None,
     # The quantizer's input and seed are the run's.
     filled: dict[str, dict[str, Any]] = {
         "quantizer": {"n_mels": top["n_mels"], "seed": top["seed"]}}
-    configs = {name: _build(cls, top, **filled.get(name, {})) for name, cls in TOP.items()}
-    sections = {name: _build(cls, top[name]) for name, cls in SECTIONS.items()}
+    configs = {name: build(cls, top, **filled.get(name, {})) for name, cls in TOP.items()}
+    sections = {name: build(cls, top[name]) for name, cls in SECTIONS.items()}
     return Params(**configs, **sections, raw=record)
 
 
@@ -207,12 +154,23 @@ def validate(params: Params, stage: str | None = None) -> None:
     if stage in (None, "pretrain", "evaluate", "finetune"):
         for name in TOP:
             getattr(params, name).validate()
+            if name == "run":
+                _check_model(params.run)
     if stage in (None, "pretrain"):
         _check_against_model(params)
     if stage in (None, "evaluate", "finetune"):
         params.evaluate.validate()
     if stage in (None, "finetune"):
         params.finetune.validate(params.train)
+
+
+def _check_model(run: RunConfig) -> None:
+    """The model exists and takes n_mels mel bins."""
+    validate_model_spec(run.model)
+    model_mels = expected_n_mels(run.model)
+    if model_mels is not None and model_mels != run.n_mels:
+        raise ValueError(f"n_mels: model {run.model!r} takes {model_mels} mel bins but "
+                         f"n_mels is {run.n_mels}; set n_mels: {model_mels}")
 
 
 def validate_corpus(params: Params, train_clips: int, where: str) -> None:
@@ -264,47 +222,10 @@ def _check_against_model(params: Params) -> None:
                      "num_codebooks, codebook_size or code_dim")
 
 
-MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
-PATH_KEYS = ("model", "download.source", "download.watch")
-
-
-def _check_keys(raw: dict, source: str) -> None:
-    """Every key a name: a number, null or list as a key is named, not a KeyError later."""
-    for key, value in raw.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{source}: key {quote(key)} ({type(key).__name__}): parameter "
-                             "names are text")
-        if isinstance(value, dict):
-            for inner in value:
-                if not isinstance(inner, str):
-                    raise ValueError(f"{source}: {key}: key {quote(inner)} "
-                                     f"({type(inner).__name__}): parameter names are text")
-
-
-def _check_paths(top: Section, source: str) -> None:
-    """Paths the file system cannot hold are an error naming the key, not an OSError later."""
-    for key in PATH_KEYS:
-        section, _, name = key.rpartition(".")
-        value = getattr(getattr(top, section) if section else top, name)
-        encoded = value.encode("utf-8", "surrogateescape")
-        longest = max((len(p) for p in encoded.split(b"/")), default=0)
-        if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
-            raise ValueError(f"{source}: {key}: {quote(value)} is too long for a path "
-                             f"({len(encoded)} bytes, a name of {longest}; at most "
-                             f"{MAX_PATH_BYTES} and {MAX_NAME_BYTES})")
-
-
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
                 stage: str | None = None) -> Params:
     """Read, override (top-level keys, e.g. from the command line) and validate params.yaml."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run from the project root")
-    raw = read_yaml(path)
-    raw = {} if raw is None else raw
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if isinstance(raw, dict):
-        raw.update(given)
-    params = from_dict(raw, dict.fromkeys(given, "command line"), path.name)
+    raw, origin, source = read_file(path, overrides)
+    params = from_dict(raw, origin, source)
     validate(params, stage)
     return params

@@ -1,4 +1,8 @@
-"""The run's own knobs, which no other config holds: the base model and the processes."""
+"""The run's own knobs, which no other config holds: the base model and the processes.
+
+Declarations only: the features stage reads n_mels from here, so this file imports no model
+code (whether the model exists and takes n_mels bins is checked by `bestrq.params.validate`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from bestrq.knobs import STEPS_MAX, Text, check, knob
-from bestrq.whisper_model import expected_n_mels, validate_model_spec
 
 
 @dataclass
@@ -30,10 +33,5 @@ class RunConfig:
         ge=0, le=STEPS_MAX)] = 5
 
     def validate(self) -> None:
-        """The model exists and takes n_mels mel bins."""
+        """The declared types and ranges (the model itself: `bestrq.params.validate`)."""
         check(self)
-        validate_model_spec(self.model)
-        model_mels = expected_n_mels(self.model)
-        if model_mels is not None and model_mels != self.n_mels:
-            raise ValueError(f"n_mels: model {self.model!r} takes {model_mels} mel bins but "
-                             f"n_mels is {self.n_mels}; set n_mels: {model_mels}")

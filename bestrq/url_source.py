@@ -28,6 +28,7 @@ from bestrq.audio import is_audio_file
 from bestrq.files import CHUNK, file_digests, fresh_dir
 from bestrq.folder_source import index_folder
 from bestrq.jsonl import dumps
+from bestrq.redact import redact
 
 DOWNLOAD_RECORD = "download.json"  # what a URL source downloaded and how it was extracted
 DOWNLOAD_DIR = "download"
@@ -44,15 +45,6 @@ class DownloadTooLargeError(RuntimeError):
 
 class UnverifiedDownloadWarning(UserWarning):
     """A URL source was used without `download.checksum`; its sha256 is in the message."""
-
-
-# user:password@ in a URL's authority: what errors and records must not repeat.
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):[^/\s@]*@")
-
-
-def redact(text: str) -> str:
-    """`text` with the password of every URL in it replaced by `***`."""
-    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
 
 
 def parse_checksum(checksum: str) -> tuple[str, str]:

@@ -8,15 +8,22 @@ from pathlib import Path
 
 import typer
 
-from bestrq.sources import UnverifiedDownloadWarning, acquire, check_watch
-from bestrq.url_source import redact
+from bestrq.params_layout import read_configs
+from bestrq.redact import redact
+from bestrq.sources import (
+    SourceConfig,
+    UnverifiedDownloadWarning,
+    acquire,
+    check_watch,
+    validate,
+)
 from stages.common import (
     DATA,
     RAW,
+    checked_or_exit,
     exit_on_sigterm,
     friendly_errors,
     open_live,
-    params_or_exit,
     run_app,
 )
 
@@ -29,16 +36,24 @@ app = typer.Typer(add_completion=False, help=__doc__)
 CACHE = Path(os.environ.get("BESTRQ_CACHE_DIR") or DATA / "cache")
 
 
+def read_params(path: str) -> SourceConfig:
+    """params.yaml's `download` section, checked (declared types and ranges, then the sources
+    can be read); the stage reads nothing else of the file."""
+    cfg: SourceConfig = read_configs(path, {"download": SourceConfig})["download"]
+    validate(cfg)
+    return cfg
+
+
 @app.command()
 def download(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
     """Write data/raw/manifest.jsonl (id, path, transcript, group), data/raw/skipped.jsonl and
     the audio they list; for URL sources data/raw/download.json (with the sha256)."""
-    p = params_or_exit("download", params)
+    cfg = checked_or_exit("download", lambda: read_params(params))
     exit_on_sigterm()  # a stopped download leaves no partial file behind
     with friendly_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnverifiedDownloadWarning)
-        check_watch(p.download)
-        stats = acquire(p.download, RAW, CACHE)
+        check_watch(cfg)
+        stats = acquire(cfg, RAW, CACHE)
     for warning in caught:
         typer.secho(f"warning: {redact(str(warning.message))}", fg=typer.colors.YELLOW, err=True)
     with open_live("download") as live:
@@ -47,7 +62,7 @@ def download(params: str = typer.Option("params.yaml", help="parameters file")) 
         live.make_summary()
     typer.echo(f"download: {stats}")
     if "download_sha256" in stats:
-        typer.echo(f"downloaded {redact(p.download.source)}: sha256:{stats['download_sha256']} "
+        typer.echo(f"downloaded {redact(cfg.source)}: sha256:{stats['download_sha256']} "
                    f"({int(stats['download_bytes'])} bytes, "
                    f"{'verified' if stats['download_verified'] else 'NOT verified'})")
     if stats.get("num_skipped"):

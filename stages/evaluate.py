@@ -11,18 +11,8 @@ from bestrq.dataset import FeatureDataset
 from bestrq.distributed import resolve_device
 from bestrq.evaluate import compare_asr, evaluate_adapter, probe_encoders, train_label_counts
 from bestrq.whisper_model import load_whisper
-from stages.common import (
-    ADAPTER,
-    FEATURES,
-    LIVE,
-    REPORTED,
-    friendly_errors,
-    log_summary,
-    open_live,
-    params_or_exit,
-    run_app,
-    write_windows,
-)
+from stages.common import ADAPTER, FEATURES, LIVE, friendly_errors, log_summary, open_live, run_app
+from stages.training_common import REPORTED, params_or_exit, write_windows
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -21,14 +21,16 @@ from stages.common import (
     FINETUNE_CHECKPOINTS,
     FINETUNED,
     LIVE,
-    LiveLog,
     friendly_errors,
-    hold_checkpoints,
     log_summary,
     open_live,
+    run_app,
+)
+from stages.training_common import (
+    LiveLog,
+    hold_checkpoints,
     params_or_exit,
     relaunch_under_torchrun,
-    run_app,
     write_windows,
 )
 

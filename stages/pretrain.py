@@ -18,13 +18,15 @@ from stages.common import (
     ADAPTER_ONLY_NAME,
     CHECKPOINTS,
     FEATURES,
-    LiveLog,
     friendly_errors,
-    hold_checkpoints,
     log_summary,
+    run_app,
+)
+from stages.training_common import (
+    LiveLog,
+    hold_checkpoints,
     params_or_exit,
     relaunch_under_torchrun,
-    run_app,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)

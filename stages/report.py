@@ -13,7 +13,8 @@ from typing import Any
 import typer
 
 from bestrq.report import absent, difference_records, flatten, summary, wer_records
-from stages.common import ADAPTER, LIVE, friendly_errors, open_live, params_or_exit, run_app
+from stages.common import ADAPTER, LIVE, friendly_errors, open_live, run_app
+from stages.training_common import params_or_exit
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -6,19 +6,27 @@ import warnings
 
 import typer
 
-from bestrq.segment import SPLITS, SplitShareWarning, segment_corpus
-from stages.common import RAW, SEGMENTS, finish_stage, friendly_errors, params_or_exit, run_app
+from bestrq.params_layout import read_configs
+from bestrq.segment import SPLITS, SegmentConfig, SplitShareWarning, segment_corpus, validate
+from stages.common import RAW, SEGMENTS, checked_or_exit, finish_stage, friendly_errors, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def read_params(path: str) -> SegmentConfig:
+    """params.yaml's `segment` section, checked; the stage reads nothing else of the file."""
+    cfg: SegmentConfig = read_configs(path, {"segment": SegmentConfig})["segment"]
+    validate(cfg)
+    return cfg
 
 
 @app.command()
 def segment(params: str = typer.Option("params.yaml", help="parameters file")) -> None:
     """Write data/segments/{train,dev,test}.jsonl, the window audio and skipped.jsonl."""
-    p = params_or_exit("segment", params)
+    cfg = checked_or_exit("segment", lambda: read_params(params))
     with friendly_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SplitShareWarning)
-        stats = segment_corpus(RAW / "manifest.jsonl", SEGMENTS, p.segment)
+        stats = segment_corpus(RAW / "manifest.jsonl", SEGMENTS, cfg)
     finish_stage("segment", stats)
     for split in SPLITS:
         typer.echo(f"segment: {split}: {int(stats[f'speakers_{split}'])} speakers, "

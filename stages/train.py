@@ -29,13 +29,12 @@ from stages.common import (
     FEATURES,
     FINETUNE_CHECKPOINTS,
     friendly_errors,
-    params_or_exit,
     print_error,
-    relaunch_under_torchrun,
     run_app,
     traceback_wanted,
 )
 from stages.pretrain import run_pretrain
+from stages.training_common import params_or_exit, relaunch_under_torchrun
 
 RUNS = Path("runs") / "train"
 PIPELINE = Path("dvc.yaml")

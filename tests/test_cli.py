@@ -1,5 +1,6 @@
 """The command lines: `train` keeps the original options, stages fail early on bad params."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bestrq.params import hyperparameter_names
+from bestrq.params import hyperparameter_names, load_params
 from stages.train import build_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,20 +64,21 @@ def test_train_integer_option_rejects_other_types_naming_it(value):
     assert "--batch_size" in result.output
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("download.source", "missing", "download.source"),
-    # A training parameter stops the first stage of a fresh `dvc repro`, before any download.
-    ("num_codebooks", 0, "num_codebooks: must be an integer in [1, 64], got 0"),
-    ("model", "tinyy", "model: 'tinyy'"),
+@pytest.mark.parametrize("module, key, value, message", [
+    ("download", "download.source", "missing", "download.source"),
+    # A training parameter stops the check stage, the first of a fresh `dvc repro`, before any
+    # download (a data stage reads only its own sections).
+    ("check", "num_codebooks", 0, "num_codebooks: must be an integer in [1, 64], got 0"),
+    ("check", "model", "tinyy", "model: 'tinyy'"),
 ])
-def test_stage_with_bad_params_exits_before_work(tmp_path, key, value, message):
+def test_stage_with_bad_params_exits_before_work(tmp_path, module, key, value, message):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     if key == "download.source":
         params["download"]["source"] = str(tmp_path / value)
     else:
         params[key] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "stages.download", "--params",
+    proc = subprocess.run([sys.executable, "-m", f"stages.{module}", "--params",
                            str(tmp_path / "params.yaml")], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
@@ -142,21 +144,22 @@ def invoke_stage(stage: str, params: Path):
 def test_wrong_type_stops_the_first_stage_naming_the_key(tmp_path, monkeypatch, key, value,
                                                          message):
     monkeypatch.chdir(tmp_path)
-    result = invoke_stage("download", write_params(tmp_path, key, value))
+    result = invoke_stage("check", write_params(tmp_path, key, value))
     assert result.exit_code == 2
-    assert f"error (download): params.yaml: {message}" in result.output
+    assert f"error (check): params.yaml: {message}" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no work done
 
 
 @pytest.mark.parametrize("stage, key, value, message", [
-    ("segment", "finetune.batch_size", 2.5, "finetune.batch_size: must be an integer"),
-    ("features", "download.num_speakers", True, "download.num_speakers: must be an integer"),
+    ("check", "finetune.batch_size", 2.5, "finetune.batch_size: must be an integer"),
+    ("check", "download.num_speakers", True, "download.num_speakers: must be an integer"),
     ("pretrain", "segment.dev_fraction", "0.2", "segment.dev_fraction: must be a number"),
     ("evaluate", "features.shard_size", "big", "features.shard_size: must be an integer"),
     ("finetune", "evaluate.bootstrap_samples", 99.5, "evaluate.bootstrap_samples: must be an "
                                                      "integer in [100, 10000000]"),
 ])
 def test_every_stage_checks_every_section(tmp_path, monkeypatch, stage, key, value, message):
+    """The check stage and the training stages, which read the whole file."""
     monkeypatch.chdir(tmp_path)
     result = invoke_stage(stage, write_params(tmp_path, key, value))
     assert result.exit_code == 2
@@ -164,12 +167,38 @@ def test_every_stage_checks_every_section(tmp_path, monkeypatch, stage, key, val
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.parametrize("stage, own, others", [
+    ("download", ("download.num_speakers", True, "download.num_speakers: must be an integer"),
+     [("num_codebooks", 0), ("model", "tinyy"), ("segment.pack", 1), ("features.dtype", 3)]),
+    ("segment", ("segment.eval_fraction", 0.2, "unknown parameter segment.eval_fraction"),
+     [("finetune.batch_size", 2.5), ("n_mels", "80"), ("download", "all")]),
+    ("features", ("n_mels", 81, "params.yaml: n_mels: must be one of 80, 128, got 81"),
+     [("download.num_speakers", True), ("learning_rate", -1.0), ("evaluate.asr", "yes")]),
+])
+def test_a_data_stage_checks_only_what_it_reads(tmp_path, monkeypatch, stage, own, others):
+    """A data stage refuses a bad value of its own in one line before any work, and leaves the
+    other stages' keys to them (the check stage refuses those before any data stage runs)."""
+    from importlib import import_module
+
+    monkeypatch.chdir(tmp_path)
+    key, value, message = own
+    result = invoke_stage(stage, write_params(tmp_path, key, value))
+    assert result.exit_code == 2
+    assert f"error ({stage}): " in result.output and message in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    read = import_module(f"stages.{stage}").read_params
+    for key, value in others:
+        read(str(write_params(tmp_path, key, value)))  # not its concern: no error
+        with pytest.raises(ValueError, match=re.escape(key)):
+            load_params(write_params(tmp_path, key, value))  # the check stage's reader
+
+
 def test_every_bad_key_is_reported_at_once(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.update(batch_size=2.5, mask_prob="0.5")
     params["segment"]["pack"] = "no"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = invoke_stage("download", tmp_path / "params.yaml")
+    result = invoke_stage("check", tmp_path / "params.yaml")
     assert result.exit_code == 2
     for key in ("batch_size", "mask_prob", "segment.pack"):
         assert f"params.yaml: {key}: must be" in result.output
@@ -186,9 +215,9 @@ def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProces
 
 def test_traceback_option_shows_the_traceback_of_a_bad_parameter(tmp_path):
     params = write_params(tmp_path, "num_codebooks", "abc")
-    plain = run_module("stages.download", "--params", str(params), cwd=tmp_path)
+    plain = run_module("stages.check", "--params", str(params), cwd=tmp_path)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
-    traced = run_module("stages.download", "--params", str(params), "--traceback", cwd=tmp_path)
+    traced = run_module("stages.check", "--params", str(params), "--traceback", cwd=tmp_path)
     assert "No such option" not in traced.stderr
     assert traced.returncode == 1
     assert "Traceback (most recent call last)" in traced.stderr

@@ -1,10 +1,15 @@
 """dvc.yaml's code dependencies cannot drift: each stage lists exactly the project modules its
 command imports, directly or through other project modules (function-level imports included),
-so that changing any code a stage runs re-runs it, and nothing else does."""
+so that changing any code a stage runs re-runs it, and nothing else does.
+
+`python tests/test_dvc_deps.py` rewrites dvc.yaml's lists from the imports (the lines after
+each stage's `# the code:` comment), leaving everything else as it is."""
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -71,17 +76,64 @@ def test_closure_follows_imports_through_the_library():
     assert "stages/finetune.py" not in deps and "bestrq/study.py" not in deps
 
 
+def stage_module(stage: dict) -> str:
+    """The module a stage's command runs (`python -m <module>`)."""
+    return stage["cmd"].removeprefix("python -m ").split()[0]
+
+
 def test_every_stage_lists_exactly_the_code_it_imports():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     wrong = {}
     for name, stage in stages.items():
-        module = stage["cmd"].removeprefix("python -m ").split()[0]
         listed = {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
         listed = {d for d in listed if d.split("/")[0] in PACKAGES}
-        want = as_deps(closure(module))
+        want = as_deps(closure(stage_module(stage)))
         if listed != want:
             wrong[name] = {"missing": sorted(want - listed), "not imported": sorted(listed - want)}
-    assert not wrong, "dvc.yaml deps differ from the imports: " + yaml.safe_dump(wrong)
+    assert not wrong, ("dvc.yaml deps differ from the imports (`python tests/test_dvc_deps.py` "
+                       "rewrites them): " + yaml.safe_dump(wrong))
+
+
+CODE_COMMENT = "# the code: every project module the stage imports (tests/test_dvc_deps.py)"
+_STAGE = re.compile(r"^  ([\w-]+):\s*$")
+_CODE_DEP = re.compile(r"^\s+- (?:" + "|".join(PACKAGES) + r")/\S+\s*$")
+
+
+def rewrite_code_deps(text: str) -> str:
+    """dvc.yaml's `text` with each stage's code dependencies (the list items after its
+    `CODE_COMMENT`) replaced by the project modules its command imports, sorted."""
+    stages = yaml.safe_load(text)["stages"]
+    out: list[str] = []
+    stage = None
+    lines = iter(text.splitlines(keepends=True))
+    for line in lines:
+        found = _STAGE.match(line)
+        if found and found.group(1) in stages:
+            stage = found.group(1)
+        if line.strip() != CODE_COMMENT:
+            out.append(line)
+            continue
+        out.append(line)
+        indent = line[:len(line) - len(line.lstrip())]
+        out += [f"{indent}- {dep}\n" for dep in sorted(as_deps(closure(stage_module(
+            stages[stage]))))]
+        for rest in lines:  # the old list, then what follows it
+            if not _CODE_DEP.match(rest):
+                out.append(rest)
+                break
+    return "".join(out)
+
+
+def test_the_rewrite_gives_the_lists_the_test_wants(tmp_path):
+    text = (REPO / "dvc.yaml").read_text()
+    # a module dropped, one added that no stage imports: both are put right, nothing else moves
+    broken = text.replace("      - stages/common.py\n", "", 1).replace(
+        "      - stages/download.py\n", "      - stages/download.py\n      - bestrq/study.py\n", 1)
+    assert broken != text
+    fixed = rewrite_code_deps(broken)
+    assert yaml.safe_load(fixed) == yaml.safe_load(rewrite_code_deps(text))
+    assert [x for x in fixed.splitlines() if not _CODE_DEP.match(x)] == \
+        [x for x in text.splitlines() if not _CODE_DEP.match(x)]
 
 
 # ----------------------------------------------------------------------------- params
@@ -184,3 +236,12 @@ def test_every_knob_that_keys_a_run_is_a_param_of_its_stage(tmp_path):
     p = from_dict(dict(raw, mask_prob=raw["mask_prob"] * 2, seed=raw["seed"] + 1))
     assert key(p) == key(from_dict(raw)) != key(
         replace(p, finetune=replace(p.finetune, max_steps=p.finetune.max_steps + 1)))
+
+
+if __name__ == "__main__":
+    path = REPO / "dvc.yaml"
+    before = path.read_text()
+    after = rewrite_code_deps(before)
+    path.write_text(after)
+    sys.stdout.write("dvc.yaml: code deps rewritten\n" if after != before else
+                     "dvc.yaml: code deps already match the imports\n")

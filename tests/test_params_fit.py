@@ -1,7 +1,8 @@
 """Knobs the code cannot use with the base model or the corpus are refused before any work,
 each in one line naming the knob: blocks the encoder lacks and an odd stack_frames when the
-params are read (the first stage, download), heads too large for the machine's memory before
-anything is allocated, a micro-batch larger than the training split before a model is built."""
+params are read (dvc.yaml's first stage, check, before any data stage), heads too large for
+the machine's memory before anything is allocated, a micro-batch larger than the training split
+before a model is built."""
 
 from __future__ import annotations
 
@@ -68,17 +69,18 @@ def test_a_checkpoints_depth_is_read_from_its_header(tmp_path, random_checkpoint
 
 
 def test_the_first_stage_refuses_them_in_one_line_before_any_work(tmp_path, monkeypatch):
-    import stages.download
+    import stages.check
 
-    fetched = []
-    monkeypatch.setattr(stages.download, "acquire", lambda *a: fetched.append(a) or {})
     monkeypatch.chdir(tmp_path)
     path = params_file(tmp_path, bestrq_layer="-5")
-    result = CliRunner().invoke(stages.download.app, ["--params", str(path)])
-    assert result.exit_code == 2 and not fetched
+    result = CliRunner().invoke(stages.check.app, ["--params", str(path)])
+    assert result.exit_code == 2 and not (tmp_path / "data").exists()  # nothing written
     assert result.output.strip() == (
-        "error (download): bestrq_layer: must be a block of the encoder of model 'tiny.en', an "
+        "error (check): bestrq_layer: must be a block of the encoder of model 'tiny.en', an "
         "integer in [-4, 3] (4 blocks; negative counts from the top), got -5")
+    result = CliRunner().invoke(stages.check.app, ["--params", str(params_file(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "data" / "params.checked").is_file()
 
 
 def test_heads_too_large_for_the_machine_are_named_before_allocation(tmp_path, monkeypatch):
