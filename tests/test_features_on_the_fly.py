@@ -26,7 +26,7 @@ from bestrq.model import BestRQModel
 from bestrq.pretraining import BEST_RQ, MaskedClips
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
 from bestrq.train import TrainConfig, train
-from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper
+from bestrq.whisper_model import TINY_TEST_DIMS, random_whisper, save_whisper_checkpoint
 from tests.test_features import write_segments
 
 CPU = torch.device("cpu")
@@ -192,3 +192,26 @@ def test_store_false_then_true_leaves_no_stale_files(tmp_path: Path) -> None:
     compute_features(tmp_path / "segments", out, 80, FeatureConfig(device="cpu", store=False))
     assert not list((out / "train").glob("mel-*.npy"))  # a stale shard would only confuse
     assert FeatureDataset(out / "train")[0][0].shape == (N_SAMPLES,)
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_with_log_mels_on_the_fly(tmp_path: Path) -> None:
+    from tests.test_pipeline import SMALL, make_project, ran_stages, run
+
+    project = make_project(tmp_path, "w.pt", {**SMALL, "features": {"store": False}})
+    save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), project / "w.pt")
+    out = run(["dvc", "repro"], project)
+    assert {"features", "pretrain", "evaluate", "finetune", "report"} <= ran_stages(out)
+    features = project / "data" / "features"
+    assert not list(features.rglob("mel-*.npy")) and (features / "stats.json").is_file()
+    assert json.loads((features / "train" / "index.json").read_text())["store"] is False
+    info = json.loads((project / "data" / "adapters" / "adapter.json").read_text())
+    assert info["step"] == 2
+    evaluation = json.loads((project / "dvclive" / "evaluate" / "metrics.json").read_text())
+    assert set(evaluation) == {"test", "dev"}
+    assert 0.0 < evaluation["test"]["adapted"]["mask_fraction"] < 1.0
+    assert "wer" in evaluation["test"]["adapted"]
+    # Both fine-tunes trained on the on-the-fly log-mels and decoded test with them.
+    finetune = json.loads((project / "dvclive" / "finetune" / "metrics.json").read_text())
+    assert finetune["labelled_clips"] >= 1 and finetune["steps"] == 2
+    assert "wer" in finetune["test"]["adapted"] and "wer" in finetune["test"]["stock"]
