@@ -108,7 +108,8 @@ def test_num_valid_frames() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("batch_size", 0), ("shard_size", -1), ("dtype", "bfloat16"), ("device", "tpu9")],
+    [("batch_size", 0), ("shard_size", -1), ("dtype", "bfloat16"), ("device", "tpu9"),
+     ("store", "false")],
 )
 def test_validate_names_bad_parameter(field: str, value: object) -> None:
     cfg = FeatureConfig(**{field: value})
