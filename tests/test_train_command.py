@@ -51,9 +51,9 @@ def files(root: Path) -> dict[str, bytes]:
     ("data/adapters/", "is DVC's output data/adapters (stage pretrain of dvc.yaml)"),
     ("runs/../data/adapters/sub", "is inside DVC's output data/adapters (stage pretrain"),
     ("dvclive/pretrain/plots/metrics", "is DVC's output dvclive/pretrain/plots/metrics"),
-    ("data", "holds DVC's output data/raw (stage download of dvc.yaml)"),
+    ("data", "holds DVC's output data/params.checked (stage check of dvc.yaml)"),
     ("dvclive", "holds DVC's output dvclive/download/metrics.json (stage download"),
-    (".", "holds DVC's output data/raw"),
+    (".", "holds DVC's output data/params.checked"),
     ("data/checkpoints", "is the pipeline's checkpoint folder data/checkpoints"),
     ("data/finetune_checkpoints/x", "is inside the pipeline's checkpoint folder "
                                     "data/finetune_checkpoints"),
