@@ -37,12 +37,23 @@ FLOP/s, and no more memory than the extra heads' weights, gradients and AdamW st
         --device cpu --compare-adapter ia3,lora
     python bench/train_overhead.py --model tiny.en --batch-size 4 --device cpu \
         --compare-distill clean,masked,clean+cache,masked+cache
+    python bench/train_overhead.py --model tiny.en --batch-size 8 --steps 2 --warmup 1 \
+        --device cpu --precision fp32 --compare-checkpointing off,on
+
+With --compare-checkpointing off,on it times the full step with `gradient_checkpointing` off
+and on, each in a fresh child process, and prints side by side: step time, the step's peak
+activation memory (the peak of the step above what is allocated before it: torch's CPU
+allocations from the profiler on CPU, torch.cuda.max_memory_allocated on CUDA), the whole
+peak beside `bestrq.memory`'s estimate, and peak RSS; against the goals: at least 40% less
+peak activation memory at no more than 1.4x the step time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -56,6 +67,7 @@ from whisper.audio import N_FRAMES
 from bestrq.adapters import AdapterConfig, count_adapter_parameters
 from bestrq.batching import DataPosition, GlobalBatchSampler
 from bestrq.masking import MaskingConfig
+from bestrq.memory import estimate_peak_memory, measured_cpu_peak_bytes
 from bestrq.model import BestRQModel
 from bestrq.pretraining import BEST_RQ, MaskedClips
 from bestrq.quantizer import QuantizerConfig, RandomProjectionQuantizer
@@ -84,6 +96,45 @@ class SyntheticClips(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mels[i], self.frames[i]
+
+
+def cpu_line() -> str:
+    """The CPU model, its cores and whether it multiplies bf16 (AVX-512 BF16) or has AMX."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    has = [name for name, flag in (("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx_bf16"))
+           if flag in flags]
+    return (f"CPU {model}, {os.cpu_count()} cores, "
+            f"{' and '.join(has) if has else 'no bf16 hardware'}")
+
+
+def step_peak_bytes(fn, device: torch.device) -> int:
+    """Peak bytes allocated while `fn` runs above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return measured_cpu_peak_bytes(fn)
+
+
+def allocated_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the model's tensors and the optimiser's state: what a step starts from."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(v for state in optimizer.state.values() for v in state.values()
+                 if isinstance(v, torch.Tensor))]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def sync(device: torch.device) -> None:
@@ -242,6 +293,43 @@ def compare_distill(args: argparse.Namespace, inputs: list[str]) -> None:
               f"{'met' if overhead <= 1.35 else 'NOT met'}")
 
 
+def compare_checkpointing(args: argparse.Namespace, values: list[str]) -> None:
+    """The full step, its peak activation memory, the whole peak beside the estimate, and peak
+    RSS, per `gradient_checkpointing`, each in a child process, side by side."""
+    source = ["--random"] if args.random else ["--model", args.model]
+    cache = ["--distill-cache"] if args.distill_cache else []
+    common = [*source, *cache, "--batch-size", str(args.batch_size), "--codebook-size",
+              str(args.codebook_size), "--num-codebooks", str(args.num_codebooks),
+              "--mask-prob", str(args.mask_prob), "--steps", str(args.steps), "--warmup",
+              str(args.warmup), "--device", args.device, "--precision", args.precision,
+              "--distill-weight", str(args.distill_weight), "--distill-input",
+              args.distill_input, "--adapter", args.adapter, "--lora-rank", str(args.lora_rank),
+              "--lora-targets", args.lora_targets, "--json"]
+    rows = run_children(common, "--gradient-checkpointing", values)
+    base = rows[0]
+    mib = 2**20
+    print(cpu_line())
+    print(f"device {base['device']}, precision {base['precision']}, batch {args.batch_size}, "
+          f"{args.adapter}, codebooks {args.num_codebooks} x {args.codebook_size}, "
+          f"distill_weight {args.distill_weight} ({args.distill_input}), {args.steps} timed "
+          f"steps after {args.warmup}")
+    print("checkpointing | step s | CPU s/step | vs first | activations MiB | vs first | "
+          "peak MiB | estimate MiB | est / peak | peak RSS MiB")
+    for row in rows:
+        peak = row["start_bytes"] + row["step_peak_bytes"]
+        print(f"{row['checkpointing']:13s} | {row['step_s']:6.2f} | {row['step_cpu_s']:10.2f} | "
+              f"{row['step_s'] / base['step_s']:7.2f}x | "
+              f"{row['step_peak_bytes'] / mib:15,.0f} | "
+              f"{row['step_peak_bytes'] / base['step_peak_bytes']:8.1%} | {peak / mib:8,.0f} | "
+              f"{row['estimate_bytes'] / mib:12,.0f} | {row['estimate_bytes'] / peak:10.2f} | "
+              f"{row['peak_bytes'] / mib:12,.0f}")
+    last = rows[-1]
+    saved = 1 - last["step_peak_bytes"] / base["step_peak_bytes"]
+    slower = last["step_s"] / base["step_s"]
+    print(f"goal (>= 40% less peak activation memory at <= 1.4x the step time): {saved:.0%} "
+          f"less at {slower:.2f}x, {'met' if saved >= 0.4 and slower <= 1.4 else 'NOT met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -285,6 +373,11 @@ def main() -> None:
     parser.add_argument("--compare-adapter", metavar="A,A",
                         help="time the full step and bare encoder per adapter kind, side by "
                              "side (e.g. ia3,lora)")
+    parser.add_argument("--gradient-checkpointing", default="off", choices=("off", "on"),
+                        help="params.yaml's gradient_checkpointing")
+    parser.add_argument("--compare-checkpointing", metavar="off,on",
+                        help="the full step, peak activation memory and the estimate per "
+                             "gradient_checkpointing, each in a fresh process, side by side")
     parser.add_argument("--json", action="store_true",
                         help="time only the training step and print one JSON line (used by "
                              "--compare-codebooks)")
@@ -303,6 +396,9 @@ def main() -> None:
     if args.compare_distill:
         compare_distill(args, args.compare_distill.split(","))
         return
+    if args.compare_checkpointing:
+        compare_checkpointing(args, args.compare_checkpointing.split(","))
+        return
 
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
@@ -318,7 +414,8 @@ def main() -> None:
                             lora_targets=tuple(args.lora_targets.split(",")))
     model = BestRQModel(whisper.encoder, quantizer, MaskingConfig(mask_prob=args.mask_prob),
                         args.distill_weight, adapter=adapter, distill_input=args.distill_input,
-                        distill_cache=args.distill_cache)
+                        distill_cache=args.distill_cache,
+                        gradient_checkpointing=args.gradient_checkpointing == "on")
     del whisper.decoder  # not used; frees its memory
     model.to(device)
     if args.features is not None:
@@ -362,7 +459,13 @@ def main() -> None:
                "adapter": args.adapter, "distill_input": args.distill_input,
                "distill_cache": args.distill_cache,
                "adapter_parameters": count_adapter_parameters(model.encoder),
-               "precision": str(dtype or torch.float32)}
+               "precision": str(dtype or torch.float32),
+               "checkpointing": args.gradient_checkpointing,
+               # One more step, untimed (the CPU measurement profiles it): its peak above
+               # what the model and AdamW hold before it, and the estimate of the whole.
+               "start_bytes": allocated_bytes(model, optimizer),
+               "step_peak_bytes": step_peak_bytes(training_step, device),
+               "estimate_bytes": estimate_peak_memory(model, args.batch_size, dtype).total}
         if args.with_bare:
             row["bare_s"] = timed(bare_step, args.steps, args.warmup, device)[0]
         print(json.dumps(row))

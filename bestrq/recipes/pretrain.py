@@ -18,15 +18,16 @@ from bestrq.adapter import save_adapter
 from bestrq.adapters import count_adapter_parameters
 from bestrq.checkpoint import RunSignature
 from bestrq.dataset import FeatureDataset
-from bestrq.distributed import DistInfo, barrier, is_main, same_on_every_rank
+from bestrq.distributed import DistInfo, barrier, is_main, resolve_device, same_on_every_rank
 from bestrq.evaluate import heldout_tracker
 from bestrq.features import load_stats
+from bestrq.memory import estimate_peak_memory
 from bestrq.model import BestRQModel
 from bestrq.params import Params
 from bestrq.pretraining import BEST_RQ
 from bestrq.quantizer import RandomProjectionQuantizer
 from bestrq.run_identity import pretrain_key
-from bestrq.train import TrainResult, train
+from bestrq.train import TrainResult, autocast_dtype, train
 from bestrq.whisper_model import load_whisper, model_identity
 
 
@@ -88,6 +89,8 @@ def pretrain(p: Params, dist: DistInfo, features_dir: Path, adapter_path: Path,
         log.say(f"pretrain: {p.run.model} on {dist.device} x{dist.world_size}, "
                 f"{count_adapter_parameters(model.encoder)} {p.adapter.kind} parameters, "
                 f"{len(dataset)} training clips")
+        dtype = autocast_dtype(p.train, resolve_device(p.train.device))
+        log.say(f"pretrain: {estimate_peak_memory(model, p.train.batch_size, dtype).line()}")
     barrier()  # rank 0 may have moved stale checkpoints aside
     try:
         result = train(model, dataset, p.train, checkpoint_dir,
