@@ -81,17 +81,15 @@ def _rng(seed: int, key: str, channel: str) -> np.random.Generator:
 
 def room_impulse(rt60: float, rate: int, rng: np.random.Generator) -> torch.Tensor:
     """A synthetic room impulse response: the direct sound, then a diffuse tail of Gaussian
-    noise whose energy falls 60 dB in `rt60` seconds (Schroeder's statistical model, the usual
+    noise whose energy falls 60 dB in `rt60` seconds (Polack's statistical model, the usual
     stand-in for a measured RIR), `rt60` long, scaled to unit energy. Shape (samples,)."""
     n = max(2, int(round(rt60 * rate)))
     t = np.arange(n) / rate
     # The energy envelope exp(-2at) falls 60 dB in rt60 when the amplitude's is exp(-at).
-    tail = rng.standard_normal(n) * np.exp(-_DECAY_60DB / rt60 * t)  # (samples,)
-    tail[0] = 0.0
+    rir = rng.standard_normal(n) * np.exp(-_DECAY_60DB / rt60 * t)  # (samples,)
     # Direct sound as strong as the whole tail (a direct-to-reverberant ratio of 0 dB), so the
     # speech keeps its onsets while the tail smears each syllable into the next.
-    rir = tail
-    rir[0] = np.sqrt((tail**2).sum())
+    rir[0] = np.sqrt((rir[1:] ** 2).sum())
     rir /= np.sqrt((rir**2).sum())
     return torch.from_numpy(rir.astype(np.float32))
 
