@@ -20,10 +20,13 @@ from dataclasses import dataclass, replace
 import jiwer
 import numpy as np
 import torch
+import torch.nn.functional as F
 import whisper
 from torch import Tensor
+from torch.distributions import Categorical
 from torch.utils.data import Dataset
 from tqdm import tqdm
+from whisper.decoding import DecodingTask, GreedyDecoder
 from whisper.model import Whisper
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
@@ -106,7 +109,8 @@ def decode_with_fallback(model: Whisper, mel: Tensor, options: whisper.DecodingO
                          seed: int) -> whisper.DecodingResult:
     """One window (1, n_mels, frames) or its features, as whisper.transcribe decodes it: at
     each temperature in turn until the result is neither a loop nor a guess. Sampling draws
-    from torch's RNG, seeded with `seed` for this window and restored afterwards."""
+    from torch's RNG, seeded with `seed` for this window and restored afterwards. The
+    definition that `transcribe`'s batched fallback reproduces (its `per_window` reference)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for temperature in FALLBACK_TEMPERATURES:
@@ -116,14 +120,131 @@ def decode_with_fallback(model: Whisper, mel: Tensor, options: whisper.DecodingO
     return result
 
 
+class SeededSampler(GreedyDecoder):
+    """whisper's sampler (`GreedyDecoder` above temperature 0) for a batch in which window i
+    draws from its own generator: it samples the tokens it would sample decoded alone after
+    `torch.manual_seed(seed_i)`. A batched `Categorical.sample` draws every row from one
+    generator, so a window's tokens would depend on its batch. A window draws only while it
+    is unfinished, as one decoded alone stops at its end of text: its generator is left where
+    its own decoding leaves it, and the next temperature continues that stream."""
+
+    def __init__(self, temperature: float, eot: int, generators: list[torch.Generator]) -> None:
+        super().__init__(temperature, eot)
+        self.generators = generators
+
+    def update(self, tokens: Tensor, logits: Tensor,
+               sum_logprobs: Tensor) -> tuple[Tensor, bool]:
+        # tokens (batch, length), logits (batch, vocab), sum_logprobs (batch,)
+        if len(self.generators) != tokens.shape[0]:
+            raise ValueError(f"{len(self.generators)} generators for {tokens.shape[0]} windows")
+        live = (tokens[:, -1] != self.eot).tolist()
+        next_tokens = torch.full((tokens.shape[0],), self.eot, dtype=torch.long,
+                                 device=tokens.device)  # (batch,)
+        for i, generator in enumerate(self.generators):
+            if live[i]:
+                # What Categorical(logits=...).sample() draws for this window alone: one
+                # multinomial draw from its (1, vocab) probabilities.
+                probs = Categorical(logits=logits[i:i + 1] / self.temperature).probs
+                next_tokens[i] = torch.multinomial(probs, 1, True, generator=generator)[0, 0]
+        # The rest is GreedyDecoder.update's.
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (batch, vocab)
+        current = logprobs[torch.arange(logprobs.shape[0]), next_tokens]  # (batch,)
+        sum_logprobs += current * (tokens[:, -1] != self.eot)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)  # (batch, length + 1)
+        return tokens, bool((tokens[:, -1] == self.eot).all())
+
+
+@torch.no_grad()
+def decode_seeded(model: Whisper, features: Tensor, options: whisper.DecodingOptions,
+                  generators: list[torch.Generator]) -> list[whisper.DecodingResult]:
+    """`whisper.decode` of encoder outputs (batch, audio ctx, d_model) at
+    `options.temperature` > 0, window i sampling from `generators[i]` (`SeededSampler`)."""
+    if options.temperature <= 0 or options.beam_size is not None or \
+            (options.best_of or 1) != 1:
+        raise ValueError("decode_seeded samples one sequence per window at a temperature > 0 "
+                         f"(got temperature {options.temperature}, beam_size "
+                         f"{options.beam_size}, best_of {options.best_of})")
+    task = DecodingTask(model, options)
+    task.decoder = SeededSampler(options.temperature, task.tokenizer.eot, generators)
+    return task.run(features)
+
+
+def encode(model: Whisper, mel: Tensor, options: whisper.DecodingOptions,
+           bf16: bool = False) -> Tensor:
+    """The encoder's output for windows (batch, n_mels, frames) -> (batch, audio ctx, d_model),
+    computed as `whisper.decode` computes it from a mel (in fp16 when `options.fp16`), or, with
+    `bf16`, under CPU bf16 autocast and cast back to fp32 for the fp32 decoder."""
+    if bf16:
+        # The encoder's large matmuls gain from bf16 (1.5x here); the token-by-token decoder
+        # does not (2x slower under autocast: small matmuls, casts), so it stays fp32 and
+        # takes the encoder's output cast back (whisper.decode takes features for a mel).
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.encoder(mel).float()
+    return model.encoder(mel.half() if options.fp16 else mel)  # DecodingTask's own cast
+
+
+@dataclass
+class _Pending:
+    """A window waiting for its decoding at the next temperature."""
+
+    position: int  # in the list of windows being transcribed
+    features: Tensor  # (audio ctx, d_model)
+    generator: torch.Generator  # its sampling stream, continued from one temperature to the next
+
+
+class BatchedFallback:
+    """whisper.transcribe's temperature fallback for many windows at once: the windows that
+    fail at one temperature wait for the next one's decoding, which runs on `batch_size` of
+    them together, from the encoder output each came with (the encoder runs once per window).
+    Window results equal `decode_with_fallback`'s: the same rule, each window's own seeded
+    stream (`SeededSampler`). At most `batch_size` - 1 windows wait per temperature between
+    `decode(flush=False)` calls, so the features held stay bounded."""
+
+    def __init__(self, model: Whisper, options: whisper.DecodingOptions, batch_size: int) -> None:
+        self.model, self.options, self.batch_size = model, options, batch_size
+        self.temperatures = [t for t in FALLBACK_TEMPERATURES if t > 0]
+        self.waiting: list[list[_Pending]] = [[] for _ in self.temperatures]
+
+    def add(self, position: int, features: Tensor, seed: int) -> None:
+        """A window (its features (audio ctx, d_model)) that failed at temperature 0."""
+        generator = torch.Generator(device=features.device).manual_seed(seed)
+        # A copy: a view would keep its whole batch's features alive while it waits.
+        self.waiting[0].append(_Pending(position, features.clone(), generator))
+
+    def decode(self, flush: bool) -> dict[int, whisper.DecodingResult]:
+        """Decode every full batch of waiting windows, temperature by temperature, or (`flush`)
+        every waiting window; the windows that are done, by position."""
+        done: dict[int, whisper.DecodingResult] = {}
+        for level, temperature in enumerate(self.temperatures):
+            queue = self.waiting[level]
+            while len(queue) >= self.batch_size or (flush and queue):
+                group, queue[:] = queue[:self.batch_size], queue[self.batch_size:]
+                features = torch.stack([w.features for w in group])  # (group, ctx, d_model)
+                results = decode_seeded(self.model, features,
+                                        replace(self.options, temperature=temperature),
+                                        [w.generator for w in group])
+                for window, result in zip(group, results, strict=True):
+                    if needs_fallback(result) and level + 1 < len(self.temperatures):
+                        self.waiting[level + 1].append(window)
+                    else:  # passed, or the last temperature: whisper.transcribe keeps it
+                        done[window.position] = result
+        return done
+
+
 @torch.no_grad()
 def transcribe(model: Whisper, dataset: Dataset, indices: list[int], config: AsrConfig,
                device: torch.device, desc: str = "transcribe",
-               stats: dict[str, int] | None = None) -> list[str]:
+               stats: dict[str, int] | None = None, per_window: bool = False) -> list[str]:
     """Whisper's transcripts of `dataset[i]` (stored log-mel windows) for i in indices: greedy,
     or (`config.decoding` fallback) with whisper.transcribe's temperature fallback and silence
     rule. `stats`, when given, counts the windows decoded again (`fallbacks`) and those taken
-    for silence (`silent`)."""
+    for silence (`silent`).
+
+    The encoder runs once per window, on `config.batch_size` windows at a time; the windows
+    that fail at a temperature are decoded again together (`BatchedFallback`). `per_window`:
+    the earlier decoder, kept as the reference of benches and tests: each failing window is
+    decoded alone at every temperature (0 again included) by `decode_with_fallback`, from its
+    mel in fp32 (the encoder run again each time). Both give the same texts."""
     model.eval().to(device)
     options = whisper.DecodingOptions(
         task="transcribe", language=config.language if model.is_multilingual else "en",
@@ -133,30 +254,40 @@ def transcribe(model: Whisper, dataset: Dataset, indices: list[int], config: Asr
     counts = stats if stats is not None else {}
     counts.setdefault("fallbacks", 0)
     counts.setdefault("silent", 0)
-    texts: list[str] = []
+    fallback = BatchedFallback(model, options, config.batch_size)
+    # Per window, its text and whether it is taken for silence (a DecodingResult would keep
+    # its batch's encoder output alive).
+    outcomes: dict[int, tuple[str, bool]] = {}
+
+    def keep(results: dict[int, whisper.DecodingResult]) -> None:
+        for position, result in results.items():
+            outcomes[position] = (result.text,
+                                  config.decoding == "fallback" and is_silence(result))
+
     for start in tqdm(range(0, len(indices), config.batch_size), desc=desc):
         batch = indices[start:start + config.batch_size]
         windows = torch.stack([dataset[i][0] for i in batch]).to(device)
         mel = as_mel(windows, dataset)  # (batch, n_mels, 3000)
-        if bf16:
-            # The encoder's large matmuls gain from bf16 (1.5x here); the token-by-token decoder
-            # does not (2x slower under autocast: small matmuls, casts), so it stays fp32 and
-            # takes the encoder's output cast back (whisper.decode takes features for a mel).
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                features = model.encoder(mel)  # (batch, audio ctx, d_model)
-            mel = features.float()
-        results = whisper.decode(model, mel, options)
+        features = encode(model, mel, options, bf16)  # (batch, audio ctx, d_model)
+        first = whisper.decode(model, features, options)
         for j, clip in enumerate(batch):
-            if config.decoding == "fallback":
-                if needs_fallback(results[j]):
-                    counts["fallbacks"] += 1
-                    results[j] = decode_with_fallback(model, mel[j:j + 1], options,
-                                                      fallback_seed(config.seed, clip))
-                if is_silence(results[j]):
-                    counts["silent"] += 1
-                    texts.append("")
-                    continue
-            texts.append(results[j].text)
+            if config.decoding != "fallback" or not needs_fallback(first[j]):
+                keep({start + j: first[j]})
+                continue
+            counts["fallbacks"] += 1
+            if per_window:  # the bf16 path passed features before too
+                window = features[j:j + 1] if bf16 else mel[j:j + 1]
+                keep({start + j: decode_with_fallback(model, window, options,
+                                                      fallback_seed(config.seed, clip))})
+            else:
+                fallback.add(start + j, features[j], fallback_seed(config.seed, clip))
+        keep(fallback.decode(flush=False))
+    keep(fallback.decode(flush=True))
+    texts: list[str] = []
+    for position in range(len(indices)):
+        text, silent = outcomes[position]
+        counts["silent"] += silent
+        texts.append("" if silent else text)
     return texts
 
 

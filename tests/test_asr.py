@@ -315,7 +315,10 @@ def _result(text: str, compression: float, logprob: float, no_speech: float = 0.
 
 def test_fallback_decodes_a_looping_window_again_at_higher_temperatures(monkeypatch):
     # A crafted decoder: window 0 loops at temperatures 0 and 0.2, reads well at 0.4; window 1
-    # reads well at once; window 2 is silence (no speech, a low log-prob): no text.
+    # reads well at once; window 2 is silence (no speech, a low log-prob): no text. The
+    # batched fallback samples through asr.decode_seeded, the per-window one whisper.decode.
+    from bestrq import asr
+
     calls = []
 
     def decode(model, mel, options):
@@ -328,14 +331,20 @@ def test_fallback_decodes_a_looping_window_again_at_higher_temperatures(monkeypa
         return [_result("the real words", 1.3, -0.4)]
 
     monkeypatch.setattr(whisper, "decode", decode)
+    monkeypatch.setattr(asr, "decode_seeded",
+                        lambda model, features, options, generators: decode(model, features,
+                                                                            options))
     model = random_whisper(TINY_TEST_DIMS)
     data = Windows([torch.zeros(80, 3000)] * 3, ["the real words", "fine", ""])
-    stats: dict[str, int] = {}
-    got = transcribe(model, data, [0, 1, 2], AsrConfig(batch_size=3), torch.device("cpu"),
-                     stats=stats)
-    assert got == ["the real words", "fine", ""]
-    assert calls == [(3, 0.0), (1, 0.0), (1, 0.2), (1, 0.4)]
-    assert stats == {"fallbacks": 1, "silent": 1}
+    for per_window, decoded in ((False, [(3, 0.0), (1, 0.2), (1, 0.4)]),
+                                (True, [(3, 0.0), (1, 0.0), (1, 0.2), (1, 0.4)])):
+        calls.clear()
+        stats: dict[str, int] = {}
+        got = transcribe(model, data, [0, 1, 2], AsrConfig(batch_size=3), torch.device("cpu"),
+                         stats=stats, per_window=per_window)
+        assert got == ["the real words", "fine", ""]
+        assert calls == decoded
+        assert stats == {"fallbacks": 1, "silent": 1}
     calls.clear()
     greedy = transcribe(model, data, [0, 1, 2], AsrConfig(batch_size=3, decoding="greedy"),
                         torch.device("cpu"))
