@@ -326,8 +326,12 @@ def compare_checkpointing(args: argparse.Namespace, values: list[str]) -> None:
     last = rows[-1]
     saved = 1 - last["step_peak_bytes"] / base["step_peak_bytes"]
     slower = last["step_s"] / base["step_s"]
+    # CPU seconds: what a CPU shared with other jobs disturbs least
+    slower_cpu = last["step_cpu_s"] / base["step_cpu_s"]
+    verdict = {True: "met", False: "NOT met"}
     print(f"goal (>= 40% less peak activation memory at <= 1.4x the step time): {saved:.0%} "
-          f"less at {slower:.2f}x, {'met' if saved >= 0.4 and slower <= 1.4 else 'NOT met'}")
+          f"less at {slower:.2f}x the wall time ({verdict[saved >= 0.4 and slower <= 1.4]}), "
+          f"{slower_cpu:.2f}x the CPU time ({verdict[saved >= 0.4 and slower_cpu <= 1.4]})")
 
 
 def main() -> None:

@@ -77,8 +77,8 @@ def block_activation_bytes(d_model: int, n_head: int, adapter: str, act_bytes: i
                            first: bool = False) -> int:
     """Bytes autograd keeps, per token, of one adapted Whisper block run with a gradient.
 
-    act_bytes: 2 under bf16 autocast, 4 in fp32. Layer norms and their statistics are fp32
-    (autocast runs them so, and keeps the fp32 copy of their input); the attention keeps its
+    act_bytes: 2 under bf16 autocast, 4 in fp32. The layer norms keep an fp32 input and
+    statistics (Whisper's LayerNorm computes in fp32 whatever the autocast); the attention keeps its
     query, key, value, output and log-sum-exp; GELU its input. IA^3 keeps the key and value
     projections and the GELU output it rescales; LoRA each target's input (in fp32 one tensor
     per input, shared by its targets and, for `out`, with the attention's output; under
@@ -187,8 +187,13 @@ def estimate_peak_memory(model: BestRQModel, batch_size: int, dtype: torch.dtype
     cfg = model.quantizer.config
     masked = max(1, round(batch_size * tokens // model.group * masked_share(model)))
     rows, books = chunk_shape(masked, cfg.num_codebooks, cfg.codebook_size, model.logits_budget)
-    tile = rows * books * cfg.codebook_size * (4 + a)  # fp32 log-probs, logits in autocast's
-    loss_phase = batch_size * (held[0] + inputs) + tile + masked * model.heads.in_features * 4
+    # A tile's logits in autocast's dtype and fp32 log-probabilities; under bf16 also the
+    # fp32 copy of the logits log_softmax(dtype=float32) makes first on a CPU (measured: 2.5x
+    # the log-probabilities' bytes, 2x in fp32), and the heads' weights cast once.
+    tile = rows * books * cfg.codebook_size * (8 if a == 4 else 10)
+    heads_copy = 0 if a == 4 else model.heads.weight.numel() * a
+    loss_phase = batch_size * (held[0] + inputs) + tile + heads_copy \
+        + masked * model.heads.in_features * 4  # the heads input's gradient, fp32
     return MemoryEstimate(weights=weights, trainable_state=12 * trainable,
                           weight_copies=copies, saved_per_clip=sum(held) + differences,
                           other_per_clip=inputs + targets + working + recomputed,

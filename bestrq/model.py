@@ -112,8 +112,9 @@ def seeded_linear(in_features: int, out_features: int, gen: torch.Generator) -> 
 
 # fp32 log-probabilities of one tile of the loss (masked targets x codebooks): bounds the loss's
 # working memory, forward and backward, whatever the batch. A tile also holds its logits in the
-# matmuls' dtype, so it works in 1.5x (bf16) to 2x (fp32) this; its matmuls stay large (on a
-# GPU batch of 64 clips: 4096 targets x one 8192-way head).
+# matmuls' dtype, so it works in 2x (fp32) or 1.5x (bf16) this; 2.5x under bf16 on a CPU,
+# whose log_softmax makes an fp32 copy of the logits first (measured: bestrq.memory); its
+# matmuls stay large (on a GPU batch of 64 clips: 4096 targets x one 8192-way head).
 LOGITS_BUDGET_BYTES = 128 * 2**20
 
 
