@@ -15,16 +15,21 @@ beside a label-prior baseline, and the word error rate of Whisper with and witho
 - `stock/effective_rank`, `adapted/effective_rank`, `stock/davies_bouldin`,
   `adapted/davies_bouldin` and their `delta/`: label-free probes (`bestrq.probes`) of the
   stock and the adapted encoder's output on the same clean eval frames.
+
+Stock Whisper's figures depend on no BEST-RQ knob, so they can be computed once and kept
+(`Decoded`: its hypotheses per window; `probe_outputs` of its encoder alone): the adapted
+system is then compared with them, with the same numbers as when both are computed together
+(a WER resample draws the same windows whichever systems it scores).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 from whisper.model import Whisper
@@ -238,46 +243,118 @@ def heldout_tracker(model: BestRQModel, dataset: Dataset, train_dataset: Dataset
     return measure
 
 
+PROBED = ("effective_rank", "davies_bouldin")  # each probe's figure, per encoder
+
+
 @torch.no_grad()
-def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
-                   device: torch.device, progress: bool = True) -> dict[str, float]:
-    """`bestrq.probes` of the stock encoder (adapter switched off) and the adapted one, on the
-    same clean valid frames of `dataset` (at most `max_clips` clips, `probe_frames` frames):
-    `stock/...`, `adapted/...` and `delta/...` (adapted - stock)."""
+def probe_outputs(encoders: Mapping[str, Callable[[Tensor], Tensor]], dataset: Dataset,
+                  config: EvaluateConfig, device: torch.device, progress: bool = True
+                  ) -> dict[str, float]:
+    """`bestrq.probes` of each named encoder's output (`<name>/effective_rank`,
+    `<name>/davies_bouldin`), on the same clean valid frames of `dataset` (at most `max_clips`
+    clips, `probe_frames` frames drawn with the evaluation seed): an encoder's figures do not
+    depend on the others probed beside it."""
     config.validate()
     if config.max_clips:
         dataset = Subset(dataset, range(min(config.max_clips, len(dataset))))  # type: ignore[arg-type]
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
                         collate_fn=collate)
-    encoder = model.encoder.eval().to(device)
-    outputs: dict[str, list[Tensor]] = {"stock": [], "adapted": []}
+    outputs: dict[str, list[Tensor]] = {name: [] for name in encoders}
     for mel, frames in tqdm(loader, desc="probes", disable=not progress):
         mel = as_mel(mel.to(device), dataset)  # (batch, n_mels, frames)
         valid = (frames + ENCODER_STRIDE - 1) // ENCODER_STRIDE  # (batch,) encoder frames
-        with adapter_disabled(encoder):
-            stock = encoder(mel).float().cpu()  # (batch, frames / 2, d_model)
-        adapted = encoder(mel).float().cpu()
-        for i, n in enumerate(valid.tolist()):
-            outputs["stock"].append(stock[i, :n])
-            outputs["adapted"].append(adapted[i, :n])
+        for name, encode in encoders.items():
+            out = encode(mel).float().cpu()  # (batch, frames / 2, d_model)
+            for i, n in enumerate(valid.tolist()):
+                outputs[name].append(out[i, :n])
     cfg = config.probe_config()
-    out: dict[str, float] = {}
+    found: dict[str, float] = {}
     for name, parts in outputs.items():
         for key, value in probe(sample_frames(parts, cfg.max_frames, cfg.seed), cfg).items():
-            out[f"{name}/{key}"] = value
-    for key in ("effective_rank", "davies_bouldin"):
-        out[f"delta/{key}"] = out[f"adapted/{key}"] - out[f"stock/{key}"]
-    return out
+            found[f"{name}/{key}"] = value
+    return found
 
 
-def compare_wers(base_model: str,
-                 systems: dict[str, tuple[dict[str, torch.Tensor], AdapterConfig] | None],
-                 dataset: Dataset, config: AsrConfig, device: torch.device, baseline: str,
+def probe_differences(found: Mapping[str, float]) -> dict[str, float]:
+    """`delta/<probe>`: the adapted encoder's figure minus the stock one's."""
+    return {f"delta/{key}": found[f"adapted/{key}"] - found[f"stock/{key}"] for key in PROBED}
+
+
+@torch.no_grad()
+def probe_encoders(model: BestRQModel, dataset: Dataset, config: EvaluateConfig,
+                   device: torch.device, progress: bool = True,
+                   systems: tuple[str, ...] = ("stock", "adapted")) -> dict[str, float]:
+    """`bestrq.probes` of the stock encoder (adapter switched off) and the adapted one, on the
+    same clean valid frames of `dataset` (`probe_outputs`): `stock/...`, `adapted/...` and
+    `delta/...` (adapted - stock). `systems`: which of the two are probed (the differences
+    only when both are)."""
+    encoder = model.encoder.eval().to(device)
+
+    def stock(mel: Tensor) -> Tensor:
+        with adapter_disabled(encoder):
+            return encoder(mel)
+
+    found = probe_outputs({name: {"stock": stock, "adapted": encoder}[name] for name in systems},
+                          dataset, config, device, progress)
+    return {**found, **(probe_differences(found) if len(systems) == 2 else {})}
+
+
+def probe_whisper(encoder: nn.Module, dataset: Dataset, config: EvaluateConfig,
+                  device: torch.device, progress: bool = True) -> dict[str, float]:
+    """The probes of stock Whisper's `encoder` (`stock/...`), with no adapter built: the same
+    figures as `probe_encoders`' stock ones (an adapter switched off computes nothing)."""
+    return probe_outputs({"stock": encoder.eval().to(device)}, dataset, config, device,
+                         progress)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A system's hypotheses decoded before, by another run (stock Whisper's, kept by the
+    stage that decodes it): per window id, its text and the reference it was decoded for;
+    `source` names where they were read, for the message when they do not cover the windows
+    compared now."""
+    texts: dict[str, str]
+    references: dict[str, str]
+    source: str
+
+    def for_windows(self, name: str, ids: list[str], references: list[str]) -> list[str]:
+        """The texts of the windows `ids` in that order; one missing, one with another
+        reference, or windows beyond them: a ValueError naming the source."""
+        stale = [i for i, ref in zip(ids, references, strict=True)
+                 if self.references.get(i) != ref]
+        if stale or len(self.texts) != len(ids):
+            which = f"window {stale[0]}" if stale else f"{len(self.texts)} windows, not {len(ids)}"
+            raise ValueError(f"{self.source}: the {name} hypotheses were decoded for other "
+                             f"windows ({which}; other features or evaluate knobs): run their "
+                             "stage again")
+        return [self.texts[i] for i in ids]
+
+
+def decoded_from_rows(rows: list[dict], split: str, names: list[str], source: str
+                      ) -> dict[str, Decoded]:
+    """The systems `names` of the per-window rows `compare_wers` gave (`windows`, each row
+    with its `split` added) on `split`, as `Decoded`."""
+    rows = [row for row in rows if row.get("split") == split]
+    for name in names:
+        if any(name not in row for row in rows):
+            raise ValueError(f"{source}: no {name!r} hypothesis on some {split} windows: run "
+                             "its stage again")
+    return {name: Decoded({row["id"]: row[name] for row in rows},
+                          {row["id"]: row["reference"] for row in rows}, source)
+            for name in names}
+
+
+System = tuple[dict[str, torch.Tensor], AdapterConfig] | Decoded | None
+
+
+def compare_wers(base_model: str, systems: dict[str, System], dataset: Dataset,
+                 config: AsrConfig, device: torch.device, baseline: str,
                  other: str, windows: list[dict] | None = None,
                  repeats: list[str] | None = None) -> dict[str, float]:
     """WER of each system on the transcribed clips of `dataset`: Whisper `base_model` with that
     system's adapter (its file's tensors, and which adapter they are) merged (None: stock
-    Whisper), through `wer_comparison`:
+    Whisper; `Decoded`: hypotheses decoded before, not decoded again), through
+    `wer_comparison`:
     `<name>/...` (WER, 95% interval, error counts), `delta/wer` (other - baseline) with its
     paired 95% interval and `delta/wer_relative`. Empty when no clip has a transcript.
     `windows`, when given, receives one row per clip: its id, speaker, reference and each
@@ -293,9 +370,14 @@ def compare_wers(base_model: str,
     if not indices:
         return {}
     references = [dataset.transcripts[i] or "" for i in indices]  # type: ignore[attr-defined]
+    ids = getattr(dataset, "ids", None)
+    window_ids = [ids[clip] if ids is not None else str(clip) for clip in indices]
     hypotheses: dict[str, list[str]] = {}
-    redecoded: dict[str, dict[str, int]] = {}
+    redecoded: dict[str, dict[str, int]] = {}  # of the systems decoded here
     for name, system in systems.items():
+        if isinstance(system, Decoded):
+            hypotheses[name] = system.for_windows(name, window_ids, references)
+            continue
         if model is None:
             model = load_whisper(base_model)
         if system is not None:
@@ -318,11 +400,10 @@ def compare_wers(base_model: str,
     if windows is not None:
         errors = {name: clip_errors(references, texts, normalize)[0]
                   for name, texts in hypotheses.items()}
-        ids = getattr(dataset, "ids", None)
         speakers = getattr(dataset, "groups", None)
         for row, clip in enumerate(indices):
             windows.append({
-                "id": ids[clip] if ids is not None else str(clip),
+                "id": window_ids[row],
                 "speaker": speakers[clip] if speakers is not None else None,
                 "reference": references[row],
                 **{name: hypotheses[name][row] for name in hypotheses},
@@ -341,14 +422,28 @@ def speaker_groups(dataset: Dataset, indices: list[int]) -> list[str]:
     return [str(groups[i]) for i in indices]
 
 
+def system_wers(base_model: str, name: str, systems: dict[str, System], dataset: Dataset,
+                config: AsrConfig, device: torch.device, windows: list[dict] | None = None,
+                repeats: list[str] | None = None) -> dict[str, float]:
+    """`compare_wers` of one system alone (`systems` holds it, `{name}@{r}` per repeat): its
+    figures, pooled over repeats, without a difference. They are the numbers `compare_wers`
+    gives it beside another system: every system is scored on the same resamples."""
+    found = compare_wers(base_model, systems, dataset, config, device, baseline=name,
+                         other=name, windows=windows, repeats=repeats)
+    return {key: value for key, value in found.items()
+            if not key.startswith("delta/") and "/delta/" not in key}  # itself minus itself
+
+
 def compare_asr(base_model: str, tensors: dict[str, torch.Tensor], dataset: Dataset,
                 config: AsrConfig, device: torch.device,
                 windows: list[dict] | None = None,
-                adapter: AdapterConfig | None = None) -> dict[str, float]:
+                adapter: AdapterConfig | None = None,
+                stock: Decoded | None = None) -> dict[str, float]:
     """Zero-shot: stock Whisper (`base_model`) against Whisper with the adapter file's
     `tensors` (of kind `adapter`, IA^3 when None) merged (`compare_wers` with `stock` and
     `adapted`); stock is decoded first and the adapter is then merged into the same copy, so
-    one model is held at a time."""
+    one model is held at a time. `stock`: stock Whisper's hypotheses decoded before (the
+    stock_eval stage's), not decoded again."""
     system = (tensors, adapter or IA3)
-    return compare_wers(base_model, {"stock": None, "adapted": system}, dataset, config,
+    return compare_wers(base_model, {"stock": stock, "adapted": system}, dataset, config,
                         device, baseline="stock", other="adapted", windows=windows)

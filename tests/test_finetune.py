@@ -196,6 +196,7 @@ def test_stage_without_transcripts_skips_with_a_clear_message(tmp_path: Path, mo
     from bestrq.features import FeatureConfig, compute_features
     from bestrq.params import load_params
     from stages.finetune import run_finetune
+    from stages.finetune_common import run_start
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     segments = tmp_path / "segments"
@@ -207,14 +208,39 @@ def test_stage_without_transcripts_skips_with_a_clear_message(tmp_path: Path, mo
         manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     compute_features(segments, tmp_path / "features", 80, FeatureConfig(device="cpu"))
     monkeypatch.chdir(tmp_path)  # dvclive/ is written relative to the project root
+    # Both fine-tune stages: from the adapter, and from stock Whisper (stock_finetune).
     run_finetune(params, features_dir=tmp_path / "features", adapter_dir=tmp_path / "none",
-                 out_dir=tmp_path / "finetune", checkpoint_root=tmp_path / "ckpt")
-    reason = json.loads((tmp_path / "finetune" / "skipped.json").read_text())["reason"]
-    assert "no transcribed clips" in reason and "train" in reason
-    assert "no transcribed clips" in capsys.readouterr().err
-    metrics = json.loads((tmp_path / "dvclive" / "finetune" / "metrics.json").read_text())
-    # The reason rides in the summary, so that the report can say why its figures are absent;
-    # the declared plots folder exists, empty, so that `dvc repro` goes on.
-    assert metrics == {"labelled_clips": 0.0, "skipped": reason}
-    assert list((tmp_path / "dvclive" / "finetune" / "plots" / "metrics").iterdir()) == []
+                 out_dir=tmp_path / "finetune" / "adapted", checkpoint_root=tmp_path / "ckpt")
+    run_start(params, "stock_finetune", "stock", tmp_path / "features",
+              tmp_path / "finetune" / "stock", tmp_path / "ckpt")
+    for stage, start in (("finetune", "adapted"), ("stock_finetune", "stock")):
+        skipped = tmp_path / "finetune" / start / "skipped.json"
+        reason = json.loads(skipped.read_text())["reason"]
+        assert "no transcribed clips" in reason and "train" in reason
+        metrics = json.loads((tmp_path / "dvclive" / stage / "metrics.json").read_text())
+        # The reason rides in the summary, so that the report can say why its figures are
+        # absent; the declared plots folder and table exist, empty, so that `dvc repro` goes on.
+        assert metrics == {"labelled_clips": 0.0, "skipped": reason}
+        assert list((tmp_path / "dvclive" / stage / "plots" / "metrics").iterdir()) == []
+        assert json.loads((tmp_path / "dvclive" / stage / "windows.json").read_text()) == []
+    err = capsys.readouterr().err
+    assert "finetune: skipped: no transcribed clips" in err
+    assert "stock_finetune: skipped: no transcribed clips" in err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_skipped_json_is_written_as_a_new_file_never_through_a_link(tmp_path: Path,
+                                                                   monkeypatch):
+    # DVC's link cache: the skipped.json of an earlier run is the cache's object (a hard link).
+    # Writing through it would change the cache; a new file is put in its place.
+    from stages.finetune_common import skip
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "finetune" / "stock"
+    out.mkdir(parents=True)
+    cached = tmp_path / "cache-object"
+    cached.write_text('{"reason": "an earlier run"}\n')
+    (out / "skipped.json").hardlink_to(cached)
+    skip("stock_finetune", "nothing to train on", {"labelled_clips": 0.0}, out)
+    assert json.loads((out / "skipped.json").read_text()) == {"reason": "nothing to train on"}
+    assert cached.read_text() == '{"reason": "an earlier run"}\n'
