@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -153,6 +154,29 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> tuple[float, flo
         fn()
     sync(device)
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def alternate_timed(fn, set_flag, steps: int, warmup: int, device: torch.device
+                    ) -> dict[str, float]:
+    """Median wall and process CPU seconds of `fn` with a flag off and on, the two timed in
+    turn (off, on, off, on, ...), so that a load that comes and goes on a shared machine
+    weighs on both alike; `warmup` untimed calls of each first."""
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for i in range(warmup + steps):
+        for flag in (False, True):
+            set_flag(flag)
+            sync(device)
+            start, cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            if i >= warmup:
+                times[flag].append((time.perf_counter() - start, time.process_time() - cpu))
+    out = {}
+    for flag, name in ((False, "off"), (True, "on")):
+        walls, cpus = zip(*times[flag], strict=True)
+        out[f"{name}_s"] = statistics.median(walls)
+        out[f"{name}_cpu_s"] = statistics.median(cpus)
+    return out
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -306,13 +330,21 @@ def compare_checkpointing(args: argparse.Namespace, values: list[str]) -> None:
               args.distill_input, "--adapter", args.adapter, "--lora-rank", str(args.lora_rank),
               "--lora-targets", args.lora_targets, "--json"]
     rows = run_children(common, "--gradient-checkpointing", values)
+    # The step times: both settings in one process, in turn (see alternate_timed).
+    child = subprocess.run([sys.executable, __file__, *common, "--alternate-checkpointing"],
+                           check=True, capture_output=True, text=True)
+    times = json.loads(child.stdout.strip().splitlines()[-1])
+    for row in rows:
+        row["step_s"] = times[f"{row['checkpointing']}_s"]
+        row["step_cpu_s"] = times[f"{row['checkpointing']}_cpu_s"]
     base = rows[0]
     mib = 2**20
     print(cpu_line())
     print(f"device {base['device']}, precision {base['precision']}, batch {args.batch_size}, "
           f"{args.adapter}, codebooks {args.num_codebooks} x {args.codebook_size}, "
-          f"distill_weight {args.distill_weight} ({args.distill_input}), {args.steps} timed "
-          f"steps after {args.warmup}")
+          f"distill_weight {args.distill_weight} ({args.distill_input}); step times: medians "
+          f"of {args.steps} steps of each setting in turn after {args.warmup}, in one process; "
+          "memory: each setting in its own process")
     print("checkpointing | step s | CPU s/step | vs first | activations MiB | vs first | "
           "peak MiB | estimate MiB | est / peak | peak RSS MiB")
     for row in rows:
@@ -382,6 +414,9 @@ def main() -> None:
     parser.add_argument("--compare-checkpointing", metavar="off,on",
                         help="the full step, peak activation memory and the estimate per "
                              "gradient_checkpointing, each in a fresh process, side by side")
+    parser.add_argument("--alternate-checkpointing", action="store_true",
+                        help="with --json: time steps with gradient_checkpointing off and on in "
+                             "turn, in one process (used by --compare-checkpointing)")
     parser.add_argument("--json", action="store_true",
                         help="time only the training step and print one JSON line (used by "
                              "--compare-codebooks)")
@@ -454,6 +489,13 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if args.alternate_checkpointing:
+        def set_flag(flag: bool) -> None:
+            model.gradient_checkpointing = flag
+
+        print(json.dumps(alternate_timed(training_step, set_flag, args.steps, args.warmup,
+                                         device)))
+        return
     full, full_cpu = timed(training_step, args.steps, args.warmup, device)
     flops = model_flops(model, args.batch_size, masked[-1])["total"]
     if args.json:
