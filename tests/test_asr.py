@@ -244,14 +244,17 @@ def test_bf16_decoding_reads_like_fp32_and_auto_decodes_in_fp32_on_cpu(tiny_en_p
         wers[precision] = word_errors(data.transcripts, texts[precision], normalize)["wer"]
     assert wers["fp32"] < 0.35 and wers["bf16"] <= wers["fp32"] + 0.05, (wers, texts)
     # On a CPU, auto decodes in fp32 even with bf16 hardware (measured no faster); bf16 runs
-    # the encoder under autocast and hands the decoder fp32 features.
-    seen = []
+    # the encoder under autocast. Either way the decoder gets fp32 features (the encoder runs
+    # once, before whisper.decode) outside autocast.
+    autocast = []
+    model.encoder.register_forward_hook(
+        lambda module, inputs, output: autocast.append(torch.is_autocast_enabled("cpu")))
     real = whisper.decode
 
-    def spy(model, mel, options):
-        seen.append(tuple(mel.shape[-2:]) == (model.dims.n_audio_ctx, model.dims.n_audio_state))
-        assert not torch.is_autocast_enabled("cpu") and mel.dtype == torch.float32
-        return real(model, mel, options)
+    def spy(model, features, options):
+        assert tuple(features.shape[-2:]) == (model.dims.n_audio_ctx, model.dims.n_audio_state)
+        assert not torch.is_autocast_enabled("cpu") and features.dtype == torch.float32
+        return real(model, features, options)
 
     monkeypatch.setattr(whisper, "decode", spy)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
@@ -259,7 +262,7 @@ def test_bf16_decoding_reads_like_fp32_and_auto_decodes_in_fp32_on_cpu(tiny_en_p
         == texts["fp32"][:1]
     assert transcribe(model, data, [0], AsrConfig(precision="bf16", decoding="greedy"), cpu) \
         == texts["bf16"][:1]
-    assert seen == [False, True]
+    assert autocast == [False, True]
 
 
 def test_speaker_bootstrap_covers_the_population_wer_where_window_resampling_does_not():
