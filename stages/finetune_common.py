@@ -54,8 +54,10 @@ def run_start(p: Params, stage: str, start: str, features_dir: Path, out_dir: Pa
                      "manifest.jsonl beside the audio; segment.transcribed_share above 0)",
                      found, out_dir)
             return
-        # Read before any training: a missing stock output stops the stage at once.
-        stock = (stock_figures(stock_stage), stock_windows(stock_stage)) if stock_stage else None
+        # Read before any training, so that a missing stock output stops the stage at once; by
+        # the process that writes only (another machine of nnodes need not hold them).
+        stock = (stock_figures(stock_stage), stock_windows(stock_stage)) \
+            if stock_stage and is_main() else None
         log: LiveLog | None = None
 
         def open_log(resume: bool) -> LiveLog:

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROJECT_FILES = ["bestrq", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
                  ".dvc/plots", ".dvcignore", ".gitignore"]
-ALL_STAGES = ("download", "segment", "features", "pretrain", "evaluate", "finetune", "report")
+ALL_STAGES = ("download", "segment", "features", "stock_eval", "stock_finetune", "pretrain",
+              "evaluate", "finetune", "report")
+STOCK_STAGES = ("stock_eval", "stock_finetune")  # no BEST-RQ knob re-runs them
 
 
 def run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
@@ -79,7 +81,9 @@ SMALL = {
 def test_repro_then_experiment_with_16_codebooks(tmp_path):
     # A short model name, as `tiny.en` is: `dvc exp show` gives the first parameter's column
     # the width of its value. The checkpoint lies in the project, ignored by git (/*.pt).
-    project = make_project(tmp_path, "w.pt", SMALL)
+    # Two fine-tune seeds: each seed's difference and one pooled over both.
+    project = make_project(tmp_path, "w.pt", {**SMALL, "finetune": {**SMALL["finetune"],
+                                                                    "seeds": [0, 1]}})
     save_whisper_checkpoint(random_whisper(TINY_TEST_DIMS), project / "w.pt")
 
     first = run(["dvc", "repro"], project)
@@ -118,21 +122,44 @@ def test_repro_then_experiment_with_16_codebooks(tmp_path):
         finetuned["delta"]["wer_high"]
     assert finetuned["delta"]["wer"] == pytest.approx(
         finetuned["adapted"]["wer"] - finetuned["stock"]["wer"])
+    assert {"seed_0", "seed_1"} <= set(finetuned) and finetuned["seeds"] == 2
     for start in ("stock", "adapted"):
-        vectors = project / "data" / "finetune" / start / "adapter-only.safetensors"
-        assert json.loads(vectors.with_suffix(".json").read_text())["step"] == 2
+        for seed, folder in ((0, ""), (1, "seed-1")):
+            vectors = project / "data" / "finetune" / start / folder / "adapter-only.safetensors"
+            made = json.loads(vectors.with_suffix(".json").read_text())
+            assert (made["start"], made["seed"], made["step"]) == (start, seed, 2)
+    # The stock baselines' stages: what they wrote, to be left as it is by the experiment.
+    stock_outputs = {**file_digests(project / "data" / "finetune" / "stock"),
+                     **{f"{s}/{name}": hashlib.sha256((project / "dvclive" / s / name)
+                                                      .read_bytes()).hexdigest()
+                        for s in STOCK_STAGES for name in ("metrics.json", "windows.json")}}
+    baseline = json.loads((project / "dvclive" / "report" / "metrics.json").read_text())
 
     # Record the baseline as a commit, as a user would, so that it lists its own metrics.
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
     manifest = project / "data" / "raw" / "manifest.jsonl"
     before = manifest.stat().st_mtime_ns
-    # Two fine-tune seeds: each seed's difference and one pooled over both.
-    second = run(["dvc", "exp", "run", "-S", "num_codebooks=16", "-S", "finetune.seeds=[0,1]"],
-                 project)
+    second = run(["dvc", "exp", "run", "-S", "num_codebooks=16"], project)
+    # The stock baselines depend on no BEST-RQ knob: DVC skips them, and only pre-training,
+    # the adapted evaluation, the fine-tune from the adapter and the report run.
     assert ran_stages(second) == {"pretrain", "evaluate", "finetune", "report"}, second[-3000:]
+    for stage in STOCK_STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in second, second[-3000:]
     assert manifest.stat().st_mtime_ns == before
     assert "No file hash info found" not in second and "WARNING" not in second, second[-3000:]
+    assert {**file_digests(project / "data" / "finetune" / "stock"),
+            **{f"{s}/{name}": hashlib.sha256((project / "dvclive" / s / name).read_bytes())
+               .hexdigest() for s in STOCK_STAGES for name in ("metrics.json", "windows.json")}
+            } == stock_outputs
+    # The experiment's report compares the new adapter with the same stock systems.
+    answer = json.loads((project / "dvclive" / "report" / "metrics.json").read_text())
+    for split in ("test", "dev"):
+        for name in ("stock", "ft_stock"):
+            assert answer[split][name] == baseline[split][name]
+            assert answer[split]["wer_low"][name] == baseline[split]["wer_low"][name]
+        assert {"bestrq", "ft_bestrq", "zs_diff", "ft_diff", "ft_diff_seed_0",
+                "ft_diff_seed_1"} <= set(answer[split])
 
     shown = run(["dvc", "exp", "show", "--json"], project)
     payload = json.loads(shown[shown.find("["):])
@@ -324,6 +351,7 @@ def test_killed_pretrain_resumes_and_history_continues(tmp_path):
     assert read_steps(loss) == [1, 2, 3, 4]  # logged before the kill
 
     out = run(["dvc", "repro"], project)
+    # The stock stages ran before pre-training (dvc.yaml's order) and are not run again.
     assert ran_stages(out) == {"pretrain", "evaluate", "finetune", "report"}
     assert "resuming from the checkpoint of step 2" in out
     assert read_steps(loss) == [1, 2, 3, 4]  # steps 3 and 4 trained again, logged once
@@ -340,7 +368,8 @@ def test_killed_pretrain_resumes_and_history_continues(tmp_path):
         assert adapter_digests(project) == resumed
 
     # Two processes under torchrun (gloo on CPU) from the same dvc.yaml command.
+    # nproc keys a fine-tune too (the global batch), the stock one included.
     out = run(["dvc", "exp", "run", "-S", "nproc=2"], project)
-    assert ran_stages(out) == {"pretrain", "evaluate", "finetune", "report"}
+    assert ran_stages(out) == {"pretrain", "stock_finetune", "evaluate", "finetune", "report"}
     pre = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
     assert pre["steps"] == 4
